@@ -1,0 +1,95 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, attention and the adaptable linear map.
+
+Axis letters, used in every einsum, shape comment and sharding name of jaxft:
+  B batch, T time (queries), S time (keys / cache slots), D model width, N query heads, K key/value heads,
+  G query heads per key/value head (N // K), H head dim, F mlp width, V vocab, L layers, R LoRA rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.quant import as_dense
+
+NEG_INF = -1e30  # finite, so that a fully masked row (padding) gives a uniform softmax instead of NaN
+
+
+def rms_norm(x, scale, eps: float):
+    """(..., D) -> (..., D); statistics in float32, as transformers computes them."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def dense(x, p: dict, lora=None, rng=None):
+    """y = x @ w (+ b), with whatever adapter the trainable tree put beside `w` in `p`.
+
+    x: (..., in); p["w"]: (in, out), dense or quantized (dequantized here, inside the jitted computation);
+    p["lora_a"]: (in, R), p["lora_b"]: (R, out), p["magnitude"]: (out,) for DoRA; `lora` is the static
+    `jaxft.peft.lora.LoraSpec` (scaling, dropout, DoRA) when the tree holds LoRA leaves.
+    Matmuls accumulate in float32 (`preferred_element_type`), which is also what makes bf16 fast on CPUs.
+    """
+    dtype = x.dtype
+    w = as_dense(p["w"], dtype)
+    y = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)
+    if "lora_a" in p:
+        from jaxft.peft.lora import lora_delta  # the one place that knows LoRA / DoRA arithmetic
+        y = lora_delta(x, w, y, p, lora, rng)
+    if "b" in p:
+        y = y + p["b"].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None):
+    """(H/2,) inverse frequencies, with Llama-3 or linear scaling applied as transformers does."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv
+    if scaling[0] == "linear":
+        return inv / scaling[1]
+    _, factor, low, high, orig = scaling
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = orig / low, orig / high
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x: (B, T, heads, H), positions: (B, T) -> x rotated (the 'rotate half' layout of HF checkpoints)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, H/2)
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_seg, q_pos, q_idx, k_seg, k_pos, k_idx, window, causal: bool = True):
+    """(B, T, S) bool: a query sees a key of its own segment (0 = padding), not later, within the window.
+
+    Segment ids keep packed examples apart; `*_idx` are slots in the sequence or KV cache (causality);
+    `*_pos` are positions within an example (sliding window). `window` 0 means no window (a traced scalar).
+    """
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+    if causal:
+        mask &= k_idx[:, None, :] <= q_idx[:, :, None]
+    dist = q_pos[:, :, None] - k_pos[:, None, :]
+    return mask & ((window <= 0) | (dist < window))
+
+
+def attend(q, k, v, mask):
+    """q: (B, T, N, H), k/v: (B, S, K, H), mask: (B, T, S) -> (B, T, N, H). Grouped-query aware."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)

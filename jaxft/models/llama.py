@@ -1,0 +1,153 @@
+"""Decoder-only transformers of the LLaMA family (Llama 2/3, Mistral, Qwen2, SmolLM2) as pure functions.
+
+Parameters are a nested dict; the L layers are stacked on a leading axis and run with `jax.lax.scan`:
+
+  embed/w                      (V, D)
+  layers/attn_norm/scale       (L, D)
+  layers/attn/{q,k,v}_proj/w   (L, D, N*H) | (L, D, K*H)      (+ b for Qwen2)
+  layers/attn/o_proj/w         (L, N*H, D)
+  layers/mlp_norm/scale        (L, D)
+  layers/mlp/{gate,up}_proj/w  (L, D, F)
+  layers/mlp/down_proj/w       (L, F, D)
+  final_norm/scale             (D,)
+  lm_head/w                    (D, V)                         (absent with tied embeddings)
+
+`forward` takes the frozen base and, separately, the trainable tree (LoRA, or replaced weights), and
+overlays them layer by layer inside the scan.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.models.config import LlamaConfig
+from jaxft.models.layers import apply_rope, attend, attention_mask, dense, rms_norm, rope_frequencies
+from jaxft.quant import as_dense
+from jaxft.tree import overlay, unflatten
+
+
+def init(key, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
+    """Random parameters (normal, std 0.02; norms at one), in the layout of the module docstring."""
+    d, f, L = cfg.dim, cfg.mlp_dim, cfg.n_layers
+    qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {
+        "embed/w": (cfg.vocab_size, d),
+        "layers/attn/q_proj/w": (L, d, qd), "layers/attn/k_proj/w": (L, d, kd),
+        "layers/attn/v_proj/w": (L, d, kd), "layers/attn/o_proj/w": (L, qd, d),
+        "layers/mlp/gate_proj/w": (L, d, f), "layers/mlp/up_proj/w": (L, d, f),
+        "layers/mlp/down_proj/w": (L, f, d),
+    }
+    if cfg.qkv_bias:
+        shapes.update({"layers/attn/q_proj/b": (L, qd), "layers/attn/k_proj/b": (L, kd),
+                       "layers/attn/v_proj/b": (L, kd)})
+    if cfg.o_bias:
+        shapes["layers/attn/o_proj/b"] = (L, d)
+    if not cfg.tie_embeddings:
+        shapes["lm_head/w"] = (d, cfg.vocab_size)
+    keys = jax.random.split(key, len(shapes))
+    flat = {p: (0.02 * jax.random.normal(k, s)).astype(dtype) for k, (p, s) in zip(keys, sorted(shapes.items()))}
+    flat["layers/attn_norm/scale"] = jnp.ones((L, d), dtype)
+    flat["layers/mlp_norm/scale"] = jnp.ones((L, d), dtype)
+    flat["final_norm/scale"] = jnp.ones((d,), dtype)
+    return unflatten(flat)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache of `length` slots: k/v (L, B, S, K, H), per-slot segment ids and positions."""
+    kv = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32),
+            "positions": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = None, positions=None,
+            segment_ids=None, cache: dict | None = None, lora=None, rng=None, dtype=jnp.float32,
+            remat: bool = False, return_hidden: bool = False, embeddings=None):
+    """tokens: (B, T) int -> (logits (B, T, V) float32, updated cache or None).
+
+    positions: (B, T), default 0..T-1; segment_ids: (B, T), 0 marks padding, distinct ids keep packed
+    examples apart (default all ones). With `cache`, the T new tokens are written at `cache["index"]` and
+    attend to everything cached before them. `rng` enables LoRA dropout. `embeddings` (B, T, D) replaces the
+    token lookup (soft prompts). With `return_hidden`, returns the final normed hidden states (B, T, D).
+    """
+    params = overlay(base, trainable)
+    b, t = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    x = embeddings if embeddings is not None else as_dense(params["embed"]["w"], dtype)[tokens]
+    x = x.astype(dtype)
+
+    if cache is None:
+        q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        keys_meta = (segment_ids, positions, q_idx)
+        layer_cache, new_meta = None, None
+    else:
+        index = cache["index"]
+        q_idx = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
+        k_pos = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, index))
+        s = cache["segment_ids"].shape[1]
+        keys_meta = (k_seg, k_pos, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))
+        layer_cache = (cache["k"], cache["v"])
+        new_meta = {"segment_ids": k_seg, "positions": k_pos, "index": index + t}
+
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
+    body = partial(_layer, cfg, lora, inv_freq, (segment_ids, positions, q_idx), keys_meta,
+                   None if cache is None else cache["index"])
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+
+    def step(x, xs):
+        base_l, train_l, window, rng_l, kv = xs
+        return body(x, overlay(base_l, train_l), window, rng_l, kv)
+
+    train_layers = (trainable or {}).get("layers", {})
+    x, new_kv = jax.lax.scan(step, x, (base["layers"], train_layers, windows, layer_rngs, layer_cache))
+
+    x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
+    new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], **new_meta}
+    if return_hidden:
+        return x, new_cache
+    if cfg.tie_embeddings:
+        head = as_dense(params["embed"]["w"], dtype)
+        logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+    else:
+        head = as_dense(params["lm_head"]["w"], dtype)
+        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+    return logits, new_cache
+
+
+def _layer(cfg: LlamaConfig, lora, inv_freq, query_meta, keys_meta, index, x, p, window, rng, kv):
+    """One transformer block: x (B, T, D) -> (x, (k, v) cache of this layer or None)."""
+    b, t, _ = x.shape
+    q_seg, q_pos, q_idx = query_meta
+    rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
+    attn = p["attn"]
+
+    h = rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps)
+    q = dense(h, attn["q_proj"], lora, rngs[0]).reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = dense(h, attn["k_proj"], lora, rngs[1]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = dense(h, attn["v_proj"], lora, rngs[2]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q = apply_rope(q, q_pos, inv_freq)
+    k = apply_rope(k, q_pos, inv_freq)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+        kv = (k, v)
+        k, v = k.astype(x.dtype), v.astype(x.dtype)
+    mask = attention_mask(q_seg, q_pos, q_idx, *keys_meta, window)
+    o = attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
+    x = x + dense(o, attn["o_proj"], lora, rngs[3])
+
+    h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
+    mlp = p["mlp"]
+    gate = jax.nn.silu(dense(h, mlp["gate_proj"], lora, rngs[4])) * dense(h, mlp["up_proj"], lora, rngs[5])
+    x = x + dense(gate, mlp["down_proj"], lora, rngs[6])
+    return x, kv

@@ -1,0 +1,139 @@
+"""LoRA, rsLoRA and DoRA as a trainable tree that sits beside the frozen base weights it adapts.
+
+For a base weight at `layers/attn/q_proj/w` of shape (L, in, out) the trainable tree holds
+`layers/attn/q_proj/lora_a` (L, in, R), `.../lora_b` (L, R, out) and, for DoRA, `.../magnitude` (L, out).
+The model's `dense` finds them next to `w` after `jaxft.tree.overlay` and calls `lora_delta`.
+The arithmetic follows HF PEFT, so that adapters move between the two without changing outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+
+from jaxft import tree
+from jaxft.quant import as_dense
+
+# PEFT's default targets for the LLaMA family (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_TARGETS = {"llama": r"layers/attn/(q_proj|v_proj)/w", "mistral": r"layers/attn/(q_proj|v_proj)/w",
+                   "qwen2": r"layers/attn/(q_proj|v_proj)/w"}
+ALL_LINEAR = r"layers/.*/w"  # every linear weight of the blocks; the output head stays frozen, as in PEFT
+
+
+class LoraError(ValueError):
+    """A LoRA setting jaxft cannot use; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """The static (hashable) part of a LoRA adapter, passed to the model next to the trainable arrays."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+    dora: bool = False  # weight-decomposed LoRA: a learned magnitude per output
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def target_paths(base: dict, targets: str, model_type: str = "llama") -> list[str]:
+    """Paths of the base weights that LoRA adapts: `targets` is a regex over paths, 'default' or 'all-linear'."""
+    pattern = {"default": DEFAULT_TARGETS.get(model_type, ALL_LINEAR), "all-linear": ALL_LINEAR}.get(targets, targets)
+    try:
+        paths = [p for p in tree.select(base, pattern) if p.endswith("/w") and len(_shape(tree.flatten(base)[p])) == 3]
+    except re.error as e:
+        raise LoraError(f"lora.targets: {targets!r} is not a valid regex ({e})") from None
+    if not paths:
+        raise LoraError(f"lora.targets: {targets!r} matches no linear weight of the model "
+                        f"(paths look like 'layers/attn/q_proj/w')")
+    return paths
+
+
+def init(key, base: dict, spec: LoraSpec, paths: list[str], init_a: str = "kaiming") -> dict:
+    """The trainable tree: A as in PEFT (Kaiming-uniform with a=sqrt(5), or gaussian std 1/r), B zeros.
+
+    Adapters are float32 whatever the base dtype: the optimizer updates them in full precision.
+    """
+    if spec.rank <= 0:
+        raise LoraError(f"lora.rank must be positive, got {spec.rank}")
+    if not 0.0 <= spec.dropout < 1.0:
+        raise LoraError(f"lora.dropout must be in [0, 1), got {spec.dropout}")
+    if init_a not in ("kaiming", "gaussian"):
+        raise LoraError(f"lora.init must be 'kaiming' or 'gaussian', got {init_a!r}")
+    flat_base = tree.flatten(base)
+    flat = {}
+    for k, path in zip(jax.random.split(key, len(paths)), paths):
+        n_layers, d_in, d_out = _shape(flat_base[path])
+        module = path.rsplit("/", 1)[0]
+        if init_a == "kaiming":  # kaiming_uniform_(a=sqrt(5)) on (R, in): bound = 1/sqrt(in)
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(k, (n_layers, d_in, spec.rank), jnp.float32, -bound, bound)
+        else:
+            a = jax.random.normal(k, (n_layers, d_in, spec.rank), jnp.float32) / spec.rank
+        flat[f"{module}/lora_a"] = a
+        flat[f"{module}/lora_b"] = jnp.zeros((n_layers, spec.rank, d_out), jnp.float32)
+        if spec.dora:  # ||W + s B A|| per output, which at init (B = 0) is the column norm of W
+            w = as_dense(flat_base[path], jnp.float32)
+            flat[f"{module}/magnitude"] = jnp.linalg.norm(w, axis=-2)
+    return tree.unflatten(flat)
+
+
+def lora_delta(x, w, y, p: dict, spec: LoraSpec, rng):
+    """Adds the adapter's contribution to the base output y = x @ w (float32, before the bias).
+
+    x: (..., in), w: (in, out) dense in the compute dtype, p: lora_a (in, R), lora_b (R, out), magnitude (out,).
+    """
+    if spec is None:
+        raise LoraError("the trainable tree holds LoRA weights but no LoraSpec was passed to the model")
+    if spec.dropout > 0 and rng is not None:
+        keep = jax.random.bernoulli(rng, 1.0 - spec.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+        base_term = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)
+    else:
+        base_term = y
+    a, b = p["lora_a"].astype(x.dtype), p["lora_b"].astype(x.dtype)
+    h = jnp.einsum("...i,ir->...r", x, a, preferred_element_type=jnp.float32).astype(x.dtype)
+    lora_out = jnp.einsum("...r,ro->...o", h, b, preferred_element_type=jnp.float32) * spec.scaling
+    if "magnitude" not in p:
+        return y + lora_out
+    # DoRA: m * (W + s BA) / ||W + s BA||, the norm treated as a constant (DoRA paper, section 4.3; as PEFT).
+    merged = w.astype(jnp.float32) + spec.scaling * (p["lora_a"] @ p["lora_b"]).astype(jnp.float32)
+    norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=0))
+    scale = p["magnitude"].astype(jnp.float32) / norm
+    return y + (scale - 1.0) * base_term + scale * lora_out
+
+
+def merge(base: dict, trainable: dict, spec: LoraSpec, dtype=None) -> dict:
+    """Plain weights whose outputs equal the adapted model's: W + s A B (DoRA: rescaled per output).
+
+    A quantized base weight is dequantized first (a QLoRA user has no original weights to merge onto).
+    Returns a new base tree; leaves without adapters are shared, not copied.
+    """
+    flat = tree.flatten(base)
+    for module, node in _adapted_modules(trainable):
+        w = as_dense(flat[f"{module}/w"], jnp.float32)
+        delta = jnp.einsum("lir,lro->lio", node["lora_a"], node["lora_b"]) * spec.scaling
+        merged = w + delta
+        if "magnitude" in node:
+            merged = merged * (node["magnitude"] / jnp.linalg.norm(merged, axis=-2))[:, None, :]
+        original = flat[f"{module}/w"]
+        out_dtype = dtype or (jnp.float32 if hasattr(original, "dequantize") else original.dtype)
+        flat[f"{module}/w"] = merged.astype(out_dtype)
+    return tree.unflatten(flat)
+
+
+def _adapted_modules(trainable: dict):
+    flat = tree.flatten(trainable)
+    modules = sorted({p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_a")})
+    for m in modules:
+        yield m, {k: flat[f"{m}/{k}"] for k in ("lora_a", "lora_b", "magnitude") if f"{m}/{k}" in flat}
+
+
+def _shape(leaf) -> tuple:
+    return tuple(leaf.shape)

@@ -1,0 +1,76 @@
+"""The jitted training and evaluation steps: gradients of the trainable tree alone, the base held fixed.
+
+A batch is a dict of (A, B, T) arrays: A micro-batches of B rows (gradient accumulation), with
+`tokens`, `targets`, `loss_mask`, `segment_ids`, `positions` (see `jaxft.data`). The loss is the mean token
+cross-entropy over every target token of the whole accumulation window, so accumulating A micro-batches
+equals one batch of A*B rows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_loss(logits, targets, mask):
+    """logits (B, T, V), targets (B, T), mask (B, T) -> (sum of masked cross-entropy, number of targets)."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def make_loss_fn(forward: Callable) -> Callable:
+    """forward(base, trainable, micro_batch, rng) -> logits; returns loss_sum(trainable, base, mb, rng)."""
+    def loss_sum(trainable, base, mb, rng):
+        logits = forward(base, trainable, mb, rng)
+        return token_loss(logits, mb["targets"], mb["loss_mask"])
+    return loss_sum
+
+
+def init_state(trainable: dict, optimizer: optax.GradientTransformation, rng) -> dict:
+    """The training state: everything a checkpoint holds besides the data-iterator position."""
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable),
+            "rng": rng}
+
+
+def make_train_step(forward: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """Returns train_step(state, base, batch) -> (state, metrics), not yet jitted."""
+    grad_fn = jax.value_and_grad(make_loss_fn(forward), has_aux=True)
+
+    def train_step(state, base, batch):
+        rng, step_rng = jax.random.split(state["rng"])
+        n_micro = batch["tokens"].shape[0]
+        rngs = jax.random.split(step_rng, n_micro)
+
+        def micro(carry, xs):
+            grads, loss_sum, count = carry
+            mb, r = xs
+            (loss, n), g = grad_fn(state["trainable"], base, mb, r)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+        (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, rngs))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        metrics = {"loss": loss_sum / denom, "target_tokens": count, "grad_norm": optax.tree.norm(grads)}
+        new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(forward: Callable) -> Callable:
+    """Returns eval_step(trainable, base, batch (B, T)) -> (loss sum, target count), not yet jitted."""
+    loss_sum = make_loss_fn(forward)
+
+    def eval_step(trainable, base, batch):
+        return loss_sum(trainable, base, batch, None)
+
+    return eval_step

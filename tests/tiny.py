@@ -1,0 +1,45 @@
+"""Tiny real checkpoints for end-to-end tests: a random-weight transformers Llama and a trained BPE tokenizer
+with a ChatML template, saved side by side as a Hugging Face model directory."""
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls count stars at night "
+         "write this date in words january february march april may june july").split()
+
+
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<|endoftext|>", "<|im_start|>",
+                                                                  "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS)] * 5, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
+                                                chat_template=CHATML)
+
+
+def llama_dir(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 32) with the tokenizer above, saved with save_pretrained."""
+    tok = tokenizer()
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def alpaca_file(path: Path, n: int) -> Path:
+    words = WORDS
+    rows = [{"instruction": f"{words[i % 7]} {words[(i * 3) % 11]}", "input": "",
+             "output": " ".join(words[(i + j) % len(words)] for j in range(3 + i % 4))} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

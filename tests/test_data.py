@@ -390,3 +390,12 @@ def test_template_that_is_not_prefix_stable_is_an_error(tmp_path):
     with pytest.raises(DataError, match="d.jsonl:1: the chat template does not render message 1"):
         tokenize_records(read_records(_jsonl(tmp_path / "d.jsonl", records), cache_dir=tmp_path / "hf"),
                          "messages", tok, 64)
+
+
+def test_json_strings_that_look_like_dates_stay_strings(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "x", "input": "2031-07-04", "output": "July 4, 2031"}\n'
+                    '{"instruction": "y", "output": "z", "extra": 3}\n')
+    records = read_records(path)
+    assert records[0].fields["input"] == "2031-07-04" and records[1].fields["input"] is None
+    assert records[1].fields["extra"] == 3

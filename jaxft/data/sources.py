@@ -65,11 +65,12 @@ def read_records(source: str | Path, *, split: str = "train", text_sample_by: st
 
 def _load_file(path: Path, builder: str, sample_by: str, cache_dir) -> tuple[list[dict], list[str] | None]:
     """Checks a local file, then loads it with `datasets`: (rows, where each row starts, or None)."""
-    kwargs, lines = {}, None
+    kwargs, lines, objects = {}, None, None
     if builder != "parquet":
         text = _decode(path)
         if builder == "json":
-            lines = _json_array_lines(path, text) if text.lstrip().startswith("[") else _json_lines(path, text)
+            parse = _json_array_lines if text.lstrip().startswith("[") else _json_lines
+            lines, objects = parse(path, text)
         elif builder == "csv":
             sep = "\t" if path.suffix.lower() == ".tsv" else ","
             header, lines = _csv_lines(path, text, sep)
@@ -81,7 +82,12 @@ def _load_file(path: Path, builder: str, sample_by: str, cache_dir) -> tuple[lis
     if lines is not None and not lines:
         raise DataError(f"{path}: the data set is empty")
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
+        if objects is not None:
+            # Already parsed: datasets' JSON reader would turn strings such as "2031-07-04" into timestamps.
+            keys = list(dict.fromkeys(k for o in objects for k in o))  # every record's fields, in order
+            ds = datasets.Dataset.from_dict({k: [o.get(k) for o in objects] for k in keys})
+        else:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
     except Exception as e:  # pyarrow / pandas errors: keep their first line, say which file
         raise DataError(f"{path}: could not be read ({type(e).__name__}: {_first_line(e)})") from e
     rows = ds.to_list()
@@ -137,9 +143,9 @@ def _decode(path: Path) -> str:
         raise DataError(f"{path}:{line}: invalid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
 
 
-def _json_lines(path: Path, text: str) -> list[int]:
-    """Checks JSON Lines; returns the line number of each record (blank lines are skipped, as datasets does)."""
-    lines = []
+def _json_lines(path: Path, text: str) -> tuple[list[int], list[dict]]:
+    """Checks JSON Lines; returns the line number of each record (blank lines skipped) and the records."""
+    lines, objects = [], []
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -150,12 +156,13 @@ def _json_lines(path: Path, text: str) -> list[int]:
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
         lines.append(n)
-    return lines
+        objects.append(obj)
+    return lines, objects
 
 
-def _json_array_lines(path: Path, text: str) -> list[int]:
-    """Checks a JSON array of objects element by element; returns the line each element starts on."""
-    decoder, lines = json.JSONDecoder(), []
+def _json_array_lines(path: Path, text: str) -> tuple[list[int], list[dict]]:
+    """Checks a JSON array of objects element by element; returns the line each starts on, and the objects."""
+    decoder, lines, objects = json.JSONDecoder(), [], []
     line, counted = 1, 0  # line number of text[counted]
 
     def line_at(i):
@@ -171,7 +178,7 @@ def _json_array_lines(path: Path, text: str) -> list[int]:
 
     i = skip(text.index("[") + 1)
     if i < len(text) and text[i] == "]":
-        return lines
+        return lines, objects
     while True:
         try:
             obj, end = decoder.raw_decode(text, i)
@@ -180,13 +187,14 @@ def _json_array_lines(path: Path, text: str) -> list[int]:
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{line_at(i)}: expected a JSON object, got {type(obj).__name__}")
         lines.append(line_at(i))
+        objects.append(obj)
         i = skip(end)
         if i < len(text) and text[i] == ",":
             i = skip(i + 1)
         elif i < len(text) and text[i] == "]":
             if skip(i + 1) != len(text):
                 raise DataError(f"{path}:{line_at(skip(i + 1))}: malformed JSON (extra data after the array)")
-            return lines
+            return lines, objects
         else:
             raise DataError(f"{path}:{line_at(min(i, len(text)))}: malformed JSON (expected ',' or ']')")
 

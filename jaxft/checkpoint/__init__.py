@@ -1,0 +1,51 @@
+"""Pretrained checkpoints in and out: `load` a Hugging Face directory or a GGUF file, `save_hf` to export.
+
+Both formats go through the one mapping table of `mapping.py`, applied by `assemble.py`; `leaf_fn` is where
+quantize-while-loading (or shard-while-loading) plugs in, one stacked leaf at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxft.checkpoint import gguf, hf
+from jaxft.checkpoint.assemble import LeafFn, LoadError
+from jaxft.checkpoint.hf import save_hf
+from jaxft.models.config import LlamaConfig
+
+__all__ = ["LoadError", "Loaded", "load", "save_hf"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    cfg: LlamaConfig
+    params: dict  # the frozen base, in the layout of `jaxft.models.llama`
+    tokenizer: Any  # a transformers tokenizer, or None where the checkpoint carries none
+    path: Path  # the directory or .gguf file read
+    source: str  # "hf" or "gguf"
+
+
+def load(model: str | Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> Loaded:
+    """Loads `model`: "default" (SmolLM2-135M-Instruct, fetched once, see `jaxft.hub`), a Hugging Face model
+    directory (config.json + safetensors) or a .gguf file. Nothing is fetched from a model hub.
+
+    dtype: the dtype of the leaves when `leaf_fn` is None. leaf_fn(path, host array) -> leaf is called on each
+    assembled leaf, e.g. path "layers/attn/q_proj/w" with an (L, D, N*H) array, to quantize or shard it.
+    Raises LoadError naming the file and the offending tensors or field.
+    """
+    if str(model) == "default":
+        from jaxft.hub import default_model_path
+
+        model = default_model_path()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return Loaded(*hf.load(path, dtype=dtype, leaf_fn=leaf_fn), path=path, source="hf")
+    if path.is_file() and path.suffix == ".gguf":
+        return Loaded(*gguf.load(path, dtype=dtype, leaf_fn=leaf_fn), path=path, source="gguf")
+    if path.exists():
+        raise LoadError(f"{path}: not a model directory or a .gguf file")
+    raise LoadError(f"{path}: no such file or directory")

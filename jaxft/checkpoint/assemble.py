@@ -1,0 +1,151 @@
+"""Applying a mapping table: Hugging Face-named tensors <-> the jaxft parameter tree, one stacked leaf at a time.
+
+Both readers (safetensors directories and GGUF files) present their tensors under Hugging Face names and leave
+the rest to this module, so that missing, unexpected and misshapen tensors are found and reported the same way
+for every format, and so that export uses the very table that loading does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.checkpoint.mapping import TABLES, Entry
+from jaxft.models import llama
+from jaxft.models.config import LlamaConfig
+from jaxft.quant import as_dense
+from jaxft.tree import items, unflatten
+
+LeafFn = Callable[[str, np.ndarray], Any]  # (jaxft path, stacked host array) -> the leaf to keep
+
+# Tensors some checkpoints carry that hold nothing the model needs: rotary tables that older transformers
+# versions saved as buffers (recomputed from the config).
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+class LoadError(ValueError):
+    """A checkpoint jaxft cannot load. The one-line message names the file and the tensors or field."""
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """jaxft path -> shape of every leaf the model has under `cfg`; nothing is allocated."""
+    tree = jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), cfg))
+    return {path: tuple(x.shape) for path, x in items(tree)}
+
+
+def hf_names(cfg: LlamaConfig) -> dict[str, tuple[Entry, int | None, tuple[int, ...]]]:
+    """HF tensor name -> (table entry, layer or None, HF shape) for every tensor a checkpoint of `cfg` holds.
+
+    Ordered entry by entry and, within an entry, layer by layer, so that consecutive names share a jaxft leaf.
+    Entries whose path the model does not have under `cfg` (biases, an untied head) are left out.
+    """
+    shapes = expected_shapes(cfg)
+    names = {}
+    for entry in TABLES[cfg.model_type]:
+        if entry.path not in shapes:
+            continue
+        shape = shapes[entry.path]
+        if "{i}" in entry.hf:
+            shape = shape[1:]
+        if entry.transpose:
+            shape = shape[::-1]
+        if "{i}" in entry.hf:
+            names.update({entry.hf.format(i=i): (entry, i, shape) for i in range(cfg.n_layers)})
+        else:
+            names[entry.hf] = (entry, None, shape)
+    return names
+
+
+def assemble(cfg: LlamaConfig, present: Mapping[str, str], read: Callable[[str], np.ndarray], *, file: str,
+             dtype=jnp.float32, leaf_fn: LeafFn | None = None,
+             label: Callable[[str], str] | None = None) -> dict:
+    """The parameter tree of `cfg` from the tensors of one checkpoint.
+
+    present: HF name -> the tensor's name in the file (the same for safetensors; tensors with no HF name
+      are passed under their own name, and so are reported as unexpected).
+    read: file name -> host array in HF layout ((out, in) for linear weights). Called once per tensor.
+    leaf_fn: applied to each assembled leaf, e.g. (L, D, N*H) for `layers/attn/q_proj/w`, as soon as it is
+      complete, so that peak host memory is about one stacked leaf (default: `jnp.asarray(x, dtype)`).
+    label: the file's name for an HF name, for the list of missing tensors.
+    Raises LoadError listing every missing or unexpected tensor before anything is read, and naming any
+    tensor whose shape does not match `cfg`.
+    """
+    leaf_fn = leaf_fn or (lambda path, x: jnp.asarray(x, dtype))
+    label = label or (lambda name: name)
+    wanted = hf_names(cfg)
+    missing = [label(n) for n in wanted if n not in present]
+    unexpected = [present[n] for n in present if n not in wanted and not _ignored(cfg, n)]
+    if missing or unexpected:
+        parts = [f"missing tensors {summarize(missing)}"] if missing else []
+        parts += [f"unexpected tensors {summarize(unexpected)}"] if unexpected else []
+        raise LoadError(f"{file}: {'; '.join(parts)} (for a {cfg.model_type} model with {cfg.n_layers} layers, "
+                        f"tie_embeddings={cfg.tie_embeddings})")
+
+    flat, stack, stack_path = {}, None, None
+    for name, (entry, layer, shape) in wanted.items():
+        x = read(present[name])
+        if tuple(x.shape) != shape:
+            raise LoadError(f"{file}: tensor {present[name]} has shape {tuple(x.shape)}, expected {shape} "
+                            f"from the config")
+        x = x.T if entry.transpose else x
+        if layer is None:
+            flat[entry.path] = leaf_fn(entry.path, x)
+            continue
+        if stack_path != entry.path:
+            stack, stack_path = np.empty((cfg.n_layers, *x.shape), x.dtype), entry.path
+        elif x.dtype != stack.dtype:  # layers stored in different precisions: keep the wider one
+            stack = stack.astype(np.promote_types(stack.dtype, x.dtype))
+        stack[layer] = x
+        if layer == cfg.n_layers - 1:
+            flat[entry.path] = leaf_fn(entry.path, stack)
+            stack, stack_path = None, None
+    return unflatten(flat)
+
+
+def hf_tensors(cfg: LlamaConfig, flat: Mapping[str, Any], dtype):
+    """The inverse of `assemble`: yields (HF name, host array in HF layout) one tensor at a time.
+
+    flat: jaxft path -> leaf (dense or quantized: quantized leaves are dequantized to `dtype` once per leaf).
+    Raises ValueError listing leaves that are not parameters of `cfg` (e.g. adapters not merged) or missing.
+    """
+    shapes = expected_shapes(cfg)
+    extra, absent = sorted(set(flat) - set(shapes)), sorted(set(shapes) - set(flat))
+    if extra or absent:
+        raise ValueError(f"params do not match the config: unexpected leaves {extra}, missing leaves {absent}")
+    dense, dense_path = None, None
+    for name, (entry, layer, _) in hf_names(cfg).items():
+        if dense_path != entry.path:
+            dense, dense_path = np.asarray(as_dense(flat[entry.path], dtype)), entry.path
+        x = dense if layer is None else dense[layer]
+        yield name, np.ascontiguousarray(x.T if entry.transpose else x)
+
+
+def summarize(names: list[str]) -> str:
+    """Names listed in one line, one per layered pattern: 'model.layers.{0-29}.mlp.up_proj.bias, lm_head.weight'."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        m = re.search(r"(?<=\.)\d+(?=\.)", name)
+        key = name if m is None else name[:m.start()] + "{}" + name[m.end():]
+        groups.setdefault(key, []).extend([] if m is None else [int(m.group())])
+    out = []
+    for key, layers in groups.items():
+        if not layers:
+            out.append(key)
+            continue
+        layers = sorted(set(layers))
+        if len(layers) == 1:
+            out.append(key.replace("{}", str(layers[0])))
+            continue
+        contiguous = layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2
+        span = f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))
+        out.append(key.replace("{}", "{" + span + "}"))
+    return ", ".join(out)
+
+
+def _ignored(cfg: LlamaConfig, name: str) -> bool:
+    # Some tied checkpoints also store the head, as a copy of the embedding that the model never reads.
+    return bool(_IGNORED.fullmatch(name)) or (cfg.tie_embeddings and name == "lm_head.weight")

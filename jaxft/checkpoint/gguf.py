@@ -1,0 +1,138 @@
+"""GGUF files (llama.cpp): the config from the metadata, the tensors dequantized into the jaxft tree.
+
+GGUF names its tensors differently (`blk.3.attn_q.weight`); gguf-py's own name map translates the Hugging
+Face names of the mapping table, so the table stays the one description of the model. llama.cpp also
+permutes the rows of the query and key projections of `llama` models (its rotary embedding pairs adjacent
+dimensions, Hugging Face's pairs the two halves); that is undone here exactly as transformers' GGUF loader
+does it. Only the types below are read: they dequantize exactly with gguf-py, and the rest (k-quants, i-quants)
+are left for a native quantized path rather than silently widened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from jaxft.checkpoint.assemble import LeafFn, LoadError, assemble
+from jaxft.checkpoint.mapping import TABLES
+from jaxft.models.config import ConfigError, LlamaConfig
+
+READABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1)
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+_PERMUTED = ("llama",)  # the architectures whose q/k rows llama.cpp's converter permutes
+_REQUIRED = object()
+
+
+def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tuple[LlamaConfig, dict, object]:
+    """(config, params, tokenizer or None) of the GGUF file `path`; see `assemble` for `leaf_fn`."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise LoadError(f"{path}: not a readable GGUF file ({e})") from None
+    cfg = read_config(reader, str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    unreadable = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type not in READABLE]
+    if unreadable:
+        raise LoadError(f"{path}: tensor type not supported: {', '.join(unreadable[:8])}"
+                        f"{f' and {len(unreadable) - 8} more' if len(unreadable) > 8 else ''} "
+                        f"(jaxft reads {', '.join(t.name for t in READABLE)})")
+
+    names = gguf.get_tensor_name_map(ARCHS[cfg.model_type], cfg.n_layers)
+    to_gguf = {}
+    for entry in TABLES[cfg.model_type]:
+        for i in range(cfg.n_layers) if "{i}" in entry.hf else [None]:
+            hf = entry.hf.format(i=i)
+            to_gguf[hf] = names.get_name(hf, try_suffixes=(".weight", ".bias")) or hf
+    to_hf = {g: h for h, g in to_gguf.items()}
+    present = {to_hf.get(name, name): name for name in tensors}
+
+    def read(name: str) -> np.ndarray:
+        t = tensors[name]
+        x = gguf.quants.dequantize(t.data, t.tensor_type)
+        if cfg.model_type in _PERMUTED and (".attn_q." in name or ".attn_k." in name):
+            x = unpermute(x, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
+        return x
+
+    params = assemble(cfg, present, read, file=str(path), dtype=dtype, leaf_fn=leaf_fn,
+                      label=lambda hf: to_gguf.get(hf, hf))
+    return cfg, params, tokenizer(path, reader)
+
+
+def read_config(reader: gguf.GGUFReader, file: str) -> LlamaConfig:
+    """The model config from the file's metadata (the keys llama.cpp writes, transformers' defaults)."""
+    arch = _field(reader, "general.architecture", file)
+    if arch not in ARCHS:
+        raise LoadError(f"{file}: general.architecture {arch!r} is not supported (expected one of "
+                        f"{', '.join(ARCHS)})")
+
+    def get(key, default=_REQUIRED):
+        return _field(reader, f"{arch}.{key}", file, default)
+
+    tensor_names = {t.name for t in reader.tensors}
+    hf = {
+        "model_type": arch,
+        "num_hidden_layers": get("block_count"),
+        "hidden_size": get("embedding_length"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": get("attention.head_count"),
+        "num_key_value_heads": get("attention.head_count_kv", None),
+        # llama.cpp writes the rotary width, equal to the head width for these families; transformers
+        # reads it as head_dim for llama too.
+        "head_dim": get("attention.key_length", get("rope.dimension_count", None) if arch == "llama" else None),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "max_position_embeddings": get("context_length", 2048),
+        "vocab_size": get("vocab_size", None) or _vocab_size(reader) or get("vocab_size"),
+        # As transformers decides it: a file without an output head reuses the embedding.
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    elif scaling != "none":
+        raise LoadError(f"{file}: {arch}.rope.scaling.type {scaling!r} is not supported (expected none or linear)")
+    for key in ("num_key_value_heads", "head_dim"):
+        if isinstance(hf[key], list):  # per-layer values, which the model does not have
+            raise LoadError(f"{file}: per-layer {key} {hf[key]} is not supported")
+    try:
+        return LlamaConfig.from_hf(hf, source=file)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+
+
+def unpermute(x: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k permutation: x (n_heads * H, ...) with, per head, the rows of the two rotary
+    halves interleaved (0, H/2, 1, H/2 + 1, ...) -> the Hugging Face order (0, 1, ..., H - 1)."""
+    half = x.shape[0] // n_heads // 2
+    return x.reshape(n_heads, half, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def tokenizer(path: Path, reader: gguf.GGUFReader):
+    """The tokenizer (with its chat template) stored in the file, or None where it holds none."""
+    if "tokenizer.ggml.model" not in reader.fields:
+        return None
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+
+
+def _field(reader: gguf.GGUFReader, key: str, file: str, default=_REQUIRED):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise LoadError(f"{file}: missing metadata field {key}")
+        return default
+    value = field.contents()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _vocab_size(reader: gguf.GGUFReader) -> int:
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)
+    rows = [int(t.data.shape[0]) for t in reader.tensors if t.name == "token_embd.weight"]
+    return rows[0] if rows else None

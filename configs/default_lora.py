@@ -46,9 +46,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.save_every = 100  # checkpoint every N steps (and at the end)
     c.train.keep_checkpoints = 2  # checkpoints kept in WORKDIR/checkpoints
     c.train.log_every = 1  # metrics.jsonl / TensorBoard every N steps
+    c.train.l2sp = 0.0  # L2-SP: adds l2sp/2 * ||theta - theta_pretrained||^2 to the loss (full and partial only)
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.format = "none"  # frozen base: none (param_dtype), nf4 or int4 (QLoRA); quantized while loading
+    c.quant.block_size = 64  # values per scale (nf4 block / int4 group), along each weight's input axis
+    c.quant.double_quant = True  # nf4: quantize the scales too (8-bit, blocks of 256), ~0.37 bits/param saved
+    c.quant.include = "layers/.*/w"  # regex over weight paths to quantize (embeddings, norms, head stay dense)
 
     c.peft = ml_collections.ConfigDict()
-    c.peft.method = "lora"  # the fine-tuning method (lora)
+    c.peft.method = "lora"  # lora, adapter, prefix, prompt, ia3, full, partial or features; settings below
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 16  # r
@@ -58,4 +65,52 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.rslora = False  # rank-stabilized scaling
     c.lora.dora = False  # weight-decomposed LoRA (a magnitude vector per output)
     c.lora.init = "kaiming"  # initialization of A: kaiming (PEFT default) or gaussian
+
+    c.adapter = ml_collections.ConfigDict()
+    c.adapter.size = 64  # bottleneck width S of each adapter (1..model width)
+    c.adapter.placement = "houlsby"  # houlsby: after attention and after the MLP; pfeiffer: after the MLP only
+    c.adapter.activation = "relu"  # non-linearity between down- and up-projection: relu, gelu, silu or tanh
+
+    c.prefix = ml_collections.ConfigDict()
+    c.prefix.length = 16  # P learned keys and values per layer and kv head; the text's positions start at P
+    c.prefix.projection = 0  # hidden width of PEFT's reparameterization MLP (0: none); the adapter keeps its output
+    c.prefix.init = "vocab"  # vocab: the model's keys / values of sampled tokens; random: N(0, 1) as PEFT
+
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.length = 16  # P soft-prompt embeddings before every input; the text's positions start at P
+    c.prompt.init = "vocab"  # vocab: embeddings of sampled tokens; text: of prompt.init_text; random: normal
+    c.prompt.init_text = ""  # prompt.init=text: the text (repeated or cut to prompt.length tokens)
+
+    c.ia3 = ml_collections.ConfigDict()
+    c.ia3.targets = "default"  # regex over weight paths; default: k_proj, v_proj and down_proj (as PEFT)
+    c.ia3.feedforward = "default"  # targets scaled at their input, not output; default: down_proj (as PEFT)
+
+    c.partial = ml_collections.ConfigDict()
+    c.partial.select = "top2"  # regex over per-layer paths (layers/11/mlp/up_proj/w, final_norm/scale); or norms,
+    #                            biases, top<k> (the last k blocks)
+
+    c.features = ml_collections.ConfigDict()  # a head on frozen pooled hidden states, cached in WORKDIR/features
+    c.features.layer = -1  # the block whose output is pooled, 0-based; -1: the last
+    c.features.pool = "mean"  # mean over the text's tokens, or last (the last token)
+    c.features.head = "linear"  # linear, or mlp (one ReLU hidden layer of features.hidden units)
+    c.features.hidden = 256  # width of the mlp head's hidden layer
+    c.features.text_field = "sentence"  # the column holding the text
+    c.features.label_field = "label"  # the column holding the class label
+
+    c.mesh = ml_collections.ConfigDict()  # the device mesh; data * fsdp * tensor = number of devices
+    c.mesh.data = -1  # replicas splitting the batch (params copied); -1: the devices the other axes leave
+    c.mesh.fsdp = 1  # splits the batch and the params / optimizer state (fully sharded data parallel)
+    c.mesh.tensor = 1  # splits heads, mlp and vocab within each layer (tensor parallel, one host)
+
+    c.rules = ml_collections.ConfigDict()  # logical axis -> comma-separated mesh axes ('' = not split)
+    c.rules.batch = "data,fsdp"  # B, rows of a batch
+    c.rules.seq = ""  # T, positions of a row
+    c.rules.embed = "fsdp"  # D, the residual width (params; activations take it only where batch did not)
+    c.rules.heads = "tensor"  # N*H, query heads
+    c.rules.kv_heads = "tensor"  # K*H, key/value heads
+    c.rules.head_dim = ""  # H, within one head
+    c.rules.mlp = "tensor"  # F, the MLP width
+    c.rules.vocab = "tensor"  # V, embedding rows and output logits
+    c.rules.layers = ""  # L, stacked layers (scanned over: keep unsplit)
+    c.rules.lora_rank = ""  # R, the LoRA rank (small: keep unsplit)
     return c

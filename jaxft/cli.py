@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or (overrides and not getattr(args, "overrides_allowed", False)):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = [a.removeprefix("--config.") for a in overrides]
+    _cache_compilations()
     try:
         return args.run(args)
     except CommandError as e:
@@ -41,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _cache_compilations() -> None:
+    """Keeps compiled programs in the jaxft cache, so that running a command again skips most compilation."""
+    import jax
+
+    from jaxft.hub import cache_dir
+
+    if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, if set, wins
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
 
 
 if __name__ == "__main__":

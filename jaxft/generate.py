@@ -147,8 +147,10 @@ def _logits(cfg: LlamaConfig, base: dict, trainable, hidden, dtype):
     """hidden (B, D) final-normed -> logits (B, V) float32: the output head of `llama.forward`, for one position."""
     params = overlay(base, trainable)
     if cfg.tie_embeddings:
-        return jnp.einsum("bd,vd->bv", hidden, as_dense(params["embed"]["w"], dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("bd,dv->bv", hidden, as_dense(params["lm_head"]["w"], dtype), preferred_element_type=jnp.float32)
+        head, spec = params["embed"]["w"], "bd,vd->bv"
+    else:
+        head, spec = params["lm_head"]["w"], "bd,dv->bv"
+    return jnp.einsum(spec, hidden, as_dense(head, dtype), preferred_element_type=jnp.float32)
 
 
 def _bucket(n: int) -> int:

@@ -109,3 +109,15 @@ def test_config_errors_name_the_key(setup):
         _config(setup, "lora.rnak=3")
     with pytest.raises(config_lib.ConfigFileError, match="train.steps"):
         _config(setup, "train.steps=ten")
+
+
+def test_qlora_through_the_trainer_and_format_checked_on_resume(setup, tmp_path):
+    qlora = ("quant.format=nf4", "quant.block_size=16", "train.steps=6", "train.eval_every=3")
+    summary = train(_config(setup, *qlora), tmp_path)
+    history = [loss for _, loss in summary["eval_history"]]
+    assert summary["status"] == "completed" and history[-1] < history[0]
+    with pytest.raises(ResumeError, match="quant"):
+        train(_config(setup, "quant.format=int4", "quant.block_size=16", "train.steps=8"), tmp_path, resume=True)
+    with pytest.raises(ValueError, match="block_size=64 does not divide"):
+        train(_config(setup, "quant.format=nf4", "train.steps=1"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # nothing written for a run that could not start

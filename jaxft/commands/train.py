@@ -20,17 +20,22 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="a config file, e.g. configs/default_lora.py")
     p.add_argument("--workdir", required=True, metavar="DIR", help="where checkpoints, metrics and the adapter go")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in WORKDIR")
+    hosts = p.add_argument_group("several hosts (automatic on Cloud TPU VMs and in SLURM jobs; else all three)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, e.g. 10.0.0.2:8476")
+    hosts.add_argument("--num-processes", type=int, metavar="N", help="number of processes (one per host)")
+    hosts.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
     p.set_defaults(run=run, overrides_allowed=True)
 
 
 def run(args) -> int:
-    from jaxft import config as config_lib
+    from jaxft import config as config_lib, parallel
     from jaxft.data import DataError
     from jaxft.train.checkpoints import ResumeError
     from jaxft.train.loop import TrainingError, train
 
     try:
         config = config_lib.load(args.config, args.overrides)
+        parallel.initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX use
         summary = train(config, args.workdir, resume=args.resume)
     except (config_lib.ConfigFileError, DataError, ResumeError, TrainingError, ValueError, FileNotFoundError) as e:
         raise CommandError(str(e)) from None

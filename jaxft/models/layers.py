@@ -29,10 +29,13 @@ def dense(x, p: dict, lora=None, rng=None):
 
     x: (..., in); p["w"]: (in, out), dense or quantized (dequantized here, inside the jitted computation);
     p["lora_a"]: (in, R), p["lora_b"]: (R, out), p["magnitude"]: (out,) for DoRA; `lora` is the static
-    `jaxft.peft.lora.LoraSpec` (scaling, dropout, DoRA) when the tree holds LoRA leaves.
+    `jaxft.peft.lora.LoraSpec` (scaling, dropout, DoRA) when the tree holds LoRA leaves. IA3's vectors:
+    p["ia3_in"] (in,) scales x, p["ia3_out"] (out,) scales y, bias included (as PEFT; see `jaxft.peft.ia3`).
     Matmuls accumulate in float32 (`preferred_element_type`), which is also what makes bf16 fast on CPUs.
     """
     dtype = x.dtype
+    if "ia3_in" in p:
+        x = (x.astype(jnp.float32) * p["ia3_in"]).astype(dtype)
     w = as_dense(p["w"], dtype)
     y = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)
     if "lora_a" in p:
@@ -40,6 +43,8 @@ def dense(x, p: dict, lora=None, rng=None):
         y = lora_delta(x, w, y, p, lora, rng)
     if "b" in p:
         y = y + p["b"].astype(jnp.float32)
+    if "ia3_out" in p:
+        y = y * p["ia3_out"].astype(jnp.float32)
     return y.astype(dtype)
 
 
@@ -75,8 +80,10 @@ def attention_mask(q_seg, q_pos, q_idx, k_seg, k_pos, k_idx, window, causal: boo
 
     Segment ids keep packed examples apart; `*_idx` are slots in the sequence or KV cache (causality);
     `*_pos` are positions within an example (sliding window). `window` 0 means no window (a traced scalar).
+    A negative key segment is shared: every query outside padding sees it (a soft prompt before packed examples).
     """
-    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+    shared = (k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)
+    mask = ((q_seg[:, :, None] == k_seg[:, None, :]) | shared) & (k_seg[:, None, :] != 0)
     if causal:
         mask &= k_idx[:, None, :] <= q_idx[:, :, None]
     dist = q_pos[:, :, None] - k_pos[:, None, :]

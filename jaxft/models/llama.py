@@ -25,9 +25,26 @@ import jax.numpy as jnp
 
 from jaxft.models.config import LlamaConfig
 from jaxft.models.layers import apply_rope, attend, attention_mask, dense, rms_norm, rope_frequencies
+from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
 
+# The logical axes of every parameter, by path (first full regex match), for sharding (see `jaxft.parallel`;
+# the config's rules map these names onto the mesh). Norm scales are small and stay replicated.
+PARAM_AXES = (
+    (r"embed/w", ("vocab", "embed")),
+    (r"layers/attn/q_proj/w", ("layers", "embed", "heads")),
+    (r"layers/attn/(k|v)_proj/w", ("layers", "embed", "kv_heads")),
+    (r"layers/attn/o_proj/w", ("layers", "heads", "embed")),
+    (r"layers/attn/q_proj/b", ("layers", "heads")),
+    (r"layers/attn/(k|v)_proj/b", ("layers", "kv_heads")),
+    (r"layers/attn/o_proj/b", ("layers", "embed")),
+    (r"layers/mlp/(gate|up)_proj/w", ("layers", "embed", "mlp")),
+    (r"layers/mlp/down_proj/w", ("layers", "mlp", "embed")),
+    (r"layers/(attn|mlp)_norm/scale", ("layers", None)),
+    (r"final_norm/scale", (None,)),
+    (r"lm_head/w", ("embed", "vocab")),
+)
 
 def init(key, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
     """Random parameters (normal, std 0.02; norms at one), in the layout of the module docstring."""
@@ -64,15 +81,22 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> 
 
 
 def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = None, positions=None,
-            segment_ids=None, cache: dict | None = None, lora=None, rng=None, dtype=jnp.float32,
-            remat: bool = False, return_hidden: bool = False, embeddings=None):
+            segment_ids=None, cache: dict | None = None, peft=None, lora=None, rng=None, dtype=jnp.float32,
+            remat: bool = False, return_hidden: bool = False, embeddings=None, layout=None):
     """tokens: (B, T) int -> (logits (B, T, V) float32, updated cache or None).
 
     positions: (B, T), default 0..T-1; segment_ids: (B, T), 0 marks padding, distinct ids keep packed
     examples apart (default all ones). With `cache`, the T new tokens are written at `cache["index"]` and
     attend to everything cached before them. `rng` enables LoRA dropout. `embeddings` (B, T, D) replaces the
-    token lookup (soft prompts). With `return_hidden`, returns the final normed hidden states (B, T, D).
+    token lookup. With `return_hidden`, returns the final normed hidden states (B, T, D).
+    `peft` is the static `jaxft.peft.MethodSpec` of the method whose arrays `trainable` holds (a bare LoraSpec,
+    or `lora=`, means LoRA). A soft prompt (`trainable["prompt"]`, prompt tuning) is prepended to the tokens and
+    its outputs dropped; with a cache, pass it with the first call of a sequence only (then it is cached).
+    `layout` (a `jaxft.parallel.Layout`) constrains the activations to their logical axes on its mesh.
     """
+    from jaxft.peft import method, prompt  # the model follows the methods' contract (jaxft.peft imports the model)
+    spec = method.as_method(peft if peft is not None else lora)
+    trainable, spec = method.resolve(spec, base, trainable)
     params = overlay(base, trainable)
     b, t = tokens.shape
     if positions is None:
@@ -80,7 +104,12 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
     x = embeddings if embeddings is not None else as_dense(params["embed"]["w"], dtype)[tokens]
-    x = x.astype(dtype)
+    x = constrain(x.astype(dtype), ("batch", "seq", "embed"), layout)
+    positions = method.virtual_positions(spec, positions)
+    n_soft = 0
+    if trainable and "prompt" in trainable:
+        x, positions, segment_ids = prompt.prepend(spec, trainable["prompt"]["embeddings"], x, positions, segment_ids)
+        n_soft, t = x.shape[1] - t, x.shape[1]
 
     if cache is None:
         q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -99,8 +128,8 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
-    body = partial(_layer, cfg, lora, inv_freq, (segment_ids, positions, q_idx), keys_meta,
-                   None if cache is None else cache["index"])
+    body = partial(_layer, cfg, spec, inv_freq, (segment_ids, positions, q_idx), keys_meta,
+                   None if cache is None else cache["index"], layout=layout)
     if remat:
         body = jax.checkpoint(body, prevent_cse=False)
 
@@ -111,7 +140,7 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     train_layers = (trainable or {}).get("layers", {})
     x, new_kv = jax.lax.scan(step, x, (base["layers"], train_layers, windows, layer_rngs, layer_cache))
 
-    x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
+    x = rms_norm(x[:, n_soft:], params["final_norm"]["scale"], cfg.norm_eps)  # without the soft prompt's outputs
     new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], **new_meta}
     if return_hidden:
         return x, new_cache
@@ -121,11 +150,14 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     else:
         head = as_dense(params["lm_head"]["w"], dtype)
         logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-    return logits, new_cache
+    return constrain(logits, ("batch", "seq", "vocab"), layout), new_cache
 
 
-def _layer(cfg: LlamaConfig, lora, inv_freq, query_meta, keys_meta, index, x, p, window, rng, kv):
+def _layer(cfg: LlamaConfig, spec, inv_freq, query_meta, keys_meta, index, x, p, window, rng, kv, *,
+           layout=None):
     """One transformer block: x (B, T, D) -> (x, (k, v) cache of this layer or None)."""
+    from jaxft.peft import adapters, prefix
+    lora = None if spec is None else spec.lora
     b, t, _ = x.shape
     q_seg, q_pos, q_idx = query_meta
     rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
@@ -135,19 +167,28 @@ def _layer(cfg: LlamaConfig, lora, inv_freq, query_meta, keys_meta, index, x, p,
     q = dense(h, attn["q_proj"], lora, rngs[0]).reshape(b, t, cfg.n_heads, cfg.head_dim)
     k = dense(h, attn["k_proj"], lora, rngs[1]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     v = dense(h, attn["v_proj"], lora, rngs[2]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    q = apply_rope(q, q_pos, inv_freq)
-    k = apply_rope(k, q_pos, inv_freq)
+    q = constrain(apply_rope(q, q_pos, inv_freq), ("batch", "seq", "heads", "head_dim"), layout)
+    k = constrain(apply_rope(k, q_pos, inv_freq), ("batch", "seq", "kv_heads", "head_dim"), layout)
     if kv is not None:
         k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
         kv = (k, v)
         k, v = k.astype(x.dtype), v.astype(x.dtype)
     mask = attention_mask(q_seg, q_pos, q_idx, *keys_meta, window)
+    if "prefix_k" in attn:  # prefix tuning: learned keys and values that every query sees, outside the cache
+        k, v, mask = prefix.extend(attn, k, v, mask, q_seg)
     o = attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
-    x = x + dense(o, attn["o_proj"], lora, rngs[3])
+    o = dense(o, attn["o_proj"], lora, rngs[3])
+    if "adapter" in attn:  # bottleneck adapter on the attention block's output (Houlsby)
+        o = adapters.bottleneck(o, attn["adapter"], spec)
+    x = x + o
 
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
     mlp = p["mlp"]
     gate = jax.nn.silu(dense(h, mlp["gate_proj"], lora, rngs[4])) * dense(h, mlp["up_proj"], lora, rngs[5])
-    x = x + dense(gate, mlp["down_proj"], lora, rngs[6])
-    return x, kv
+    gate = constrain(gate, ("batch", "seq", "mlp"), layout)
+    out = dense(gate, mlp["down_proj"], lora, rngs[6])
+    if "adapter" in mlp:  # bottleneck adapter on the MLP's output (Houlsby and Pfeiffer)
+        out = adapters.bottleneck(out, mlp["adapter"], spec)
+    x = x + out
+    return constrain(x, ("batch", "seq", "embed"), layout), kv

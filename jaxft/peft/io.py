@@ -1,6 +1,9 @@
 """The jaxft adapter format: `adapter.safetensors` (trainable leaves by path) and `adapter.json` (how to use them).
 
-Megabytes, not gigabytes: only the trainable tree is written. (HF PEFT's format is a separate export.)
+Megabytes, not gigabytes: only the trainable tree is written (for full fine-tuning, that is the whole model).
+`adapter.json` records the method and its spec (`"spec"`), so that any method's adapter loads back into
+something `llama.forward(..., peft=spec)` or `jaxft.peft.features.predict` runs. Format 1 files (LoRA only,
+before methods) load too. (HF PEFT's format is a separate export.)
 """
 
 from __future__ import annotations
@@ -16,17 +19,27 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from jaxft import tree
+from jaxft.peft.features import FeatureSpec
 from jaxft.peft.lora import LoraSpec
+from jaxft.peft.method import MethodSpec, as_method
+
+FORMAT = "jaxft-adapter/2"
 
 
-def save(out_dir: Path, trainable: dict, spec: LoraSpec, config, model_path) -> Path:
-    """Writes the adapter atomically (a temp dir renamed into place); replaces an older adapter of the run."""
+def save(out_dir: Path, trainable: dict, spec, config, model_path) -> Path:
+    """Writes the adapter atomically (a temp dir renamed into place); replaces an older adapter of the run.
+
+    spec: the MethodSpec (a bare LoraSpec means LoRA; a FeatureSpec, a features head). `config` supplies
+    lora.targets for LoRA adapters. Save what inference needs (`jaxft.peft.finalize` drops training-only parts).
+    """
     out_dir = Path(out_dir)
+    spec = spec if isinstance(spec, FeatureSpec) else as_method(spec)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".adapter-"))
     arrays = {p: np.asarray(x, np.float32) for p, x in tree.items(trainable)}
     save_file(arrays, str(tmp / "adapter.safetensors"))
-    meta = {"format": "jaxft-adapter/1", "method": config.peft.method, "lora": dataclasses.asdict(spec),
-            "targets": config.lora.targets, "model": str(model_path)}
+    meta = {"format": FORMAT, "method": spec.method, "spec": spec.to_json(), "model": str(model_path)}
+    if spec.method == "lora":  # as format 1 wrote them, for readers of the LoRA fields
+        meta.update(lora=dataclasses.asdict(spec.lora), targets=config.lora.targets)
     (tmp / "adapter.json").write_text(json.dumps(meta, indent=1))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -34,8 +47,12 @@ def save(out_dir: Path, trainable: dict, spec: LoraSpec, config, model_path) -> 
     return out_dir
 
 
-def load(path: Path) -> tuple[dict, LoraSpec, dict]:
-    """(trainable tree, LoraSpec, metadata) of an adapter written by `save`."""
+def load(path: Path) -> tuple[dict, LoraSpec | MethodSpec | FeatureSpec, dict]:
+    """(trainable tree, spec, metadata) of an adapter written by `save`.
+
+    spec: a LoraSpec for a LoRA adapter (as before methods: what `jaxft.export` and `jaxft.multi` read; the model
+    takes it as `peft=` too), a FeatureSpec for a features head, the MethodSpec otherwise.
+    """
     path = Path(path)
     meta_file = path / "adapter.json"
     if not meta_file.is_file():
@@ -43,4 +60,11 @@ def load(path: Path) -> tuple[dict, LoraSpec, dict]:
     meta = json.loads(meta_file.read_text())
     arrays = load_file(str(path / "adapter.safetensors"))
     trainable = tree.unflatten({p: jnp.asarray(a) for p, a in arrays.items()})
-    return trainable, LoraSpec(**meta["lora"]), meta
+    method = meta.get("method", "lora")
+    if method == "lora":
+        spec = LoraSpec(**meta["lora"])
+    elif method == "features":
+        spec = FeatureSpec.from_json(meta["spec"])
+    else:
+        spec = MethodSpec.from_json(meta["spec"])
+    return trainable, spec, meta

@@ -22,11 +22,15 @@ from functools import partial
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxft.quant.codebooks import DYNAMIC, INT4, NF4, encode_dynamic, encode_nf4
 
 FORMATS = ("nf4", "int4")
 NESTED_BLOCK = 256  # scales per block of the double quantization, fixed by bitsandbytes
+# byte -> (value of its high nibble, value of its low nibble), per format
+_PAIRS = {name: np.stack([np.repeat(table, 16), np.tile(table, 16)], axis=-1)
+          for name, table in (("nf4", NF4), ("int4", INT4))}
 
 
 @flax.struct.dataclass
@@ -82,14 +86,18 @@ class QuantizedWeight:
         return scale.reshape(self.scales.shape)
 
     def dequantize(self, dtype=jnp.bfloat16):
-        """-> (..., in, out) dense weight of `dtype`. Pure jnp: traced inside the caller's jit, where it fuses
-        into the matmul that consumes it (computed in float32 and cast once, as bitsandbytes does)."""
+        """-> (..., in, out) dense weight of `dtype`. Pure jnp: traced inside the caller's jit, where XLA makes it
+        one pass that writes the weight (computed in float32 and cast once, as bitsandbytes does).
+
+        Built in (in, out) order from the transposed codes rather than as (out, in) and then transposed: a
+        transposed matmul operand makes XLA's CPU backend run a bf16 matmul in float32, 1.6x slower. Each byte
+        is looked up whole, both values at once, which XLA's gather does much faster than two nibbles.
+        """
         lead = self.codes.shape[:-2]
-        nibbles = jnp.stack([self.codes >> 4, self.codes & 0xF], axis=-1).reshape(*lead, self.out_dim, self.in_dim)
-        table = jnp.asarray(NF4 if self.format == "nf4" else INT4)
-        blocks = table[nibbles].reshape(*lead, self.out_dim, -1, self.block_size)
-        w = (blocks * self.block_scales()[..., None]).reshape(*lead, self.out_dim, self.in_dim)
-        return jnp.swapaxes(w.astype(dtype), -1, -2)
+        pairs = jnp.asarray(_PAIRS[self.format])[jnp.swapaxes(self.codes, -1, -2)]  # (..., in // 2, out, 2)
+        values = jnp.swapaxes(pairs, -1, -2).reshape(*lead, -1, self.block_size, self.out_dim)
+        scales = jnp.swapaxes(self.block_scales(), -1, -2)[..., :, None, :]  # (..., in // block_size, 1, out)
+        return (values * scales).reshape(*lead, self.in_dim, self.out_dim).astype(dtype)
 
 
 def quantize(w, format: str = "nf4", block_size: int = 64, double_quant: bool = True) -> QuantizedWeight:

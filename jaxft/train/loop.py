@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxft import checkpoint, data, peft, tree
+from jaxft import checkpoint, data, parallel, peft, quant, tree
 from jaxft.models import llama
 from jaxft.peft import io as adapter_io
 from jaxft.train.checkpoints import Checkpoints, ResumeError
@@ -36,30 +36,55 @@ class TrainingError(RuntimeError):
 def train(config, workdir: str | Path, resume: bool = False) -> dict:
     """Runs the training described by `config` in `workdir`; returns a summary (steps, losses, paths)."""
     workdir = Path(workdir)
-    ckpts = _open_workdir(workdir, config, resume)
+    if config.peft.method == "features":  # a head on frozen features: its own short loop (no LM steps)
+        from jaxft.train import features
+        return features.train(config, workdir)
+    _check_workdir(workdir, resume)
     dtype, param_dtype = _dtype(config, "dtype"), _dtype(config, "param_dtype")
+    layout = parallel.from_config(config)  # the device mesh, and the rules from logical axes to its axes
 
-    model = checkpoint.load(config.model, dtype=param_dtype)
+    leaf_fn = None
+    if config.quant.format != "none":  # QLoRA: the frozen base is quantized tensor by tensor as it is read
+        leaf_fn = quant.leaf_fn(config.quant.format, block_size=config.quant.block_size,
+                                double_quant=config.quant.double_quant, include=config.quant.include,
+                                dense_dtype=param_dtype)
+    # Each leaf is created directly in its shards on the mesh (after quantization, if any).
+    leaf_fn = parallel.shard_leaf_fn(layout, llama.PARAM_AXES, param_dtype, inner=leaf_fn)
+    model = checkpoint.load(config.model, dtype=param_dtype, leaf_fn=leaf_fn)
     cfg, base, tokenizer = model.cfg, model.params, model.tokenizer
     train_data, eval_batches, stats = data.for_training(config, tokenizer)
     log.info("data: %s", stats)
+    eval_batches = [parallel.put_batch(b, layout, parallel.BATCH) for b in eval_batches]
 
     key = jax.random.PRNGKey(config.seed)
     init_key, state_key = jax.random.split(key)
-    trainable, spec = peft.build(init_key, base, config, cfg.model_type)
+    trainable, spec = parallel.create_trainable(lambda k, b: peft.build(k, b, config, cfg, tokenizer), init_key,
+                                                base, layout, llama.PARAM_AXES)
     optimizer, lr_schedule = make_optimizer(config.train)
-    state = init_state(trainable, optimizer, state_key)
-    meta = {"model": str(model.path), "peft": peft.describe(config), "lora_paths": sorted(tree.flatten(trainable))}
+    state = parallel.create_sharded(lambda t, k: init_state(t, optimizer, k),
+                                    lambda abstract: parallel.state_shardings(abstract, trainable, layout),
+                                    trainable, state_key)
+    meta = {"model": str(model.path), "peft": peft.describe(config), "lora_paths": sorted(tree.flatten(trainable)),
+            "quant": {"format": config.quant.format, "block_size": config.quant.block_size}}
 
     def forward(base_, trainable_, mb, rng):
         logits, _ = llama.forward(cfg, base_, mb["tokens"], trainable=trainable_, positions=mb["positions"],
-                                  segment_ids=mb["segment_ids"], lora=spec, rng=rng, dtype=dtype,
-                                  remat=config.train.remat)
+                                  segment_ids=mb["segment_ids"], peft=spec, rng=rng, dtype=dtype,
+                                  remat=config.train.remat, layout=layout)
         return logits
 
-    train_step = jax.jit(make_train_step(forward, optimizer), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(forward))
+    state_sh, base_sh = parallel.shardings_of(state), parallel.shardings_of(base)
+    penalty = peft.penalty(spec, config.train.l2sp)  # L2-SP towards the pretrained weights, or None
+    train_step = jax.jit(make_train_step(forward, optimizer, penalty), donate_argnums=(0,),
+                         in_shardings=(state_sh, base_sh, layout.sharding(parallel.MICRO_BATCH)),
+                         out_shardings=(state_sh, layout.replicated))
+    eval_step = jax.jit(make_eval_step(forward),
+                        in_shardings=(state_sh["trainable"], base_sh, layout.sharding(parallel.BATCH)))
 
+    # Only now that model, data and method are known to work does the run write into the workdir.
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    ckpts = Checkpoints(workdir, config.train.keep_checkpoints)
     if resume:
         state, data_state = ckpts.restore(state, meta)
         train_data.set_state(data_state)
@@ -72,7 +97,8 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
-    metrics = MetricsWriter(workdir)
+    main = jax.process_index() == 0  # with several processes, the first one writes metrics and files
+    metrics = MetricsWriter(workdir) if main else _NoMetrics()
     stop = _SigtermFlag()
     start = int(state["step"])
     steps = config.train.steps
@@ -86,12 +112,12 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
         log.info("step 0: eval_loss %.4f", eval_loss)
 
     accum = config.train.grad_accum
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     last_saved, step, status = start, start, "completed"
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(start + 1, steps + 1):
         batch = _stack_micro(next(train_data), accum)
-        new_state, m = train_step(state, base, batch)
+        new_state, m = train_step(state, base, parallel.put_batch(batch, layout))
         loss = float(m["loss"])
         if not math.isfinite(loss):
             # `state` was donated: the last good values are in the last checkpoint, which is kept.
@@ -124,7 +150,7 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
             status = "early_stopped"
             log.info("early stopping at step %d: no improvement in %d evaluations", step, patience)
             break
-        if stop.raised:
+        if parallel.any_process(stop.raised):  # every process stops at the same step
             status = "preempted"
             break
     bar.close()
@@ -134,14 +160,18 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
     metrics.close()
     adapter_dir = None
     if status != "preempted":
-        adapter_dir = adapter_io.save(workdir / "adapter", state["trainable"], spec, config, model.path)
+        trainable = parallel.to_host(state["trainable"])  # gathered on every process (a collective)
+        adapter_dir = workdir / "adapter"
+        if main:
+            adapter_io.save(adapter_dir, peft.finalize(spec, trainable), spec, config, model.path)
     summary = {"status": status, "step": step, "eval_loss": eval_loss, "eval_history": history,
                "adapter": str(adapter_dir) if adapter_dir else None, "data": stats}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
 
-def _open_workdir(workdir: Path, config, resume: bool) -> Checkpoints:
+def _check_workdir(workdir: Path, resume: bool) -> None:
     """Refuses to start a fresh run over existing checkpoints, and to resume from nothing."""
     has_ckpt = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
     if has_ckpt and not resume:
@@ -149,9 +179,6 @@ def _open_workdir(workdir: Path, config, resume: bool) -> Checkpoints:
                           f"or choose another --workdir (nothing was overwritten)")
     if resume and not has_ckpt:
         raise ResumeError(f"{workdir}: --resume given but there is no checkpoint to resume from")
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    return Checkpoints(workdir, config.train.keep_checkpoints)
 
 
 def _dtype(config, key):
@@ -167,6 +194,16 @@ def _stack_micro(batch: dict, accum: int) -> dict:
     if b % accum:
         raise ValueError(f"train.batch_size={b} is not a multiple of train.grad_accum={accum}")
     return {k: np.asarray(v).reshape(accum, b // accum, *v.shape[1:]) for k, v in batch.items()}
+
+
+class _NoMetrics:
+    """The metrics of processes other than the first: they are the same numbers, written once."""
+
+    def write(self, step: int, **metrics: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _SigtermFlag:

@@ -38,8 +38,13 @@ def init_state(trainable: dict, optimizer: optax.GradientTransformation, rng) ->
             "rng": rng}
 
 
-def make_train_step(forward: Callable, optimizer: optax.GradientTransformation) -> Callable:
-    """Returns train_step(state, base, batch) -> (state, metrics), not yet jitted."""
+def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
+                    penalty: Callable | None = None) -> Callable:
+    """Returns train_step(state, base, batch) -> (state, metrics), not yet jitted.
+
+    penalty(trainable, base) -> scalar (e.g. L2-SP, `jaxft.peft.penalty`) is added to the mean token loss once
+    per step; metrics["loss"] stays the token loss alone and metrics["penalty"] reports it.
+    """
     grad_fn = jax.value_and_grad(make_loss_fn(forward), has_aux=True)
 
     def train_step(state, base, batch):
@@ -57,9 +62,13 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation) 
         (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, rngs))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
+        extra = {}
+        if penalty is not None:
+            extra["penalty"], penalty_grads = jax.value_and_grad(penalty)(state["trainable"], base)
+            grads = jax.tree.map(jnp.add, grads, penalty_grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        metrics = {"loss": loss_sum / denom, "target_tokens": count, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss_sum / denom, "target_tokens": count, "grad_norm": optax.tree.norm(grads), **extra}
         new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}
         return new_state, metrics
 

@@ -1,0 +1,356 @@
+"""QLoRA on the default model (SmolLM2-135M-Instruct): what a 4-bit base saves, and what it costs.
+
+  (a) storage of the base: bytes and bits per parameter, from the stored arrays, for bf16, NF4 with and
+      without double quantization, and int4 (group 64) with and without it;
+  (b) peak process memory (RSS high-water mark) while loading the model, bf16 vs NF4 quantized while loading
+      (`jaxft.quant.leaf_fn`), each in a fresh process, beside the quantized size and the largest tensor the
+      loader assembles (float32: the GGUF file is dequantized on the host);
+  (c) peak process memory of a LoRA training step (r=16 all-linear, AdamW, random tokens) for fp32 LoRA, bf16
+      LoRA (bf16 base and compute, fp32 LoRA parameters) and NF4 QLoRA (bf16 compute), with and without
+      rematerialization, each in a fresh process; the high-water mark is reset once the step is compiled;
+  (d) step time of QLoRA relative to bf16 LoRA, both in one process, repetitions interleaved (wall and CPU
+      time: on a shared machine the CPU time of the process is the steadier of the two);
+  (e) evaluation loss after the same short SFT run (`jaxft.train.loop.train`, configs/default_lora.py) on a
+      bf16 base and on an NF4 base.
+
+    .venv/bin/python bench/qlora.py [--steps 30] [--batch 8] [--seq 256] [--data ...] [--skip-sft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+MB = 2 ** 20
+STEP_CASES = {  # name -> (base, compute dtype, remat)
+    "fp32 LoRA": ("float32", "float32", False),
+    "bf16 LoRA": ("bfloat16", "bfloat16", False),
+    "NF4 QLoRA": ("nf4", "bfloat16", False),
+    "bf16 LoRA, remat": ("bfloat16", "bfloat16", True),
+    "NF4 QLoRA, remat": ("nf4", "bfloat16", True),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Workers: each runs in a fresh process (`--worker JSON`) and prints one line `WORKER {json}`.
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def _peak_mb() -> float:
+    """The RSS high-water mark: what `getrusage().ru_maxrss` reports, read as VmHWM because a child's ru_maxrss
+    also counts its parent's high-water mark at the fork (the kernel keeps the larger across exec)."""
+    return _status_mb("VmHWM")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def _reset_peak() -> bool:
+    """Resets the RSS high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _load(base: str, record=None):
+    """The default model with its base as `base` (float32, bfloat16 or a quantized format), quantized while
+    loading; `record(path, host array, leaf made of it)` is called once each leaf is ready."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxft import checkpoint, quant
+
+    if base in quant.FORMATS:
+        inner = quant.leaf_fn(base)
+    else:
+        dtype = jnp.dtype(base)
+        inner = lambda path, x: jnp.asarray(x, dtype)  # what `load` does without a leaf_fn
+
+    def leaf_fn(path, x):
+        leaf = inner(path, x)
+        if record is not None:
+            record(path, x, jax.block_until_ready(leaf))
+        return leaf
+
+    return checkpoint.load("default", leaf_fn=leaf_fn)
+
+
+def worker_load(base: str) -> dict:
+    """(b): peak RSS while loading, above the RSS of the process with everything imported."""
+    import jax
+    import transformers  # noqa: F401  (the GGUF tokenizer needs it: imported before the baseline)
+
+    from jaxft import checkpoint, quant, tree  # noqa: F401
+
+    largest = {"bytes": 0, "path": ""}
+
+    def record(path, x, leaf):
+        if x.nbytes > largest["bytes"]:
+            largest.update(bytes=x.nbytes, path=f"{path} {x.dtype}{list(x.shape)}")
+        largest["weights_peak_mb"] = _peak_mb()  # the peak until the last leaf is made (the tokenizer follows)
+
+    _reset_peak()
+    before = _rss_mb()
+    t = time.perf_counter()
+    model = _load(base, record)
+    jax.block_until_ready(model.params)
+    return {"rss_before_mb": before, "peak_mb": _peak_mb(), "weights_peak_mb": largest["weights_peak_mb"],
+            "rss_after_mb": _rss_mb(),
+            "params_mb": tree.nbytes(model.params) / MB, "largest_leaf_mb": largest["bytes"] / MB,
+            "largest_leaf": largest["path"], "load_s": time.perf_counter() - t}
+
+
+def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, loaded=None):
+    """(compiled train step, state, base params, batch) of LoRA r=16 on all linear layers, AdamW."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from jaxft import quant
+    from jaxft.models import llama
+    from jaxft.peft import lora
+    from jaxft.train.step import init_state, make_train_step
+
+    model = loaded or _load(base)
+    cfg, params = model.cfg, model.params
+    if loaded is not None:  # the float32 base of the timing run, converted as loading would have done
+        params = (quant.quantize_params(params, base) if base in quant.FORMATS
+                  else jax.tree.map(lambda x: x.astype(base), params))
+    dtype = jnp.dtype(compute)
+    spec = lora.LoraSpec(rank=16, alpha=32)
+    trainable = lora.init(jax.random.PRNGKey(0), params, spec, lora.target_paths(params, "all-linear"))
+    optimizer = optax.adamw(1e-4)
+
+    def forward(b, t, mb, rng):
+        return llama.forward(cfg, b, mb["tokens"], trainable=t, positions=mb["positions"],
+                             segment_ids=mb["segment_ids"], lora=spec, rng=rng, dtype=dtype, remat=remat)[0]
+
+    tok = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
+    mb = {"tokens": tok[..., :-1], "targets": tok[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32),
+          "segment_ids": np.ones((1, batch, seq), np.int32),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy()}
+    state = init_state(trainable, optimizer, jax.random.PRNGKey(1))
+    step = jax.jit(make_train_step(forward, optimizer), donate_argnums=(0,)).lower(state, params, mb).compile()
+    return step, state, params, mb
+
+
+def worker_step(base: str, compute: str, remat: bool, batch: int, seq: int) -> dict:
+    """(c): peak RSS of training steps (the high-water mark reset after loading and compiling)."""
+    from jaxft import tree
+
+    step, state, params, mb = _step_setup(base, compute, remat, batch, seq)
+    load_and_compile_peak = _peak_mb()
+    before = _rss_mb()
+    reset = _reset_peak()
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, params, mb)
+        losses.append(float(metrics["loss"]))
+    mem = step.memory_analysis()
+    return {"rss_before_mb": before, "step_peak_mb": _peak_mb() if reset else None,
+            "process_peak_mb": max(load_and_compile_peak, _peak_mb()), "params_mb": tree.nbytes(params) / MB,
+            "state_mb": tree.nbytes(state) / MB, "xla_temp_mb": mem.temp_size_in_bytes / MB, "losses": losses}
+
+
+def worker_time(batch: int, seq: int, reps: int) -> dict:
+    """(d): bf16 LoRA and NF4 QLoRA steps in one process, repetitions interleaved; wall and CPU seconds."""
+    import numpy as np
+
+    loaded = _load("float32")
+    cases = {name: list(_step_setup(base, "bfloat16", False, batch, seq, loaded))
+             for name, base in (("bf16", "bfloat16"), ("nf4", "nf4"))}
+    wall = {name: [] for name in cases}
+    cpu = {name: [] for name in cases}
+    for rep in range(reps + 1):  # the first round warms up
+        for name, case in cases.items():
+            step, state, params, mb = case
+            t, c = time.perf_counter(), time.process_time()
+            case[1], metrics = step(state, params, mb)
+            float(metrics["loss"])
+            if rep:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+    med = {f"{k}_{name}_s": float(np.median(v[name])) for k, v in (("wall", wall), ("cpu", cpu)) for name in cases}
+    return {**med, "wall_ratio": med["wall_nf4_s"] / med["wall_bf16_s"],
+            "cpu_ratio": med["cpu_nf4_s"] / med["cpu_bf16_s"],
+            "wall_ratio_per_rep": float(np.median(np.divide(wall["nf4"], wall["bf16"]))),
+            "cpu_ratio_per_rep": float(np.median(np.divide(cpu["nf4"], cpu["bf16"]))), "wall": wall, "cpu": cpu}
+
+
+def worker_sft(quant_format: str, data: str, steps: int, batch: int, seq: int) -> dict:
+    """(e): the trainer's own run with configs/default_lora.py; the base bf16, or quantized while loading."""
+    from jaxft import config as config_lib
+    from jaxft.hub import default_model_path
+    from jaxft.train.loop import train
+
+    config = config_lib.load(ROOT / "configs" / "default_lora.py", [
+        f"model={default_model_path()}", f"data.train={data}", f"quant.format={quant_format}",
+        f"train.steps={steps}", f"train.batch_size={batch}", f"train.seq_len={seq}", "train.eval_every=0",
+        f"train.save_every={steps}"])
+    with tempfile.TemporaryDirectory() as workdir:
+        t = time.perf_counter()
+        summary = train(config, workdir)
+        wall = time.perf_counter() - t
+    history = summary["eval_history"]
+    return {"eval_loss_before": history[0][1], "eval_loss_after": history[-1][1], "wall_s": wall,
+            "process_peak_mb": _peak_mb(), "eval_examples": (summary["data"]["eval"] or {}).get("examples")}
+
+
+WORKERS = {"load": worker_load, "step": worker_step, "time": worker_time, "sft": worker_sft}
+
+
+def run_worker(kind: str, **kwargs) -> dict:
+    """Runs one worker in a fresh Python process; its progress output goes to our stderr."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps({"kind": kind, **kwargs})]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("WORKER ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"worker {kind} {kwargs} failed (exit {out.returncode}): {out.stdout[-2000:]}")
+    return json.loads(lines[-1][len("WORKER "):])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (a) storage, in this process.
+
+
+def storage() -> dict:
+    """Bytes and bits per parameter of the linear weights and of the whole base, per storage format."""
+    import jax.numpy as jnp
+
+    from jaxft import quant, tree
+
+    params = _load("float32").params
+    linear = [p for p in tree.flatten(params) if p.startswith("layers/") and p.endswith("/w")]
+    rows = {}
+    for name, fmt, dq in (("bf16", None, None), ("NF4 + DQ", "nf4", True), ("NF4", "nf4", False),
+                          ("int4 g64 + DQ", "int4", True), ("int4 g64", "int4", False)):
+        base = (quant.quantize_params(params, fmt, block_size=64, double_quant=dq) if fmt
+                else tree.map_with_path(lambda p, x: x.astype(jnp.bfloat16), params))
+        flat = tree.flatten(base)
+        linear_bytes = sum(tree.nbytes(flat[p]) for p in linear)
+        n_linear = sum(math.prod(flat[p].shape) for p in linear)
+        rows[name] = {"linear_params": n_linear, "linear_mb": linear_bytes / MB,
+                      "linear_bits": quant.stored_bits(base) if fmt else 8 * linear_bytes / n_linear,
+                      "base_params": tree.count(params), "base_mb": tree.nbytes(base) / MB,
+                      "base_bits": 8 * tree.nbytes(base) / tree.count(params)}
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "instruction" / "alpaca_small.json"))
+    ap.add_argument("--steps", type=int, default=30, help="SFT steps of (e)")
+    ap.add_argument("--batch", type=int, default=8, help="SFT batch of (e)")
+    ap.add_argument("--seq", type=int, default=256, help="SFT sequence length of (e)")
+    ap.add_argument("--step-batch", type=int, default=4, help="batch of the steps of (c) and (d)")
+    ap.add_argument("--step-seq", type=int, default=128, help="sequence length of the steps of (c) and (d)")
+    ap.add_argument("--reps", type=int, default=5, help="timed steps per case in (d)")
+    ap.add_argument("--skip-sft", action="store_true", help="leave out (e), the slowest part")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        print("WORKER " + json.dumps(WORKERS[spec.pop("kind")](**spec)), flush=True)
+        return
+
+    results = {"date": date.today().isoformat(),
+               "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+               "step_batch": args.step_batch, "step_seq": args.step_seq}
+
+    print("(a) storage of the base (linear weights quantized; embeddings and norms bf16)")
+    results["storage"] = rows = storage()
+    print(f"{'':14} {'linear MB':>10} {'bits/param':>11} {'base MB':>9} {'bits/param':>11}")
+    for name, r in rows.items():
+        print(f"{name:14} {r['linear_mb']:10.1f} {r['linear_bits']:11.3f} {r['base_mb']:9.1f} {r['base_bits']:11.3f}")
+    print(f"  ({rows['bf16']['linear_params'] / 1e6:.1f}M linear parameters of {rows['bf16']['base_params'] / 1e6:.1f}M)")
+
+    print("\n(b) peak RSS while loading, MB (fresh process each; 'above': above the RSS with everything imported;"
+          "\n    'weights': until the last leaf is made, before the tokenizer is built)")
+    results["load"] = load = {name: run_worker("load", base=base) for name, base in
+                              (("bf16", "bfloat16"), ("NF4", "nf4"))}
+    print(f"{'':6} {'peak':>6} {'above':>6} {'weights':>8} {'above':>6} {'RSS after':>10} {'params':>7} "
+          f"{'params + largest leaf':>22}")
+    for name, r in load.items():
+        print(f"{name:6} {r['peak_mb']:6.0f} {r['peak_mb'] - r['rss_before_mb']:6.0f} {r['weights_peak_mb']:8.0f} "
+              f"{r['weights_peak_mb'] - r['rss_before_mb']:6.0f} {r['rss_after_mb']:10.0f} {r['params_mb']:7.0f} "
+              f"{r['params_mb'] + r['largest_leaf_mb']:22.0f}")
+    print(f"  largest leaf as assembled: {load['NF4']['largest_leaf']}, {load['NF4']['largest_leaf_mb']:.0f} MB")
+
+    print(f"\n(c) peak RSS of LoRA r=16 training steps, batch {args.step_batch} x {args.step_seq} (fresh process each)")
+    results["step_memory"] = steps = {
+        name: run_worker("step", base=b, compute=c, remat=r, batch=args.step_batch, seq=args.step_seq)
+        for name, (b, c, r) in STEP_CASES.items()}
+    print(f"{'':18} {'step peak':>10} {'process peak':>13} {'params':>8} {'LoRA+Adam':>10} {'XLA temp':>9}")
+    for name, r in steps.items():
+        peak = "n/a" if r["step_peak_mb"] is None else f"{r['step_peak_mb']:.0f}"
+        print(f"{name:18} {peak:>10} {r['process_peak_mb']:13.0f} {r['params_mb']:8.0f} {r['state_mb']:10.1f} "
+              f"{r['xla_temp_mb']:9.0f}")
+
+    print(f"\n(d) step time, batch {args.step_batch} x {args.step_seq}, medians of {args.reps} interleaved steps")
+    results["step_time"] = t = run_worker("time", batch=args.step_batch, seq=args.step_seq, reps=args.reps)
+    print(f"{'':10} {'wall s':>8} {'CPU s':>8}")
+    for name in ("bf16", "nf4"):
+        print(f"{name:10} {t[f'wall_{name}_s']:8.2f} {t[f'cpu_{name}_s']:8.2f}")
+    print(f"{'NF4/bf16':10} {t['wall_ratio']:8.3f} {t['cpu_ratio']:8.3f}   (median of per-step ratios: "
+          f"{t['wall_ratio_per_rep']:.3f} wall, {t['cpu_ratio_per_rep']:.3f} CPU)")
+
+    sft = None
+    if args.skip_sft:
+        print("\n(e) skipped (--skip-sft)")
+    elif not Path(args.data).is_file():
+        print(f"\n(e) SKIPPED: {args.data} is missing (this benchmark reads ../shared/data; pass --data)")
+        results["sft_skipped"] = f"{args.data} missing"
+    else:
+        print(f"\n(e) SFT, {args.steps} steps of {args.batch} x {args.seq}, {Path(args.data).name}")
+        sft = {name: run_worker("sft", quant_format=fmt, data=args.data, steps=args.steps, batch=args.batch,
+                                seq=args.seq) for name, fmt in (("bf16", "none"), ("NF4", "nf4"))}
+        results["sft"] = {"steps": args.steps, "batch": args.batch, "seq": args.seq, **sft}
+        print(f"{'':6} {'eval loss before':>17} {'after':>8} {'wall s':>8} {'process peak MB':>16}")
+        for name, r in sft.items():
+            print(f"{name:6} {r['eval_loss_before']:17.4f} {r['eval_loss_after']:8.4f} {r['wall_s']:8.0f} "
+                  f"{r['process_peak_mb']:16.0f}")
+        rel = sft["NF4"]["eval_loss_after"] / sft["bf16"]["eval_loss_after"] - 1
+        results["sft"]["eval_loss_rel_diff"] = rel
+        print(f"  NF4 vs bf16 eval loss after: {100 * rel:+.2f}%")
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "qlora.json").write_text(json.dumps(results, indent=1))
+    figures = {
+        "nf4_dq_bits": rows["NF4 + DQ"]["linear_bits"], "nf4_bits": rows["NF4"]["linear_bits"],
+        "int4_g64_bits": rows["int4 g64"]["linear_bits"], "bf16_base_mb": rows["bf16"]["base_mb"],
+        "nf4_dq_base_mb": rows["NF4 + DQ"]["base_mb"],
+        "load_peak_mb_bf16": load["bf16"]["peak_mb"], "load_peak_mb_nf4": load["NF4"]["peak_mb"],
+        **{f"step_peak_mb_{k}": steps[n]["step_peak_mb"] for k, n in (
+            ("fp32", "fp32 LoRA"), ("bf16", "bf16 LoRA"), ("nf4", "NF4 QLoRA"), ("nf4_remat", "NF4 QLoRA, remat"))},
+        "step_time_ratio_wall": t["wall_ratio"], "step_time_ratio_cpu": t["cpu_ratio"]}
+    if sft:
+        figures.update(eval_loss_bf16=sft["bf16"]["eval_loss_after"], eval_loss_nf4=sft["NF4"]["eval_loss_after"],
+                       eval_loss_rel_diff=results["sft"]["eval_loss_rel_diff"])
+    print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The device mesh (data, fsdp, tensor) from the config, and joining the processes of a multi-host run.
+
+  data    replicas: the batch is split, parameters are copied (cheap when they are small, e.g. LoRA on a
+          model that fits one device)
+  fsdp    fully sharded data parallel: the batch is split and so are parameters and optimizer state, each
+          device gathering one layer's weights when it needs them
+  tensor  tensor parallel: heads, MLP width and vocabulary are split within a layer (fast interconnect only)
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import math
+import os
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+from jaxft.parallel.rules import MESH_AXES, Layout, ShardingError, rules_from_config
+
+log = logging.getLogger("jaxft.parallel")
+
+
+def make_mesh(shape: dict | tuple, devices=None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor) of the given sizes over `devices` (default: all of JAX's).
+
+    shape: {"data": d, "fsdp": f, "tensor": t} or (d, f, t); one size may be -1 for the devices left over.
+    The device order is JAX's (`jax.make_mesh`: on TPU it follows the physical torus; across hosts,
+    process by process, so that the leading axes span hosts and `tensor` stays within one).
+    Raises ShardingError when the sizes do not multiply to the number of devices.
+    """
+    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    devices = list(jax.devices() if devices is None else devices)
+    if len(sizes) != len(MESH_AXES) or any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes):
+        raise ShardingError(f"mesh: sizes {tuple(sizes)} for axes {MESH_AXES} must be positive integers or -1")
+    if sizes.count(-1) > 1:
+        raise ShardingError(f"mesh: at most one axis may be -1, got data={sizes[0]} fsdp={sizes[1]} "
+                            f"tensor={sizes[2]}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ShardingError(f"mesh: {len(devices)} devices cannot be split into data={sizes[0]} "
+                                f"fsdp={sizes[1]} tensor={sizes[2]} (the fixed axes take {known})")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ShardingError(f"mesh: data={sizes[0]} * fsdp={sizes[1]} * tensor={sizes[2]} = {math.prod(sizes)} "
+                            f"devices, but there are {len(devices)} (use -1 for one axis to take the rest)")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def from_config(config, devices=None) -> Layout:
+    """The Layout of `config.mesh` and `config.rules` (see configs/default_lora.py)."""
+    mesh = make_mesh({a: config.mesh[a] for a in MESH_AXES}, devices)
+    return Layout(mesh, rules_from_config(config.rules))
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Joins this process to a multi-process run (`jax.distributed.initialize`); call before any other JAX use.
+
+    Explicit: all three of `coordinator` ("host:port" of process 0), `num_processes` and `process_id`.
+    Automatic: with none of them, on a Cloud TPU VM (JAX reads the workers from the VM's metadata) and in a
+    SLURM job step of several tasks (from SLURM's variables). Otherwise (one host) does nothing.
+    Returns whether the process joined a distributed run. CPU processes talk through gloo.
+    """
+    given = [x is not None for x in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ShardingError("multi-process: pass all of --coordinator, --num-processes and --process-id "
+                            f"(got coordinator={coordinator}, num_processes={num_processes}, process_id={process_id})")
+    if all(given):
+        if not 0 <= process_id < num_processes:
+            raise ShardingError(f"multi-process: --process-id {process_id} not in [0, {num_processes})")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif _on_tpu_vm() or _in_slurm_step():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+    else:
+        return False
+    log.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+    return True
+
+
+def _on_tpu_vm() -> bool:
+    # libtpu installed and TPU chips attached: the test JAX itself makes before reading the VM's metadata.
+    return importlib.util.find_spec("libtpu") is not None and bool(glob.glob("/dev/accel*") or
+                                                                    glob.glob("/dev/vfio/[0-9]*"))
+
+
+def _in_slurm_step() -> bool:
+    names = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    return all(n in os.environ for n in names) and int(os.environ["SLURM_NTASKS"]) > 1

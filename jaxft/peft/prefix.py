@@ -1,0 +1,87 @@
+"""Prefix tuning (Li & Liang 2021) as HF PEFT computes it for decoder-only models.
+
+Every layer's attention gets P learned keys and values per key/value head, `layers/attn/prefix_k` and
+`prefix_v` (L, P, K*H): one per KV head under grouped-query attention, as PEFT provisions them. Every query of
+the text sees them; they carry no position (they are not rotated) and stay outside the KV cache, so a cache of
+the text alone serves generation. As in PEFT, where the prefix is a past KV cache of P entries, the text's
+positions start at P (`MethodSpec.virtual_tokens`).
+
+With a reparameterization (PEFT's `prefix_projection`) the trainable tree holds instead
+
+  prefix/embedding (P, K*H) -> mlp/in (K*H, E) + b -> tanh -> mlp/out (E, L*2*K*H) + b
+
+whose output, read in PEFT's layout (P, L, 2, K*H) (layer l's key, then its value), gives the prefixes.
+`project` computes them; the saved adapter holds them and not the MLP, which only eases optimization.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.models import llama
+from jaxft.models.config import LlamaConfig
+from jaxft.peft.method import PeftError
+from jaxft.tree import overlay
+
+INITS = ("vocab", "random")
+
+
+def init(key, cfg: LlamaConfig, base: dict, length: int, projection: int = 0, how: str = "vocab") -> dict:
+    """The trainable tree of a prefix of `length` virtual tokens (checked by the caller against the context).
+
+    how (without projection): 'vocab' starts from the keys and values the model itself computes for `length`
+    sampled vocabulary tokens (real activations, Li & Liang's advice); 'random' from N(0, 1), PEFT's default.
+    projection: the MLP's hidden width E, 0 for none; its embedding is N(0, 1) and its linear maps have
+    PyTorch's default initialization, as in PEFT.
+    """
+    if how not in INITS:
+        raise PeftError(f"prefix.init: {how!r} is not one of {', '.join(INITS)}")
+    if projection < 0:
+        raise PeftError(f"prefix.projection must be >= 0 (0: no reparameterization), got {projection}")
+    kv, n_layers = cfg.n_kv_heads * cfg.head_dim, cfg.n_layers
+    k_emb, k_in, k_out, k_ids = jax.random.split(key, 4)
+    if projection:
+        return {"prefix": {"embedding": jax.random.normal(k_emb, (length, kv), jnp.float32),
+                           "mlp": {"in": _torch_linear(k_in, kv, projection),
+                                   "out": _torch_linear(k_out, projection, n_layers * 2 * kv)}}}
+    if how == "random":
+        k, v = jax.random.normal(k_emb, (2, n_layers, length, kv), jnp.float32)
+    else:
+        ids = jax.random.randint(k_ids, (1, length), 0, cfg.vocab_size)
+        _, cache = llama.forward(cfg, base, ids, cache=llama.init_cache(cfg, 1, length))
+        k, v = (cache[n].reshape(n_layers, length, kv).astype(jnp.float32) for n in ("k", "v"))
+    return {"layers": {"attn": {"prefix_k": k, "prefix_v": v}}}
+
+
+def project(trainable: dict) -> dict:
+    """The trainable tree with `prefix/...` (embedding and MLP) replaced by the prefixes it computes."""
+    p = trainable["prefix"]
+    e = p["embedding"]
+    h = jnp.tanh(e @ p["mlp"]["in"]["w"] + p["mlp"]["in"]["b"])
+    out = h @ p["mlp"]["out"]["w"] + p["mlp"]["out"]["b"]  # (P, L*2*K*H)
+    n, kv = e.shape
+    out = out.reshape(n, -1, 2, kv).transpose(1, 2, 0, 3)  # (L, 2, P, K*H)
+    rest = {name: sub for name, sub in trainable.items() if name != "prefix"}
+    return overlay(rest, {"layers": {"attn": {"prefix_k": out[:, 0], "prefix_v": out[:, 1]}}})
+
+
+def extend(attn: dict, k, v, mask, q_seg):
+    """One layer's keys / values (B, S, K, H) and mask (B, T, S) with the P prefix entries put first: every
+    query of an example sees them (padding, segment 0, does not)."""
+    b, _, n_kv, head_dim = k.shape
+    n = attn["prefix_k"].shape[0]
+    pk, pv = (jnp.broadcast_to(attn[name].reshape(n, n_kv, head_dim).astype(k.dtype), (b, n, n_kv, head_dim))
+              for name in ("prefix_k", "prefix_v"))
+    seen = jnp.broadcast_to((q_seg != 0)[:, :, None], (b, q_seg.shape[1], n))
+    return jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), jnp.concatenate([seen, mask], -1)
+
+
+def _torch_linear(key, d_in: int, d_out: int) -> dict:
+    """torch.nn.Linear's default initialization: weight and bias uniform in +-1/sqrt(d_in); w is (in, out)."""
+    bound = 1.0 / math.sqrt(d_in)
+    kw, kb = jax.random.split(key)
+    return {"w": jax.random.uniform(kw, (d_in, d_out), jnp.float32, -bound, bound),
+            "b": jax.random.uniform(kb, (d_out,), jnp.float32, -bound, bound)}

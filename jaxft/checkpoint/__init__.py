@@ -15,15 +15,14 @@ import jax.numpy as jnp
 from jaxft.checkpoint import gguf, hf
 from jaxft.checkpoint.assemble import LeafFn, LoadError
 from jaxft.checkpoint.hf import save_hf
-from jaxft.models.config import LlamaConfig
 
 __all__ = ["LoadError", "Loaded", "load", "save_hf"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
-    cfg: LlamaConfig
-    params: dict  # the frozen base, in the layout of `jaxft.models.llama`
+    cfg: Any  # the family's Config (see `jaxft.models.family`)
+    params: dict  # the frozen base, in the layout of its family module
     tokenizer: Any  # a transformers tokenizer, or None where the checkpoint carries none
     path: Path  # the directory or .gguf file read
     source: str  # "hf" or "gguf"

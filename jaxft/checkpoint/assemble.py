@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.checkpoint.mapping import TABLES, Entry
-from jaxft.models import llama
-from jaxft.models.config import LlamaConfig
+from jaxft.checkpoint.mapping import Entry
+from jaxft.models import family_of
 from jaxft.quant import as_dense
 from jaxft.tree import items, unflatten
 
@@ -31,13 +30,13 @@ class LoadError(ValueError):
     """A checkpoint jaxft cannot load. The one-line message names the file and the tensors or field."""
 
 
-def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """jaxft path -> shape of every leaf the model has under `cfg`; nothing is allocated."""
-    tree = jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), cfg))
+    tree = jax.eval_shape(lambda: family_of(cfg).init(jax.random.PRNGKey(0), cfg))
     return {path: tuple(x.shape) for path, x in items(tree)}
 
 
-def hf_names(cfg: LlamaConfig) -> dict[str, tuple[Entry, int | None, tuple[int, ...]]]:
+def hf_names(cfg) -> dict[str, tuple[Entry, int | None, tuple[int, ...]]]:
     """HF tensor name -> (table entry, layer or None, HF shape) for every tensor a checkpoint of `cfg` holds.
 
     Ordered entry by entry and, within an entry, layer by layer, so that consecutive names share a jaxft leaf.
@@ -45,22 +44,23 @@ def hf_names(cfg: LlamaConfig) -> dict[str, tuple[Entry, int | None, tuple[int, 
     """
     shapes = expected_shapes(cfg)
     names = {}
-    for entry in TABLES[cfg.model_type]:
+    for entry in family_of(cfg).TABLE:
         if entry.path not in shapes:
             continue
         shape = shapes[entry.path]
+        n_layers = shape[0]  # a stacked leaf: (L, ...); families with two stacks (T5) may differ in L
         if "{i}" in entry.hf:
             shape = shape[1:]
         if entry.transpose:
             shape = shape[::-1]
         if "{i}" in entry.hf:
-            names.update({entry.hf.format(i=i): (entry, i, shape) for i in range(cfg.n_layers)})
+            names.update({entry.hf.format(i=i): (entry, i, shape) for i in range(n_layers)})
         else:
             names[entry.hf] = (entry, None, shape)
     return names
 
 
-def assemble(cfg: LlamaConfig, present: Mapping[str, str], read: Callable[[str], np.ndarray], *, file: str,
+def assemble(cfg, present: Mapping[str, str], read: Callable[[str], np.ndarray], *, file: str,
              dtype=jnp.float32, leaf_fn: LeafFn | None = None,
              label: Callable[[str], str] | None = None) -> dict:
     """The parameter tree of `cfg` from the tensors of one checkpoint.
@@ -85,6 +85,7 @@ def assemble(cfg: LlamaConfig, present: Mapping[str, str], read: Callable[[str],
         raise LoadError(f"{file}: {'; '.join(parts)} (for a {cfg.model_type} model with {cfg.n_layers} layers, "
                         f"tie_embeddings={cfg.tie_embeddings})")
 
+    n_stacked = {path: shape[0] for path, shape in expected_shapes(cfg).items()}
     flat, stack, stack_path = {}, None, None
     for name, (entry, layer, shape) in wanted.items():
         x = read(present[name])
@@ -96,17 +97,17 @@ def assemble(cfg: LlamaConfig, present: Mapping[str, str], read: Callable[[str],
             flat[entry.path] = leaf_fn(entry.path, x)
             continue
         if stack_path != entry.path:
-            stack, stack_path = np.empty((cfg.n_layers, *x.shape), x.dtype), entry.path
+            stack, stack_path = np.empty((n_stacked[entry.path], *x.shape), x.dtype), entry.path
         elif x.dtype != stack.dtype:  # layers stored in different precisions: keep the wider one
             stack = stack.astype(np.promote_types(stack.dtype, x.dtype))
         stack[layer] = x
-        if layer == cfg.n_layers - 1:
+        if layer == n_stacked[entry.path] - 1:
             flat[entry.path] = leaf_fn(entry.path, stack)
             stack, stack_path = None, None
     return unflatten(flat)
 
 
-def hf_tensors(cfg: LlamaConfig, flat: Mapping[str, Any], dtype):
+def hf_tensors(cfg, flat: Mapping[str, Any], dtype):
     """The inverse of `assemble`: yields (HF name, host array in HF layout) one tensor at a time.
 
     flat: jaxft path -> leaf (dense or quantized: quantized leaves are dequantized to `dtype` once per leaf).
@@ -146,6 +147,6 @@ def summarize(names: list[str]) -> str:
     return ", ".join(out)
 
 
-def _ignored(cfg: LlamaConfig, name: str) -> bool:
+def _ignored(cfg, name: str) -> bool:
     # Some tied checkpoints also store the head, as a copy of the embedding that the model never reads.
     return bool(_IGNORED.fullmatch(name)) or (cfg.tie_embeddings and name == "lm_head.weight")

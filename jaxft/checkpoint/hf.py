@@ -22,7 +22,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxft.checkpoint.assemble import LeafFn, LoadError, assemble, hf_names, hf_tensors
-from jaxft.models.config import ConfigError, LlamaConfig
+from jaxft.models import config_from_hf
+from jaxft.models.config import ConfigError
 from jaxft.tree import flatten
 
 INDEX = "model.safetensors.index.json"
@@ -32,20 +33,20 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def read_config(path: Path) -> LlamaConfig:
+def read_config(path: Path):
     """The model config of the directory `path`, from its config.json."""
     file = path / "config.json"
     if not file.is_file():
         raise LoadError(f"{file}: not found (a Hugging Face model directory has a config.json)")
     try:
-        return LlamaConfig.from_hf(json.loads(file.read_text()), source=str(file))
+        return config_from_hf(json.loads(file.read_text()), source=str(file))
     except ConfigError as e:
         raise LoadError(str(e)) from None
     except (ValueError, KeyError, TypeError) as e:  # not JSON, or a field of the wrong form
         raise LoadError(f"{file}: {type(e).__name__}: {e}") from None
 
 
-def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tuple[LlamaConfig, dict, object]:
+def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tuple[object, dict, object]:
     """(config, params, tokenizer or None) of the Hugging Face model directory `path`; see `assemble` for
     `leaf_fn`."""
     cfg = read_config(path)
@@ -77,7 +78,7 @@ def tokenizer(path: Path):
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def save_hf(cfg: LlamaConfig, params: dict, out_dir, *, dtype=jnp.bfloat16, max_shard_bytes: int = 5 * 2**30,
+def save_hf(cfg, params: dict, out_dir, *, dtype=jnp.bfloat16, max_shard_bytes: int = 5 * 2**30,
             tokenizer=None, overwrite: bool = False) -> Path:
     """Writes `params` as a Hugging Face model directory that `AutoModelForCausalLM.from_pretrained` loads.
 
@@ -106,7 +107,7 @@ def save_hf(cfg: LlamaConfig, params: dict, out_dir, *, dtype=jnp.bfloat16, max_
     return out_dir
 
 
-def _write_tensors(cfg: LlamaConfig, flat: dict, out: Path, dtype, max_shard_bytes: int) -> None:
+def _write_tensors(cfg, flat: dict, out: Path, dtype, max_shard_bytes: int) -> None:
     # Shards are planned from shapes alone, so that each is materialized only while it is written.
     sizes = {name: math.prod(shape) * dtype.itemsize for name, (_, _, shape) in hf_names(cfg).items()}
     shards, current, used = [], [], 0

@@ -23,6 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxft.checkpoint.mapping import LLAMA as TABLE
 from jaxft.models.config import LlamaConfig
 from jaxft.models.layers import apply_rope, attend, attention_mask, dense, rms_norm, rope_frequencies
 from jaxft.parallel.rules import constrain
@@ -45,6 +46,12 @@ PARAM_AXES = (
     (r"final_norm/scale", (None,)),
     (r"lm_head/w", ("embed", "vocab")),
 )
+
+Config = LlamaConfig
+KIND = "decoder"
+# PEFT's default LoRA targets for the LLaMA family (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+LORA_TARGETS = r"layers/attn/(q_proj|v_proj)/w"
+
 
 def init(key, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
     """Random parameters (normal, std 0.02; norms at one), in the layout of the module docstring."""

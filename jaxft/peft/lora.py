@@ -18,9 +18,6 @@ import jax.numpy as jnp
 from jaxft import tree
 from jaxft.quant import as_dense
 
-# PEFT's default targets for the LLaMA family (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = {"llama": r"layers/attn/(q_proj|v_proj)/w", "mistral": r"layers/attn/(q_proj|v_proj)/w",
-                   "qwen2": r"layers/attn/(q_proj|v_proj)/w"}
 ALL_LINEAR = r"layers/.*/w"  # every linear weight of the blocks; the output head stays frozen, as in PEFT
 
 
@@ -44,7 +41,9 @@ class LoraSpec:
 
 def target_paths(base: dict, targets: str, model_type: str = "llama") -> list[str]:
     """Paths of the base weights that LoRA adapts: `targets` is a regex over paths, 'default' or 'all-linear'."""
-    pattern = {"default": DEFAULT_TARGETS.get(model_type, ALL_LINEAR), "all-linear": ALL_LINEAR}.get(targets, targets)
+    from jaxft.models import family  # each family names PEFT's default targets for it
+
+    pattern = {"default": family(model_type).LORA_TARGETS, "all-linear": ALL_LINEAR}.get(targets, targets)
     try:
         paths = [p for p in tree.select(base, pattern) if p.endswith("/w") and len(_shape(tree.flatten(base)[p])) == 3]
     except re.error as e:

@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxft.checkpoint.assemble import LeafFn, LoadError, assemble, hf_names, hf_tensors
-from jaxft.models import config_from_hf
+from jaxft.models import config_from_hf, family_of
 from jaxft.models.config import ConfigError
 from jaxft.tree import flatten
 
@@ -64,7 +64,11 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
     else:
         raise LoadError(f"{path}: no {SINGLE} or {INDEX} (only safetensors weights are read)")
     where = str(path / SINGLE) if len(files) == 1 else str(path)
-    params = assemble(cfg, {name: name for name in weight_map}, lambda name: files[weight_map[name]].read(name),
+    present = {name: name for name in weight_map}
+    names = getattr(family_of(cfg), "checkpoint_names", None)  # families whose tensors complete the config
+    if names is not None:
+        cfg, present = names(cfg, list(weight_map))
+    params = assemble(cfg, present, lambda name: files[weight_map[name]].read(name),
                       file=where, dtype=dtype, leaf_fn=leaf_fn)
     return cfg, params, tokenizer(path)
 

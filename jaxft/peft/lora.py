@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jaxft import tree
 from jaxft.quant import as_dense
 
-ALL_LINEAR = r"layers/.*/w"  # every linear weight of the blocks; the output head stays frozen, as in PEFT
+ALL_LINEAR = r"((encoder|decoder)/)?layers/.*/w"  # every linear weight of the blocks (of both T5 stacks); the
+#                                                   output head stays frozen, as in PEFT
 
 
 class LoraError(ValueError):

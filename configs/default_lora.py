@@ -9,6 +9,8 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.task = "causal_lm"  # causal_lm (this file's SFT / text), classification, token_classification, embedding,
+    #                       mlm or seq2seq: what is trained and measured (jaxft.tasks)
     c.model = "default"  # HF model directory, .gguf file, or 'default' (SmolLM2-135M-Instruct from PyPI)
     c.seed = 0  # seeds LoRA init, dropout and data order
     c.dtype = "bfloat16"  # compute dtype of the forward/backward pass (trainable params stay float32)
@@ -56,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "lora"  # lora, adapter, prefix, prompt, ia3, full, partial or features; settings below
+    c.peft.init_from = ""  # start from this adapter (PEFT dir, jaxft adapter or workdir), not a fresh init; "": none
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 16  # r

@@ -5,6 +5,9 @@ A source is a training workdir (its config.json names the base, its adapter/ hol
 adapter directory (adapter.json) or a PEFT adapter directory (adapter_config.json). Every adapter is checked
 against the base it is put on: a tree made for another architecture or size is refused with the first leaf
 that does not fit, not run. (An adapter for a different model of the same shape cannot be told apart.)
+
+What exports: in PEFT's format, the methods PEFT shares (LoRA / rsLoRA / DoRA, IA3, prefix tuning, prompt
+tuning); merged, the methods whose effect base weights can hold (LoRA, IA3, full, partial).
 """
 
 from __future__ import annotations
@@ -15,13 +18,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxft import checkpoint, tree
+from jaxft import checkpoint, peft, tree
 from jaxft.checkpoint.assemble import LeafFn, LoadError
 from jaxft.models.config import LlamaConfig
-from jaxft.peft import hf_format
-from jaxft.peft import io as adapter_io
-from jaxft.peft.hf_format import AdapterError
-from jaxft.peft.lora import LoraSpec, merge
+from jaxft.peft import hf_format, sources
+from jaxft.peft.lora import LoraSpec
+from jaxft.peft.method import AdapterError, MethodSpec, PeftError
 
 __all__ = ["AdapterError", "export_merged", "export_peft", "load_adapter"]
 
@@ -30,85 +32,70 @@ __all__ = ["AdapterError", "export_merged", "export_peft", "load_adapter"]
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def load_adapter(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec]:
-    """(trainable tree, LoraSpec) of the adapter at `path`, checked against a base model of `cfg`.
+def load_adapter(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
+    """(trainable tree, spec) of the adapter at `path`, checked against a base model of `cfg`.
 
-    path: a PEFT adapter directory, a jaxft adapter directory or a training workdir. The tree is float32:
-    `<module>/lora_a` (L, in, R), `lora_b` (L, R, out), `magnitude` (L, out) for DoRA, ready for
-    `llama.forward(cfg, base, tokens, trainable=tree, lora=spec)`, `generate` or further training.
+    path: a PEFT adapter directory, a jaxft adapter directory or a training workdir. spec: a LoraSpec for LoRA
+    (`<module>/lora_a` (L, in, R), `lora_b` (L, R, out), `magnitude` (L, out) for DoRA), the MethodSpec of any
+    other method (the layouts of `jaxft.peft.method`; a FeatureSpec for a features head). The tree is float32,
+    ready for `llama.forward(cfg, base, tokens, trainable=tree, peft=spec)`, `generate` or further training.
     Raises AdapterError naming the file and what does not fit.
     """
-    path = Path(path)
-    if hf_format.is_peft_dir(path):
-        trainable, spec = hf_format.load(path, cfg)
-        source = path / hf_format.WEIGHTS
-    elif (path / "adapter.json").is_file():
-        trainable, spec, meta = adapter_io.load(path)
-        if meta.get("method", "lora") != "lora":
-            raise AdapterError(f"{path / 'adapter.json'}: a {meta['method']} adapter; only LoRA adapters are "
-                               f"exported and stacked so far")
-        source = path / "adapter.safetensors"
-    elif (path / "adapter").is_dir():
-        return load_adapter(path / "adapter", cfg)
-    elif (path / "checkpoints").is_dir():
-        raise AdapterError(f"{path}: the run has no adapter/ yet (it has not finished: resume it with "
-                           f"`jaxft train --resume`)")
-    elif path.exists():
-        raise AdapterError(f"{path}: not an adapter (no adapter_config.json or adapter.json) or a training workdir")
-    else:
-        raise AdapterError(f"{path}: no such directory")
-    hf_format.check_tree(trainable, spec, cfg, str(source))
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable), spec
+    return sources.load(path, cfg)
 
 
 def export_peft(source, out, *, model=None, base_model_name: str | None = None, overwrite: bool = False) -> Path:
     """Writes the adapter of `source` (a workdir or adapter directory) as a PEFT adapter directory `out`,
-    with the base model's tokenizer beside it.
+    with the base model's tokenizer beside it: LoRA (rsLoRA, DoRA), IA3, prefix and prompt tuning.
 
     model: the base (default: the one the workdir or adapter records); only its config and tokenizer are read.
     base_model_name: `base_model_name_or_path` for PEFT (default: the base's absolute path, or the Hub name
-    of jaxft's default model).
+    of jaxft's default model). Raises AdapterError for a method PEFT does not have, saying what to do instead.
     """
     hf_format.check_writable(Path(out), overwrite)
-    model, init = _base_of(source, model)
+    model, run = _base_of(source, model)
     cfg, tokenizer, path = _describe(model)
     trainable, spec = load_adapter(source, cfg)
+    hf_format.check_exportable(spec)
     name = base_model_name or (DEFAULT_MODEL_NAME if str(model) == "default" else str(path.resolve()))
-    return hf_format.save(out, trainable, spec, cfg, base_model=name, tokenizer=tokenizer,
-                          init_lora_weights="gaussian" if init == "gaussian" else True, overwrite=overwrite)
+    return hf_format.save(out, trainable, spec, cfg, base_model=name, tokenizer=tokenizer, run=run,
+                          overwrite=overwrite)
 
 
 def export_merged(source, out, *, model=None, dtype=jnp.bfloat16, max_shard_bytes: int = 5 * 2**30,
                   leaf_fn: LeafFn | None = None, overwrite: bool = False) -> Path:
-    """Writes base + adapter merged (`jaxft.peft.lora.merge`) as a Hugging Face model directory `out` that
-    `transformers.AutoModelForCausalLM.from_pretrained` loads: config, tokenizer, safetensors (sharded with an
-    index past `max_shard_bytes`) of `dtype`.
+    """Writes base + adapter merged (`jaxft.peft.merge`: LoRA, IA3, full, partial) as a Hugging Face model
+    directory `out` that `transformers.AutoModelForCausalLM.from_pretrained` loads: config, tokenizer,
+    safetensors (sharded with an index past `max_shard_bytes`) of `dtype`.
 
     model: the base (default: the one the workdir or adapter records). leaf_fn: how to load it, as training did
     (e.g. `jaxft.quant.leaf_fn("nf4")` for QLoRA): a quantized base is merged onto its dequantized weights, the
     ones the adapter was trained with. The base is read in `dtype` (unless `leaf_fn` says otherwise); the merge
-    itself is computed in float32.
+    itself is computed in float32. Raises AdapterError for a method that no base weights can express.
     """
     hf_format.check_writable(Path(out), overwrite)
     model, _ = _base_of(source, model)
     base = checkpoint.load(model, dtype=dtype, leaf_fn=leaf_fn)
     trainable, spec = load_adapter(source, base.cfg)
-    # Only the adapted weights go through the merge, jitted (one program rather than op by op, dequantization
-    # included); the other leaves are passed on as they are, not copied.
-    flat = tree.flatten(base.params)
-    modules = {p.rsplit("/", 1)[0] for p, _ in tree.items(trainable)}
-    adapted = tree.unflatten({f"{m}/w": flat[f"{m}/w"] for m in modules})
-    merged = jax.jit(merge, static_argnums=(2, 3))(adapted, trainable, spec, jnp.dtype(dtype))
+    # Only the weights the adapter changes go through the merge, jitted (one program rather than op by op,
+    # dequantization included); the other leaves are passed on as they are, not copied.
+    flat, changed = tree.flatten(base.params), tree.flatten(trainable)
+    modules = {p.rsplit("/", 1)[0] for p in changed}
+    needed = tree.unflatten({p: x for p, x in flat.items() if p in changed or p.rsplit("/", 1)[0] in modules})
+    try:
+        merged = jax.jit(peft.merge, static_argnums=(2, 3))(needed, trainable, spec, jnp.dtype(dtype))
+    except PeftError as e:  # a method that no base weights can express, and why
+        raise AdapterError(f"{source}: {e}") from None
     merged = tree.unflatten({**flat, **tree.flatten(merged)})
     return checkpoint.save_hf(base.cfg, merged, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
                               tokenizer=base.tokenizer, overwrite=overwrite)
 
 
-def _base_of(source, model) -> tuple[str, str]:
-    """(base model, LoRA init of the run) for `source`: the model given, else the one its workdir config, jaxft
-    adapter metadata or PEFT config records (the latter only where it is a local path)."""
+def _base_of(source, model) -> tuple[str, dict]:
+    """(base model, training config) for `source`: the model given, else the one its workdir config, jaxft
+    adapter metadata or PEFT config records (the latter only where it is a local path); the config (the
+    workdir's config.json, {} for an adapter directory) supplies the settings PEFT records (`hf_format.save`)."""
     source = Path(source)
-    init = "kaiming"
     run_config = source / "config.json"
     if run_config.is_file() and ((source / "adapter").is_dir() or (source / "checkpoints").is_dir()):
         try:
@@ -117,18 +104,17 @@ def _base_of(source, model) -> tuple[str, str]:
             raise AdapterError(f"{run_config}: not valid JSON ({e})") from None
         if "model" not in run:
             raise AdapterError(f"{run_config}: names no model")
-        init = run.get("lora", {}).get("init", init)  # configs from before LoRA init choices have none
-        return model or run["model"], init
+        return model or run["model"], run
     if model is not None:
-        return model, init
+        return model, {}
     if (source / "adapter.json").is_file():
-        return json.loads((source / "adapter.json").read_text())["model"], init
+        return json.loads((source / "adapter.json").read_text())["model"], {}
     if hf_format.is_peft_dir(source):
         recorded = hf_format.read_config(source).get("base_model_name_or_path")
         if recorded == DEFAULT_MODEL_NAME:
-            return "default", init
+            return "default", {}
         if recorded and Path(recorded).expanduser().exists():
-            return recorded, init
+            return recorded, {}
         raise AdapterError(f"{source}: its base {recorded!r} is not a local model; name the base model "
                            f"(--model PATH)")
     raise AdapterError(f"{source}: not a training workdir (config.json and adapter/), a jaxft adapter directory "

@@ -28,6 +28,7 @@ import numpy as np
 from jaxft import tree
 from jaxft.models.config import LlamaConfig
 from jaxft.peft.lora import LoraSpec
+from jaxft.peft.method import AdapterError, method_of
 from jaxft.quant import as_dense
 
 
@@ -95,8 +96,16 @@ def _dora_scale(w, a, b, magnitude, scaling):
 
 
 def load(base: dict, cfg: LlamaConfig, paths: Mapping[str, str]) -> MultiLora:
-    """Loads named adapters (PEFT or jaxft directories, or workdirs; see `jaxft.export.load_adapter`) onto
-    the base `base` of config `cfg` and stacks them."""
+    """Loads named LoRA adapters (PEFT or jaxft directories, or workdirs; see `jaxft.export.load_adapter`) onto
+    the base `base` of config `cfg` and stacks them. Adapters of other methods are used one per call
+    (`generate(..., trainable=, peft=)`): loading one here is an AdapterError naming it."""
     from jaxft.export import load_adapter
 
-    return stack(base, {name: load_adapter(path, cfg) for name, path in paths.items()})
+    adapters = {}
+    for name, path in paths.items():
+        trainable, spec = load_adapter(path, cfg)
+        if not isinstance(spec, LoraSpec):
+            raise AdapterError(f"{path}: adapter {name!r} is a {method_of(spec)} adapter; only LoRA adapters are "
+                               f"stacked and chosen per row (pass the others to generate one call at a time)")
+        adapters[name] = (trainable, spec)
+    return stack(base, adapters)

@@ -237,7 +237,7 @@ def _edited_copy(peft_dir, tmp_path, config=None, tensors=None):
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
+    ({"peft_type": "LOHA"}, "peft_type 'LOHA' is not supported"),
     ({"bias": "all"}, "bias='all'"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out=true is not supported"),
     ({"layers_to_transform": [0]}, "layers_to_transform=[0] is not supported"),

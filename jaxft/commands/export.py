@@ -15,10 +15,14 @@ stdout, progress to stderr.
 
   --peft OUT    a PEFT adapter directory (adapter_config.json, adapter_model.safetensors, the tokenizer):
                 peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT) loads it.
+                For the methods PEFT shares: lora (rsLoRA, DoRA), ia3, prefix, prompt.
   --merged OUT  the base model with the adapter merged into its weights: a plain transformers model
                 directory (config.json, safetensors, sharded past --max-shard-gb, the tokenizer) that
-                AutoModelForCausalLM.from_pretrained(OUT) loads. A quantized base is merged onto its
-                dequantized weights.
+                AutoModelForCausalLM.from_pretrained(OUT) loads. For lora, ia3, full and partial; a quantized
+                base is merged onto its dequantized weights.
+
+Bottleneck adapters (adapter) and features heads have neither form: use them with jaxft
+(jaxft generate --adapter, jaxft.peft.features.classify).
 
 The base is the `model` of WORKDIR/config.json, or --model. OUT is written under a temporary name and renamed
 into place; an existing non-empty OUT is an error unless --overwrite.

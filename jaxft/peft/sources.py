@@ -1,0 +1,104 @@
+"""Adapters by path, checked against the base they go on; and `peft.init_from`, training that starts from one.
+
+A path is a Hugging Face PEFT directory (adapter_config.json), a jaxft adapter directory (adapter.json) or a
+training workdir (its adapter/). `jaxft generate --adapter`, `jaxft export`, `jaxft.multi` and
+`peft.init_from` all read adapters through `load`, which refuses one made for another base (`jaxft.peft.shapes`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxft import tree
+from jaxft.peft import hf_format, shapes
+from jaxft.peft import io as adapter_io
+from jaxft.peft.features import FeatureSpec
+from jaxft.peft.lora import LoraSpec
+from jaxft.peft.method import AdapterError, MethodSpec, PeftError, method_of
+
+
+def load(path, cfg) -> tuple[dict, LoraSpec | MethodSpec | FeatureSpec]:
+    """(trainable tree, spec) of the adapter at `path`, checked against a base model of `cfg`.
+
+    spec: a LoraSpec for LoRA, a FeatureSpec for a features head, the MethodSpec of any other method; the tree
+    (float32, the layouts of `jaxft.peft.method`) goes to `llama.forward(cfg, base, tokens, trainable=tree,
+    peft=spec)`, `generate` or further training. Raises AdapterError naming the file and what does not fit.
+    """
+    path = Path(path)
+    if hf_format.is_peft_dir(path):
+        trainable, spec = hf_format.load(path, cfg)
+    elif (path / "adapter.json").is_file():
+        trainable, spec, _ = adapter_io.load(path)
+        shapes.check(trainable, spec, cfg, str(path / "adapter.safetensors"))
+    elif (path / "adapter").is_dir():
+        return load(path / "adapter", cfg)
+    elif (path / "checkpoints").is_dir():
+        raise AdapterError(f"{path}: the run has no adapter/ yet (it has not finished: resume it with "
+                           f"`jaxft train --resume`)")
+    elif path.exists():
+        raise AdapterError(f"{path}: not an adapter (no adapter_config.json or adapter.json) or a training workdir")
+    else:
+        raise AdapterError(f"{path}: no such directory")
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable), spec
+
+
+def init_from(config, cfg, fresh: dict[str, tuple[int, ...]], spec: MethodSpec) -> dict:
+    """The trainable tree of the adapter `config.peft.init_from`, to continue training as `config` says.
+
+    fresh: path -> shape of the tree `jaxft.peft.build` creates for `config`; spec: its MethodSpec. The adapter
+    must be that tree: same method, same shaping settings (rank, alpha, targets, lengths, ...), same leaves and
+    shapes. Raises PeftError naming the config field, its value and the adapter's.
+    """
+    path, method = config.peft.init_from, config.peft.method
+    try:
+        with jax.ensure_compile_time_eval():  # concrete arrays, also while the trainer traces `build` under jit
+            trainable, loaded = load(path, cfg)
+    except (AdapterError, OSError) as e:
+        raise PeftError(f"peft.init_from: {e}") from None
+    where = f"the adapter at {path} (peft.init_from)"
+    if method_of(loaded) != method:
+        raise PeftError(f"peft.method={method!r}, but {where} is a {method_of(loaded)!r} adapter")
+    flat = {p: tuple(x.shape) for p, x in tree.items(trainable)}
+    for field, want, got in _settings(method, config, loaded, flat):
+        if want != got:
+            hint = ("; set prefix.projection=0 to train the prefixes themselves"
+                    if field == "prefix.projection" and not got else "")
+            raise PeftError(f"{field}={want!r}, but {where} has {got!r}{hint}")
+    if set(flat) != set(fresh):
+        field = {"lora": "lora.targets", "ia3": "ia3.targets", "partial": "partial.select"}.get(method)
+        value = f"{field}={config[method][field.split('.')[1]]!r}" if field else f"peft.method={method!r}"
+        if method == "ia3":  # the leaf names say which are scaled at the input (ia3.feedforward)
+            value = f"{value} with ia3.feedforward={config.ia3.feedforward!r}"
+        listed = lambda paths: ", ".join(sorted(paths if method == "ia3" else {p.rsplit("/", 1)[0] for p in paths}))
+        raise PeftError(f"{value} trains {listed(fresh)}, but {where} has {listed(flat)}")
+    if method == "partial" and dict(spec.layers) != dict(loaded.layers):
+        raise PeftError(f"partial.select={config.partial.select!r} trains the layers {dict(spec.layers)}, but "
+                        f"{where} has {dict(loaded.layers)}")
+    for p, shape in sorted(fresh.items()):
+        if flat[p] != tuple(shape):
+            raise PeftError(f"{p}: the config trains shape {tuple(shape)}, but {where} has {flat[p]}")
+    return trainable
+
+
+def _settings(method: str, config, loaded, flat: dict) -> list[tuple[str, object, object]]:
+    """(config field, the config's value, the adapter's value) of each setting that fixes what a `method`
+    adapter computes or its shapes (the rest is compared leaf by leaf)."""
+    if method == "lora":
+        c = config.lora
+        return [("lora.rank", c.rank, loaded.rank), ("lora.alpha", float(c.alpha), loaded.alpha),
+                ("lora.rslora", bool(c.rslora), loaded.rslora), ("lora.dora", bool(c.dora), loaded.dora)]
+    if method == "adapter":
+        c = config.adapter
+        size = next((s[-1] for p, s in flat.items() if p.endswith("adapter/down/w")), 0)
+        placement = "houlsby" if any(p.startswith("layers/attn/adapter/") for p in flat) else "pfeiffer"
+        return [("adapter.size", c.size, size), ("adapter.placement", c.placement, placement),
+                ("adapter.activation", c.activation, loaded.activation)]
+    if method == "prefix":
+        return [("prefix.length", config.prefix.length, loaded.virtual_tokens),
+                ("prefix.projection", config.prefix.projection, flat.get("prefix/mlp/in/w", (0, 0))[-1])]
+    if method == "prompt":
+        return [("prompt.length", config.prompt.length, loaded.virtual_tokens)]
+    return []

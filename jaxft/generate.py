@@ -27,7 +27,7 @@ MIN_BUCKET = 16  # smallest padded prompt length / new-token budget: a compilati
 def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_ids=(), trainable: dict | None = None, peft=None, lora=None,
-             dtype=jnp.float32) -> list[list[int]]:
+             dtype=jnp.float32, unroll: bool = False) -> list[list[int]]:
     """The new tokens of each prompt, up to `max_new_tokens`; a row stops at its first EOS, which is excluded.
 
     prompts: B lists of token ids (non-empty, any lengths). Greedy (argmax) when `temperature` is 0, otherwise
@@ -37,6 +37,9 @@ def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_
     to `llama.forward`: every fine-tuning method generates, a soft prompt or prefix included (the prefix stays
     outside the cache, the prompt goes in with the prefill); `dtype` is the compute and KV-cache dtype.
     Decoding stops when every row has hit one of `eos_ids` or `max_new_tokens` tokens.
+    `unroll` runs the decode steps' layers as an unrolled loop over per-layer weights split once before
+    decoding (`llama.split_layers`): faster decoding where it is memory-bound (a CPU, batch 1), at the cost of
+    a longer compilation and a second copy of the layer weights while generating.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -59,7 +62,8 @@ def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_
     is_eos[[i for i in eos_ids if 0 <= i < cfg.vocab_size]] = True
     knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
     out = _generate(cfg, base, trainable, tokens, segment_ids, positions, np.int32(max_new_tokens), is_eos,
-                    jax.random.key(seed), knobs, peft=spec, dtype=jnp.dtype(dtype), budget=_bucket(max_new_tokens))
+                    jax.random.key(seed), knobs, peft=spec, dtype=jnp.dtype(dtype), budget=_bucket(max_new_tokens),
+                    unroll=unroll)
     return [_until_eos(row[:max_new_tokens], is_eos) for row in np.asarray(out)]
 
 
@@ -107,9 +111,9 @@ def top_k_top_p(logits, top_k, top_p):
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("peft", "dtype", "budget"))
+@partial(jax.jit, static_argnums=0, static_argnames=("peft", "dtype", "budget", "unroll"))
 def _generate(cfg, base, trainable, tokens, segment_ids, positions, max_new, is_eos, key, knobs, *, peft, dtype,
-              budget):
+              budget, unroll=False):
     """The compiled part of `generate`: prefill, then the decode loop -> (B, budget) int32 new tokens.
 
     tokens / segment_ids / positions: (B, P) from `pad_left`; is_eos: (V,) bool. The columns past a row's EOS
@@ -122,6 +126,9 @@ def _generate(cfg, base, trainable, tokens, segment_ids, positions, max_new, is_
                           cache=llama.init_cache(cfg, b, soft + p + budget, dtype))
     # A soft prompt went into the cache with the prefill: the decode steps do without it.
     decoding = trainable if not soft else {k: v for k, v in trainable.items() if k != "prompt"}
+    if unroll:  # the decode steps read per-layer weights split here, once, instead of slicing the stacks
+        model = partial(llama.forward, cfg, llama.split_layers(base), peft=peft, dtype=dtype, return_hidden=True)
+        decoding = llama.split_layers(decoding)
     # Left padding puts every row's last prompt token in the last column: only its logits are needed.
     first = sample(_logits(cfg, base, trainable, hidden[:, -1], dtype), jax.random.fold_in(key, 0), knobs)
     lengths = jnp.sum(segment_ids, axis=1)  # positions continue from the real prompt lengths

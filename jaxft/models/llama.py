@@ -145,7 +145,10 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
         return body(x, overlay(base_l, train_l), window, rng_l, kv)
 
     train_layers = (trainable or {}).get("layers", {})
-    x, new_kv = jax.lax.scan(step, x, (base["layers"], train_layers, windows, layer_rngs, layer_cache))
+    if isinstance(base["layers"], (list, tuple)):  # unrolled: per-layer trees from `split_layers`
+        x, new_kv = _unrolled(step, x, base["layers"], train_layers, windows, layer_rngs, layer_cache)
+    else:
+        x, new_kv = jax.lax.scan(step, x, (base["layers"], train_layers, windows, layer_rngs, layer_cache))
 
     x = rms_norm(x[:, n_soft:], params["final_norm"]["scale"], cfg.norm_eps)  # without the soft prompt's outputs
     new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], **new_meta}
@@ -158,6 +161,37 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
         head = as_dense(params["lm_head"]["w"], dtype)
         logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "seq", "vocab"), layout), new_cache
+
+
+def split_layers(params: dict) -> dict:
+    """params with its stacked `layers` tree split into a tuple of L per-layer trees (any tree holding a
+    `layers` key: a base or a trainable tree). `forward` then runs the layers as an unrolled Python loop instead
+    of a scan: each layer reads its own buffers, where a scan's loop slices every weight out of the stack
+    again on each call. That matters when one call is cheap and called often (token-by-token decoding, where
+    the slicing copies as many bytes as the matmuls read); it costs a longer compilation. Split once, outside
+    the loop that calls `forward` (the split copies the weights once).
+    """
+    if not params or "layers" not in params or isinstance(params["layers"], (list, tuple)):
+        return params
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n))}
+
+
+def _unrolled(step, x, base_layers, train_layers, windows, rngs, cache):
+    """The layer scan as a Python loop over per-layer trees: (x, stacked new (k, v) or None)."""
+    if isinstance(train_layers, dict) and train_layers:  # a stacked trainable tree next to a split base
+        train_layers = tuple(jax.tree.map(lambda a, i=i: a[i], train_layers) for i in range(len(base_layers)))
+    kvs = []
+    for i, base_l in enumerate(base_layers):
+        train_l = train_layers[i] if isinstance(train_layers, (list, tuple)) else {}
+        xs = (base_l, train_l, windows[i], None if rngs is None else rngs[i],
+              None if cache is None else (cache[0][i], cache[1][i]))
+        x, kv = step(x, xs)
+        kvs.append(kv)
+    if cache is None:
+        return x, None
+    return x, (jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs]))
 
 
 def _layer(cfg: LlamaConfig, spec, inv_freq, query_meta, keys_meta, index, x, p, window, rng, kv, *,

@@ -84,8 +84,8 @@ def main() -> None:
     prompts = [tok(t)["input_ids"][:args.prompt_tokens] for t in TEXTS]
     assert all(len(p) == args.prompt_tokens for p in prompts)
 
-    def ours(batch):
-        return generate(cfg, params, batch, max_new_tokens=n_new)
+    def ours(batch, unroll=False):
+        return generate(cfg, params, batch, max_new_tokens=n_new, unroll=unroll)
 
     def theirs(batch, threads):
         torch.set_num_threads(threads)
@@ -97,24 +97,32 @@ def main() -> None:
 
     # transformers runs with as many threads as cores (its default) and with one: on a busy machine its
     # threads' spin-waiting can make one thread several times faster. The faster setting is the baseline.
-    sides = {"jaxft": ours, **{f"transformers_{t}t": partial(theirs, threads=t) for t in sorted({cores, 1})}}
+    # jaxft decodes with its layer scan, and with the layers unrolled over weights split once (unroll=True).
+    mine = {"jaxft": ours, "jaxft_unrolled": partial(ours, unroll=True)}
+    sides = {**mine, **{f"transformers_{t}t": partial(theirs, threads=t) for t in sorted({cores, 1})}}
     load_start = os.getloadavg()[0]
     results = {}
     for b in (1, 8):
         batch = prompts[:b]
-        first_wall, _, first = timed(lambda: ours(batch))  # compiles
-        same = {name: fn(batch) == first for name, fn in sides.items() if name != "jaxft"}  # warm-up
+        first_wall = {}
+        for name, fn in mine.items():  # compiles
+            first_wall[name], _, first = timed(lambda: fn(batch))
+        same = {name: fn(batch) == first for name, fn in sides.items()}  # warm-up
         runs = {name: [] for name in sides}
         for _ in range(args.repeats):
             for name, fn in sides.items():
                 runs[name].append(timed(lambda: fn(batch))[:2])
         best = {name: min(r) for name, r in runs.items()}  # by wall time
         tok_s = {name: b * n_new / wall for name, (wall, _) in best.items()}
-        baseline = max((n for n in sides if n != "jaxft"), key=tok_s.get)
+        baseline = max((n for n in sides if n not in mine), key=tok_s.get)
         results[f"b{b}"] = {
             "new_tokens": b * n_new, "jaxft_tok_s": tok_s["jaxft"], "transformers_tok_s": tok_s[baseline],
             "ratio": tok_s["jaxft"] / tok_s[baseline], "transformers_baseline": baseline,
-            "jaxft_compile_s": first_wall - best["jaxft"][0], "same_tokens": all(same.values()),
+            "jaxft_unrolled_tok_s": tok_s["jaxft_unrolled"],
+            "ratio_unrolled": tok_s["jaxft_unrolled"] / tok_s[baseline],
+            "jaxft_compile_s": first_wall["jaxft"] - best["jaxft"][0],
+            "jaxft_unrolled_compile_s": first_wall["jaxft_unrolled"] - best["jaxft_unrolled"][0],
+            "same_tokens": all(same.values()),
             "tok_s": tok_s, "cpu_s": {name: cpu for name, (_, cpu) in best.items()},
             "runs_wall_s": {name: [round(w, 3) for w, _ in r] for name, r in runs.items()}}
 
@@ -123,11 +131,12 @@ def main() -> None:
           f"{os.cpu_count()} cores, load average {load_start:.1f} -> {os.getloadavg()[0]:.1f}")
     names = list(sides)
     print(f"{'batch':>5}  " + "  ".join(f"{n + ' tok/s':>22}" for n in names)
-          + f"  {'ratio':>5}  {'jaxft compile s':>15}  same tokens")
+          + f"  {'ratio':>5}  {'unrolled ratio':>14}  {'compile s (unrolled)':>20}  same tokens")
     for b in (1, 8):
         r = results[f"b{b}"]
         print(f"{b:>5}  " + "  ".join(f"{r['tok_s'][n]:>22.1f}" for n in names)
-              + f"  {r['ratio']:>5.2f}  {r['jaxft_compile_s']:>15.1f}  {r['same_tokens']}")
+              + f"  {r['ratio']:>5.2f}  {r['ratio_unrolled']:>14.2f}  "
+              f"{r['jaxft_compile_s']:>9.1f} ({r['jaxft_unrolled_compile_s']:>6.1f})  {r['same_tokens']}")
     print("ratio: jaxft over the faster transformers setting; CPU seconds of the best runs: "
           + "; ".join(f"batch {b[1:]}: " + ", ".join(f"{n} {c:.1f}" for n, c in r["cpu_s"].items())
                       for b, r in results.items()))
@@ -140,7 +149,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "generate.json").write_text(json.dumps(record, indent=2) + "\n")
     flat = {f"{k}_{b}": round(r[k], 2) for b, r in results.items()
-            for k in ("jaxft_tok_s", "transformers_tok_s", "ratio", "jaxft_compile_s")}
+            for k in ("jaxft_tok_s", "jaxft_unrolled_tok_s", "transformers_tok_s", "ratio", "ratio_unrolled",
+                      "jaxft_compile_s", "jaxft_unrolled_compile_s")}
     print("RESULT " + " ".join(f"{k}={v}" for k, v in flat.items()))
 
 

@@ -12,7 +12,8 @@ import sys
 
 from jaxft.commands import CommandError
 
-COMMANDS = ("train", "demo", "generate", "export")  # modules of jaxft/commands/, in the order `jaxft --help` lists them
+# modules of jaxft/commands/, in the order `jaxft --help` lists them
+COMMANDS = ("train", "eval", "demo", "generate", "export")
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,6 +1,8 @@
-"""The training entry point: config -> model -> data -> trainable state -> loop -> checkpoint and adapter.
+"""The training entry point: config -> model -> task data -> trainable state -> loop -> checkpoint and adapter.
 
-Read top to bottom, this is the whole life of a run; every piece it calls lives in its own module.
+Read top to bottom, this is the whole life of a run; every piece it calls lives in its own module. The model
+family (`jaxft.models.family_of`) gives the forward pass and the sharding table; the task (`jaxft.tasks`,
+config.task) gives the batches, the head, the loss and the evaluation metrics.
 """
 
 from __future__ import annotations
@@ -13,20 +15,19 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
-from jaxft import checkpoint, data, parallel, peft, quant, tree
-from jaxft.models import llama
+from jaxft import parallel, peft, tasks, tree
 from jaxft.peft import io as adapter_io
 from jaxft.train.checkpoints import Checkpoints, ResumeError
 from jaxft.train.metrics import MetricsWriter
+from jaxft.tasks import heads
+from jaxft.train.build import (TASK_FILE, Evaluator, batch_shardings, load_model, put_batch, stack_micro, task_model,
+                               trainable_builder)
 from jaxft.train.optim import make_optimizer
-from jaxft.train.step import init_state, make_eval_step, make_train_step
+from jaxft.train.step import init_state, make_train_step
 
 log = logging.getLogger("jaxft.train")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainingError(RuntimeError):
@@ -40,46 +41,42 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
         from jaxft.train import features
         return features.train(config, workdir)
     _check_workdir(workdir, resume)
-    dtype, param_dtype = _dtype(config, "dtype"), _dtype(config, "param_dtype")
+    task_name = tasks.name_of(config)
+    task = tasks.get(task_name)
     layout = parallel.from_config(config)  # the device mesh, and the rules from logical axes to its axes
-
-    leaf_fn = None
-    if config.quant.format != "none":  # QLoRA: the frozen base is quantized tensor by tensor as it is read
-        leaf_fn = quant.leaf_fn(config.quant.format, block_size=config.quant.block_size,
-                                double_quant=config.quant.double_quant, include=config.quant.include,
-                                dense_dtype=param_dtype)
-    # Each leaf is created directly in its shards on the mesh (after quantization, if any).
-    leaf_fn = parallel.shard_leaf_fn(layout, llama.PARAM_AXES, param_dtype, inner=leaf_fn)
-    model = checkpoint.load(config.model, dtype=param_dtype, leaf_fn=leaf_fn)
+    model, fam = load_model(config, layout, task)
     cfg, base, tokenizer = model.cfg, model.params, model.tokenizer
-    train_data, eval_batches, stats = data.for_training(config, tokenizer)
-    log.info("data: %s", stats)
-    eval_batches = [parallel.put_batch(b, layout, parallel.BATCH) for b in eval_batches]
+    train_data, eval_batches, info = task.batches(config, tokenizer)
+    log.info("data: %s", info)
+    eval_batches = eval_batches[:config.train.eval_batches]
 
     key = jax.random.PRNGKey(config.seed)
     init_key, state_key = jax.random.split(key)
-    trainable, spec = parallel.create_trainable(lambda k, b: peft.build(k, b, config, cfg, tokenizer), init_key,
-                                                base, layout, llama.PARAM_AXES)
+    build = trainable_builder(config, cfg, tokenizer, task, len(info.get("labels", ())), key)
+    trainable, spec = parallel.create_trainable(build, init_key, base, layout, fam.PARAM_AXES)
     optimizer, lr_schedule = make_optimizer(config.train)
     state = parallel.create_sharded(lambda t, k: init_state(t, optimizer, k),
                                     lambda abstract: parallel.state_shardings(abstract, trainable, layout),
                                     trainable, state_key)
     meta = {"model": str(model.path), "peft": peft.describe(config), "lora_paths": sorted(tree.flatten(trainable)),
             "quant": {"format": config.quant.format, "block_size": config.quant.block_size}}
+    if task_name != "causal_lm":  # (checkpoints of runs from before tasks have no such entry)
+        meta["task"] = {"name": task_name, "labels": info.get("labels")}
+    m = task_model(config, fam, cfg, spec, tokenizer, layout)
 
     def forward(base_, trainable_, mb, rng):
-        logits, _ = llama.forward(cfg, base_, mb["tokens"], trainable=trainable_, positions=mb["positions"],
-                                  segment_ids=mb["segment_ids"], peft=spec, rng=rng, dtype=dtype,
-                                  remat=config.train.remat, layout=layout)
-        return logits
+        return task.forward(m, base_, trainable_, mb, rng)
 
     state_sh, base_sh = parallel.shardings_of(state), parallel.shardings_of(base)
     penalty = peft.penalty(spec, config.train.l2sp)  # L2-SP towards the pretrained weights, or None
-    train_step = jax.jit(make_train_step(forward, optimizer, penalty), donate_argnums=(0,),
-                         in_shardings=(state_sh, base_sh, layout.sharding(parallel.MICRO_BATCH)),
+    if penalty is not None:
+        penalty = _without_head(penalty)
+    accum = config.train.grad_accum
+    first = _peek(train_data)
+    train_step = jax.jit(make_train_step(forward, optimizer, penalty, loss=task.loss), donate_argnums=(0,),
+                         in_shardings=(state_sh, base_sh, batch_shardings(stack_micro(first, accum), layout, True)),
                          out_shardings=(state_sh, layout.replicated))
-    eval_step = jax.jit(make_eval_step(forward),
-                        in_shardings=(state_sh["trainable"], base_sh, layout.sharding(parallel.BATCH)))
+    evaluate = Evaluator(task, m, config, info, base, eval_batches, layout, tokenizer, state_sh["trainable"])
 
     # Only now that model, data and method are known to work does the run write into the workdir.
     workdir.mkdir(parents=True, exist_ok=True)
@@ -90,13 +87,6 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
         train_data.set_state(data_state)
         log.info("resumed at step %d", int(state["step"]))
 
-    def evaluate(trainable_):
-        total, count = 0.0, 0.0
-        for batch in eval_batches:
-            s, n = eval_step(trainable_, base, batch)
-            total, count = total + float(s), count + float(n)
-        return total / max(count, 1.0)
-
     main = jax.process_index() == 0  # with several processes, the first one writes metrics and files
     metrics = MetricsWriter(workdir) if main else _NoMetrics()
     stop = _SigtermFlag()
@@ -104,21 +94,22 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
     steps = config.train.steps
     best, since_best, eval_loss = math.inf, 0, None
     history = []
+    eval_metrics = None
     if start == 0:
-        eval_loss = evaluate(state["trainable"])
-        metrics.write(0, eval_loss=eval_loss)
+        eval_metrics = evaluate(state["trainable"])
+        eval_loss = eval_metrics["loss"]
+        metrics.write(0, **_prefixed(eval_metrics))
         history.append((0, eval_loss))
         best = eval_loss
-        log.info("step 0: eval_loss %.4f", eval_loss)
+        log.info("step 0: %s", _table(eval_metrics))
 
-    accum = config.train.grad_accum
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     last_saved, step, status = start, start, "completed"
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(start + 1, steps + 1):
-        batch = _stack_micro(next(train_data), accum)
-        new_state, m = train_step(state, base, parallel.put_batch(batch, layout))
-        loss = float(m["loss"])
+        batch = stack_micro(next(train_data), accum)
+        new_state, out = train_step(state, base, put_batch(batch, layout, micro=True))
+        loss = float(out["loss"])
         if not math.isfinite(loss):
             # `state` was donated: the last good values are in the last checkpoint, which is kept.
             status = "diverged"
@@ -130,11 +121,12 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
         lr = float(lr_schedule(step - 1))
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
         bar.update(1)
-        row = {"loss": loss, "learning_rate": lr, "tokens_per_s": tok_s, "grad_norm": float(m["grad_norm"])}
+        row = {"loss": loss, "learning_rate": lr, "tokens_per_s": tok_s, "grad_norm": float(out["grad_norm"])}
         is_eval = (config.train.eval_every and step % config.train.eval_every == 0) or step == steps
         if is_eval:
-            eval_loss = evaluate(state["trainable"])
-            row["eval_loss"] = eval_loss
+            eval_metrics = evaluate(state["trainable"])
+            eval_loss = eval_metrics["loss"]
+            row.update(_prefixed(eval_metrics))
             history.append((step, eval_loss))
             if eval_loss < best - 1e-6:
                 best, since_best = eval_loss, 0
@@ -164,11 +156,23 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
         adapter_dir = workdir / "adapter"
         if main:
             adapter_io.save(adapter_dir, peft.finalize(spec, trainable), spec, config, model.path)
-    summary = {"status": status, "step": step, "eval_loss": eval_loss, "eval_history": history,
-               "adapter": str(adapter_dir) if adapter_dir else None, "data": stats}
+            if task_name != "causal_lm":  # what `jaxft eval` and readers of the head need besides the arrays
+                (adapter_dir / TASK_FILE).write_text(json.dumps(
+                    {"task": task_name, "labels": info.get("labels"), "pool": m.pool}, indent=1))
+    summary = {"status": status, "step": step, "task": task_name, "eval_loss": eval_loss,
+               "eval_metrics": eval_metrics, "eval_history": history,
+               "adapter": str(adapter_dir) if adapter_dir else None, "data": info}
     if main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _prefixed(metrics: dict) -> dict:
+    return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+def _table(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def _check_workdir(workdir: Path, resume: bool) -> None:
@@ -181,19 +185,17 @@ def _check_workdir(workdir: Path, resume: bool) -> None:
         raise ResumeError(f"{workdir}: --resume given but there is no checkpoint to resume from")
 
 
-def _dtype(config, key):
-    name = config[key]
-    if name not in DTYPES:
-        raise ValueError(f"{key}: {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def _without_head(penalty):
+    """A penalty over the backbone's leaves only: the head has no pretrained value to be pulled towards."""
+    return lambda trainable, base: penalty(heads.backbone(trainable), base)
 
 
-def _stack_micro(batch: dict, accum: int) -> dict:
-    """(B, T) rows -> (A, B/A, T) micro-batches for gradient accumulation."""
-    b = batch["tokens"].shape[0]
-    if b % accum:
-        raise ValueError(f"train.batch_size={b} is not a multiple of train.grad_accum={accum}")
-    return {k: np.asarray(v).reshape(accum, b // accum, *v.shape[1:]) for k, v in batch.items()}
+def _peek(data_iter) -> dict:
+    """The next batch of a resumable iterator, without consuming it."""
+    position = data_iter.get_state()
+    batch = next(data_iter)
+    data_iter.set_state(position)
+    return batch
 
 
 class _NoMetrics:

@@ -1,9 +1,10 @@
 """The jitted training and evaluation steps: gradients of the trainable tree alone, the base held fixed.
 
-A batch is a dict of (A, B, T) arrays: A micro-batches of B rows (gradient accumulation), with
-`tokens`, `targets`, `loss_mask`, `segment_ids`, `positions` (see `jaxft.data`). The loss is the mean token
-cross-entropy over every target token of the whole accumulation window, so accumulating A micro-batches
-equals one batch of A*B rows.
+A batch is a dict of (A, B, ...) arrays: A micro-batches of B rows (gradient accumulation), with `tokens` and
+what the task needs: for causal LM `targets`, `loss_mask`, `segment_ids`, `positions` (see `jaxft.data`),
+for the other tasks their keys (`jaxft.tasks`). The loss is the task's sum over the whole accumulation window
+divided by its count there (for causal LM the mean token cross-entropy over every target token), so
+accumulating A micro-batches equals one batch of A*B rows.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ def token_loss(logits, targets, mask):
     return jnp.sum((logz - picked) * mask), jnp.sum(mask)
 
 
-def make_loss_fn(forward: Callable) -> Callable:
-    """forward(base, trainable, micro_batch, rng) -> logits; returns loss_sum(trainable, base, mb, rng)."""
+def lm_loss(logits, mb) -> tuple:
+    """The causal LM loss of a micro-batch: token_loss over its targets and loss_mask."""
+    return token_loss(logits, mb["targets"], mb["loss_mask"])
+
+
+def make_loss_fn(forward: Callable, loss: Callable = lm_loss) -> Callable:
+    """forward(base, trainable, micro_batch, rng) -> out and loss(out, micro_batch) -> (sum, count) (a task's,
+    `jaxft.tasks`; by default the token loss of `out` = logits); returns loss_sum(trainable, base, mb, rng)."""
     def loss_sum(trainable, base, mb, rng):
-        logits = forward(base, trainable, mb, rng)
-        return token_loss(logits, mb["targets"], mb["loss_mask"])
+        return loss(forward(base, trainable, mb, rng), mb)
     return loss_sum
 
 
@@ -39,13 +45,16 @@ def init_state(trainable: dict, optimizer: optax.GradientTransformation, rng) ->
 
 
 def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
-                    penalty: Callable | None = None) -> Callable:
+                    penalty: Callable | None = None, loss: Callable = lm_loss) -> Callable:
     """Returns train_step(state, base, batch) -> (state, metrics), not yet jitted.
+
+    loss(out, micro_batch) -> (sum, count) turns the forward's output into the loss (see `make_loss_fn`); the
+    step minimizes the sum over the accumulation window divided by the count over it.
 
     penalty(trainable, base) -> scalar (e.g. L2-SP, `jaxft.peft.penalty`) is added to the mean token loss once
     per step; metrics["loss"] stays the token loss alone and metrics["penalty"] reports it.
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(forward), has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(forward, loss), has_aux=True)
 
     def train_step(state, base, batch):
         rng, step_rng = jax.random.split(state["rng"])
@@ -75,9 +84,9 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(forward: Callable) -> Callable:
+def make_eval_step(forward: Callable, loss: Callable = lm_loss) -> Callable:
     """Returns eval_step(trainable, base, batch (B, T)) -> (loss sum, target count), not yet jitted."""
-    loss_sum = make_loss_fn(forward)
+    loss_sum = make_loss_fn(forward, loss)
 
     def eval_step(trainable, base, batch):
         return loss_sum(trainable, base, batch, None)

@@ -1,0 +1,134 @@
+"""What `jaxft train` and `jaxft eval` build from a config before they run: the model (its family from the
+checkpoint, loaded into its shards, quantized), the trainable tree with the task's head, the static half of the
+task's forward pass, batches on the mesh, and the evaluator that runs the task's metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft import checkpoint, parallel, peft, quant, tasks
+from jaxft.checkpoint import hf
+from jaxft.models import family, family_of
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+TASK_FILE = "task.json"  # in WORKDIR/adapter beside adapter.json: the task, its class names and pooling
+
+
+def load_model(config, layout, task=None) -> tuple[checkpoint.Loaded, object]:
+    """(the checkpoint of config.model, loaded straight into its shards, quantized as config.quant says; its
+    family module). The family is read from the checkpoint's config first: its table shards the leaves, and a
+    model of a kind the task cannot run (`task.KINDS`) is refused before its weights are read."""
+    param_dtype = dtype_of(config, "param_dtype")
+    path = checkpoint.resolve(config.model)
+    fam = _family_of_checkpoint(path)
+    if task is not None:
+        tasks.check_kind(tasks.name_of(config), task, fam, str(path))
+    leaf_fn = None
+    if config.quant.format != "none":  # QLoRA: the frozen base is quantized tensor by tensor as it is read
+        leaf_fn = quant.leaf_fn(config.quant.format, block_size=config.quant.block_size,
+                                double_quant=config.quant.double_quant, include=config.quant.include,
+                                dense_dtype=param_dtype)
+    # Each leaf is created directly in its shards on the mesh (after quantization, if any).
+    leaf_fn = parallel.shard_leaf_fn(layout, fam.PARAM_AXES, param_dtype, inner=leaf_fn)
+    model = checkpoint.load(path, dtype=param_dtype, leaf_fn=leaf_fn)
+    return model, family_of(model.cfg)
+
+
+def _family_of_checkpoint(path):
+    """The family module of a model directory (its config.json's model_type); GGUF files are LLaMA-family."""
+    if str(path) == "default" or Path(path).suffix == ".gguf" or not Path(path).is_dir():
+        return family("llama")  # (a missing path fails in checkpoint.load, with its message)
+    return family_of(hf.read_config(Path(path)))
+
+
+def trainable_builder(config, cfg, tokenizer, task, n_labels: int, key):
+    """build(key, base) -> (trainable tree, MethodSpec): the PEFT method's tree (`jaxft.peft.build`) and the
+    task's head under `head/` (keyed from `key`, so that the method's own initialization is unchanged), fresh
+    unless peft.init_from's adapter holds one."""
+    head_key = jax.random.fold_in(key, 1)
+
+    def build(k, b):
+        trainable, spec = peft.build(k, b, config, cfg, tokenizer)
+        if "head" not in trainable:  # (an adapter of peft.init_from may bring its trained head)
+            head = task.init_head(head_key, cfg, config, n_labels)
+            if head is not None:
+                trainable = {**trainable, "head": head}
+        return trainable, spec
+
+    return build
+
+
+def task_model(config, fam, cfg, spec, tokenizer, layout) -> tasks.Model:
+    """The static description of the forward pass the task runs (`jaxft.tasks.Model`)."""
+    pool = config.head.pool if "head" in config else "default"
+    pad = 0 if tokenizer is None else (tokenizer.pad_token_id or 0)
+    return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype_of(config, "dtype"), layout=layout,
+                       remat=config.train.remat, pad_id=pad, pool=pool)
+
+
+def _names(ndim: int, micro: bool) -> tuple:
+    """Logical axes of a batch array: rows over `batch`, positions over `seq`, anything after unsplit; a
+    leading micro-batch axis (gradient accumulation) unsplit."""
+    n = ndim - int(micro)
+    names = (("batch", "seq") + (None,) * n)[:n]
+    return (None, *names) if micro else names
+
+
+def batch_shardings(batch: dict, layout, micro: bool) -> dict:
+    """The sharding of each array of a batch ((A, B, ...) micro-batches or (B, ...)): rows over `batch`,
+    positions over `seq`."""
+    return {k: layout.sharding(_names(np.ndim(v), micro)) for k, v in batch.items()}
+
+
+def put_batch(batch: dict, layout, micro: bool) -> dict:
+    """This process's rows of a global batch -> global arrays on the mesh, each with its own logical axes."""
+    return {k: parallel.put_batch({k: v}, layout, _names(np.ndim(v), micro))[k] for k, v in batch.items()}
+
+
+class Evaluator:
+    """evaluator(trainable) -> the task's metrics over the evaluation batches (`task.evaluate`), with one jitted
+    step (loss and predictions) compiled for the run; the batches are put on the mesh once."""
+
+    def __init__(self, task, model: tasks.Model, config, info: dict, base, batches: list, layout, tokenizer,
+                 trainable_shardings=None):
+        self.task, self.model, self.config, self.info, self.base = task, model, config, info, base
+        self.batches, self.tokenizer = batches, tokenizer
+        self.on_mesh = {id(b): put_batch(b, layout, micro=False) for b in batches}
+
+        def step(trainable, base_, batch):
+            out = task.forward(model, base_, trainable, batch, None)
+            total, count = task.loss(out, batch)
+            return total, count, task.predict(out, batch)
+
+        shardings = None
+        if batches and trainable_shardings is not None:
+            shardings = (trainable_shardings, parallel.shardings_of(base), batch_shardings(batches[0], layout, False))
+        self.step = jax.jit(step, in_shardings=shardings)
+
+    def __call__(self, trainable) -> dict[str, float]:
+        ev = tasks.Eval(batches=self.batches, step=lambda b: self.step(trainable, self.base, self.on_mesh[id(b)]),
+                        info=self.info, config=self.config, model=self.model, base=self.base, trainable=trainable,
+                        tokenizer=self.tokenizer)
+        return {k: float(v) for k, v in self.task.evaluate(ev).items()}
+
+
+def dtype_of(config, key):
+    name = config[key]
+    if name not in DTYPES:
+        raise ValueError(f"{key}: {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def stack_micro(batch: dict, accum: int) -> dict:
+    """(B, T) rows -> (A, B/A, T) micro-batches for gradient accumulation."""
+    b = batch["tokens"].shape[0]
+    if b % accum:
+        raise ValueError(f"train.batch_size={b} is not a multiple of train.grad_accum={accum}")
+    return {k: np.asarray(v).reshape(accum, b // accum, *v.shape[1:]) for k, v in batch.items()}

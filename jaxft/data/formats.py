@@ -1,4 +1,4 @@
-"""Records to token sequences with a loss mask: `alpaca`, chat `messages` and plain `text`.
+"""Records to token sequences with a loss mask: `alpaca`, chat `messages`, plain `text` and `seq2seq`.
 
 alpaca and messages are rendered with the tokenizer's chat template (alpaca becomes one user turn, instruction
 then input, and one assistant turn), or with a plain `### Instruction / ### Response` template when the
@@ -7,7 +7,10 @@ conversation up to it with `add_generation_prompt=True` (its start) and up to it
 prefixes of the whole rendering; the token boundaries are where the tokenizations of those prefixes stop
 agreeing with the tokenization of the whole (a token straddling the start of a response counts as response,
 one straddling its end does not; chat templates put special tokens there, so this is about the plain
-template). text counts every token; long documents are cut into chunks.
+template). text counts every token; long documents are cut into chunks. seq2seq (a source and a target field,
+for summarization or translation with a decoder-only model) puts the source into a prompt template and the
+target after it: one user turn and one assistant turn under the chat template, or the prompt followed directly
+by the target without one; the loss counts the target (and EOS).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from jaxft.data.sources import DataError, Record
 log = logging.getLogger(__name__)
 
 FIELDS = {"alpaca": ("instruction", "input", "output"), "messages": ("messages", "role", "content"),
-          "text": ("text",)}
+          "text": ("text",), "seq2seq": ("source", "target")}
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 _CHUNK = 1024  # records per batched tokenizer call
 
@@ -73,14 +76,16 @@ def field_names(format: str, fields: dict | None) -> dict[str, str]:
 
 
 def tokenize_records(records: list[Record], format: str, tokenizer, seq_len: int, *, fields: dict | None = None,
-                     system_prompt: str = "", chat_template: bool = True) -> Examples:
+                     system_prompt: str = "", chat_template: bool = True,
+                     prompt_template: str = "{source}") -> Examples:
     """Validates, renders and tokenizes `records` (a `transformers` tokenizer with an EOS token).
 
     An example is cut to seq_len + 1 tokens (seq_len positions once shifted): a text document becomes
     several chunks, overlapping by one token so that every token is a target once; a conversation keeps its
     head, or is skipped (and counted) when no response token survives. `system_prompt` becomes the system
-    message of conversations that have none; `chat_template=False` forces the plain template. Raises
-    DataError naming the record for a missing or mistyped field.
+    message of conversations that have none; `chat_template=False` forces the plain template. `prompt_template`
+    (seq2seq only) is the prompt, its "{source}" replaced by the source field. Raises DataError naming the
+    record for a missing or mistyped field.
     """
     names = field_names(format, fields)
     eos = tokenizer.eos_token_id
@@ -93,7 +98,8 @@ def tokenize_records(records: list[Record], format: str, tokenizer, seq_len: int
 
     for lo in range(0, len(records), _CHUNK):
         chunk = records[lo:lo + _CHUNK]
-        rendered = [_render(r, format, names, tokenizer, use_template, system_prompt) for r in chunk]
+        rendered = [_render(r, format, names, tokenizer, use_template, system_prompt, prompt_template)
+                    for r in chunk]
         # One batched call for every whole rendering and every prefix that ends inside it.
         strings = []
         for text, spans in rendered:
@@ -141,12 +147,41 @@ def _with_loss(bos: list[int], full: list[int], eos: int, text: str, spans, at: 
     return np.asarray(ids + [eos], np.int32), loss
 
 
-def _render(record: Record, format: str, names: dict, tokenizer, use_template: bool, system_prompt: str):
+def seq2seq_texts(record: Record, names: dict, prompt_template: str) -> tuple[str, str]:
+    """(prompt, target) of a seq2seq record: the template with "{source}" replaced by the source field, and the
+    target field; CRLF line endings become LF (they are file artifacts, e.g. in SAMSum's CSV). `names` maps
+    "source" and "target" to column names (see `field_names`). Raises DataError naming the record and field."""
+    source = _string(record, names["source"]).replace("\r\n", "\n")
+    target = _string(record, names["target"]).replace("\r\n", "\n")
+    return prompt_template.replace("{source}", source), target
+
+
+def prompt_ids(prompt: str, tokenizer, *, system_prompt: str = "", chat_template: bool = True) -> list[int]:
+    """The token ids a seq2seq example's target follows in training (`tokenize_records`): the prompt as a user
+    turn with the generation prompt under the tokenizer's chat template, or BOS (where the tokenizer adds one)
+    and the prompt; what generation starts from."""
+    if chat_template and getattr(tokenizer, "chat_template", None) is not None:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+            [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _adds_bos(tokenizer) else []
+    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _render(record: Record, format: str, names: dict, tokenizer, use_template: bool, system_prompt: str,
+            prompt_template: str):
     """(text, character spans that carry the loss)."""
     if format == "text":
         text = _string(record, names["text"])
         return text, [(0, len(text))]
-    messages = _alpaca(record, names) if format == "alpaca" else _messages(record, names)
+    if format == "seq2seq":
+        prompt, target = seq2seq_texts(record, names, prompt_template)
+        if not use_template:  # the prompt, then the target: no instruction scaffolding
+            return prompt + target, [(len(prompt), len(prompt) + len(target))]
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]
+    else:
+        messages = _alpaca(record, names) if format == "alpaca" else _messages(record, names)
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     if use_template:

@@ -1,9 +1,10 @@
 """Reading training records from local files or the Hugging Face cache, with errors that name file and line.
 
 Every source goes through `datasets` (JSON / JSON Lines, CSV / TSV, Parquet, plain text, a directory written by
-`save_to_disk`, or a data set already in the user's cache, by name, offline). Text files are checked first by a
-pass of our own, because the errors of `datasets` and pyarrow do not say which line is bad; that pass also
-records the line each record starts on, so later errors (a missing field) can name it too.
+`save_to_disk`, or a data set already in the user's cache, by name, offline); `read_parallel` pairs the lines
+of two line-aligned text files (a translation corpus). Text files are checked first by a pass of our own,
+because the errors of `datasets` and pyarrow do not say which line is bad; that pass also records the line
+each record starts on, so later errors (a missing field) can name it too.
 """
 
 from __future__ import annotations
@@ -61,6 +62,34 @@ def read_records(source: str | Path, *, split: str = "train", text_sample_by: st
     if where is None:
         where = [f"{source} row {i}" for i in range(len(rows))]
     return [Record(r, w) for r, w in zip(rows, where)]
+
+
+def read_parallel(source: str | Path, target: str | Path, *, keys: tuple[str, str] = ("source", "target")
+                  ) -> list[Record]:
+    """Records {keys[0]: line of `source`, keys[1]: the same line of `target`} of two line-aligned text files
+    (a parallel corpus such as Multi30k's train.en / train.de), in order; "where" names the source file and line.
+
+    Line endings may be LF or CRLF (the "\\r" is dropped); a final line break ends the last line rather than
+    starting an empty one. Raises DataError for a missing or non-UTF-8 file, for files whose line counts
+    differ (naming both files and both counts), and for an empty pair of files.
+    """
+    texts = {}
+    for name in (source, target):
+        path = Path(name)
+        if not path.is_file():
+            raise DataError(f"{name}: no such file")
+        text = _decode(path)
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        texts[name] = [line.removesuffix("\r") for line in lines]
+    src, tgt = texts[source], texts[target]
+    if len(src) != len(tgt):
+        raise DataError(f"{source} has {len(src)} lines but {target} has {len(tgt)}: parallel files must be "
+                        "line-aligned")
+    if not src:
+        raise DataError(f"{source}: the data set is empty")
+    return [Record({keys[0]: s, keys[1]: t}, f"{source}:{n}") for n, (s, t) in enumerate(zip(src, tgt), 1)]
 
 
 def _load_file(path: Path, builder: str, sample_by: str, cache_dir) -> tuple[list[dict], list[str] | None]:

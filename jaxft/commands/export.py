@@ -11,15 +11,23 @@ from jaxft.commands import CommandError
 
 DESCRIPTION = """\
 Export the adapter of a training run (or any adapter) for the Hugging Face ecosystem. Paths written go to
-stdout, progress to stderr.
+stdout, progress to stderr. Every model family exports: LLaMA (Llama, Mistral, Qwen2), BERT and T5.
 
   --peft OUT    a PEFT adapter directory (adapter_config.json, adapter_model.safetensors, the tokenizer):
-                peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT) loads it.
-                For the methods PEFT shares: lora (rsLoRA, DoRA), ia3, prefix, prompt.
+                peft.PeftModel.from_pretrained(<the transformers class>.from_pretrained(BASE), OUT) loads it.
+                For the methods PEFT shares: lora (rsLoRA, DoRA), ia3, and for decoders prefix and prompt.
+                Module names and task_type are those of the class of the run's task: ...ForCausalLM
+                (causal_lm), ...ForSequenceClassification (classification), ...ForTokenClassification
+                (token_classification), BertForMaskedLM (mlm), BertModel / LlamaModel (embedding),
+                T5ForConditionalGeneration (seq2seq); without a task, the class of the base's config.
+                --base-class names another (e.g. BertModel, whose modules have no `bert.` prefix).
+                A task head goes in as PEFT's modules_to_save (classifier, or score for decoders).
   --merged OUT  the base model with the adapter merged into its weights: a plain transformers model
                 directory (config.json, safetensors, sharded past --max-shard-gb, the tokenizer) that
-                AutoModelForCausalLM.from_pretrained(OUT) loads. For lora, ia3, full and partial; a quantized
-                base is merged onto its dequantized weights.
+                AutoModelForCausalLM (LLaMA family), AutoModelForMaskedLM (BERT with its masked-LM head) or
+                T5ForConditionalGeneration loads; with a task head, AutoModelForSequenceClassification /
+                AutoModelForTokenClassification, the run's labels as id2label. For lora, ia3, full and
+                partial; a quantized base is merged onto its dequantized weights.
 
 Bottleneck adapters (adapter) and features heads have neither form: use them with jaxft
 (jaxft generate --adapter, jaxft.peft.features.classify).
@@ -30,6 +38,7 @@ into place; an existing non-empty OUT is an error unless --overwrite.
 examples:
   jaxft export --workdir runs/alpaca --peft exports/alpaca-lora
   jaxft export --workdir runs/alpaca --merged exports/alpaca-merged --dtype bfloat16
+  jaxft export --workdir runs/sst2 --peft exports/sst2-lora          # BertForSequenceClassification
   jaxft export --adapter some/peft-adapter --model path/to/base --merged exports/merged
 """
 
@@ -54,6 +63,9 @@ def register(subparsers) -> None:
     p.add_argument("--base-model-name", metavar="NAME",
                    help="base_model_name_or_path written in the PEFT config, e.g. a Hub id (default: the base's "
                         "absolute path, or HuggingFaceTB/SmolLM2-135M-Instruct for the default model)")
+    p.add_argument("--base-class", metavar="CLASS",
+                   help="the transformers class the PEFT adapter is for, e.g. BertModel or "
+                        "BertForSequenceClassification (default: the class of the run's task)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=run)
 
@@ -80,7 +92,7 @@ def run(args) -> int:
         if args.peft:
             start = time.perf_counter()
             out = export_peft(source, args.peft, model=args.model, base_model_name=args.base_model_name,
-                              overwrite=args.overwrite)
+                              base_class=args.base_class, overwrite=args.overwrite)
             _log(f"wrote the PEFT adapter in {time.perf_counter() - start:.1f}s")
             print(out)
         if args.merged:

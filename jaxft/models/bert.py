@@ -38,6 +38,9 @@ from jaxft.tree import overlay, unflatten
 KIND = "encoder"
 # PEFT's default LoRA targets for BERT (query, value).
 LORA_TARGETS = r"layers/attn/(q_proj|v_proj)/w"
+# PEFT's default IA3 targets for BERT: key, value and both output.dense layers, the last two scaled at the input.
+IA3_TARGETS = r"layers/(attn/(k_proj|v_proj|o_proj)|mlp/down_proj)/w"
+IA3_FEEDFORWARD = r"layers/(attn/o_proj|mlp/down_proj)/w"
 
 _ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "gelu_new": partial(jax.nn.gelu, approximate=True),
                 "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True), "relu": jax.nn.relu,

@@ -80,7 +80,7 @@ def _fresh(key, base: dict, config, cfg, tokenizer) -> tuple[dict, MethodSpec]:
         return (prompt.init(key, base["embed"]["w"], n, c.init, c.init_text, tokenizer),
                 MethodSpec("prompt", virtual_tokens=n))
     if method == "ia3":
-        out_paths, in_paths = ia3.target_paths(base, config.ia3.targets, config.ia3.feedforward)
+        out_paths, in_paths = ia3.target_paths(base, config.ia3.targets, config.ia3.feedforward, cfg.model_type)
         return ia3.init(base, out_paths, in_paths), MethodSpec("ia3")
     if method == "full":
         return full.init(base, [(p, None) for p in tree.flatten(base)]), MethodSpec("full")

@@ -1,8 +1,11 @@
 """Adapters in Hugging Face PEFT's format (`adapter_config.json` + `adapter_model.safetensors`), both ways.
 
 PEFT shares four of jaxft's methods. Each is written as PEFT's `save_pretrained` writes it, and read back
-exactly. The tensors of LoRA and IA3 are named after the module paths of the transformers model, which come
-from the checkpoint mapping table (<module>: e.g. `model.layers.3.self_attn.q_proj`):
+exactly. The tensors of LoRA and IA3 are named after the module paths inside the transformers class PEFT wraps,
+which come from the family's checkpoint mapping table (`jaxft.models.family(model_type).TABLE`) and the class
+(`jaxft.checkpoint.mapping.peft_class`): <module> is e.g. `model.layers.3.self_attn.q_proj` (LlamaFor...),
+`bert.encoder.layer.3.attention.self.query` (BertFor...; `encoder.layer.3...` in BertModel) or
+`decoder.block.3.layer.1.EncDecAttention.q` (T5ForConditionalGeneration):
 
   LORA           base_model.model.<module>.lora_A.weight (R, in), lora_B.weight (out, R) and, for DoRA,
                  lora_magnitude_vector (out,)
@@ -10,6 +13,13 @@ from the checkpoint mapping table (<module>: e.g. `model.layers.3.self_attn.q_pr
                  a module listed in `feedforward_modules`
   PREFIX_TUNING  prompt_embeddings (P, L*2*K*H)   } see `jaxft.peft.hf_prompts`
   PROMPT_TUNING  prompt_embeddings (P, D)         }
+
+  a task head    base_model.model.<classifier|score>.weight (C, D) and .bias (C,), listed in `modules_to_save`
+                 (jaxft's head/classifier or head/score: the class's own module, which PEFT saves whole)
+
+Export writes for the class of the adapter's task (`run["task"]`: classification -> ...ForSequenceClassification,
+mlm -> BertForMaskedLM, seq2seq -> T5ForConditionalGeneration, ...) or the class named by `base_class`; import
+reads either naming (with or without `bert.`, with or without `model.`).
 
 jaxft stacks the layers on a leading L axis and stores linear weights as (in, out), so each PEFT tensor is one
 layer's slice (transposed for LoRA). Bottleneck adapters, full and partial fine-tuning and features heads have
@@ -22,6 +32,7 @@ it, never ignored.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -32,16 +43,17 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxft import tree
+from jaxft.checkpoint import mapping
 from jaxft.checkpoint.assemble import expected_shapes, summarize
 from jaxft.checkpoint.hf import _replace_dir
-from jaxft.checkpoint.mapping import TABLES, hf_module
+from jaxft.models import family_of
 from jaxft.models.config import LlamaConfig
 from jaxft.peft import shapes
 from jaxft.peft.lora import LoraSpec
 from jaxft.peft.method import AdapterError, MethodSpec, as_method, method_of
 
 __all__ = ["CONFIG", "EXPORTABLE", "WEIGHTS", "AdapterError", "check_tree", "check_writable", "is_peft_dir", "load",
-           "read_config", "save"]
+           "read_config", "save", "target_class", "task_head"]
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -74,6 +86,10 @@ _LORA_FIELDS = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "in
                 "target_modules", "exclude_modules", "layers_pattern", "megatron_core", "qalora_group_size",
                 "runtime_config", "ensure_weight_tying", "eva_config"}
 _IA3_FIELDS = {"target_modules", "exclude_modules", "feedforward_modules", "init_ia3_weights"}
+# PEFT task_type -> the model kinds (`family.KIND`) jaxft reads it for (None: any).
+_TASK_TYPES = {None: None, "CAUSAL_LM": ("decoder",), "SEQ_2_SEQ_LM": ("encoder-decoder",),
+               "SEQ_CLS": ("encoder", "decoder"), "TOKEN_CLS": ("encoder", "decoder"), "FEATURE_EXTRACTION": None}
+_HEADS = ("classifier", "score")  # the transformers modules of jaxft's task heads (head/classifier, head/score)
 
 
 def is_peft_dir(path) -> bool:
@@ -94,35 +110,60 @@ def check_exportable(spec) -> None:
                            f"{_NO_PEFT[method]}")
 
 
+def target_class(cfg, task: str | None = None, base_class: str | None = None) -> mapping.PeftClass:
+    """The transformers class an adapter of `cfg` is exported for (see `jaxft.checkpoint.mapping.peft_class`):
+    `base_class` where given, else the class of the jaxft `task`, else the class `cfg.to_hf()` names."""
+    try:
+        return mapping.peft_class(cfg, task, base_class)
+    except KeyError as e:
+        raise AdapterError(f"base class: {e.args[0]}") from None
+
+
 def save(out_dir, trainable: dict, spec, cfg: LlamaConfig, *, base_model: str, tokenizer=None,
-         run: dict | None = None, overwrite: bool = False) -> Path:
+         run: dict | None = None, overwrite: bool = False, base_class: str | None = None) -> Path:
     """Writes a trainable tree of a method PEFT shares (LoRA / rsLoRA / DoRA, IA3, prefix or prompt tuning) as a
     PEFT adapter directory that `PeftModel.from_pretrained` loads onto the transformers model of `base_model`
     (written as `base_model_name_or_path`).
 
     trainable, spec: as `jaxft.peft.sources.load` returns them (spec a LoraSpec or a MethodSpec; the layouts are
-    in `jaxft.peft.method`). run: the training config the adapter came from (config.json, as a dict), for the
+    in `jaxft.peft.method`), with the task head under `head/` where the run trained one (written as PEFT's
+    `modules_to_save`). run: the training config the adapter came from (config.json, as a dict), for the task
+    (`run["task"]`, which picks the transformers class: see `target_class`; `run["head"]["pool"]`) and the
     initialization settings PEFT records and the adapter does not carry (lora.init, prefix.projection,
-    prompt.init); None when unknown. The tokenizer, when given, is saved beside the adapter. The directory is
-    written under a temporary name and renamed into place; an existing non-empty `out_dir` is an error unless
-    `overwrite`. Raises AdapterError for another method, or a tree that does not fit a base of `cfg`.
+    prompt.init); None when unknown. base_class: the transformers class to write for (e.g. "BertModel"),
+    instead of the task's. The tokenizer, when given, is saved beside the adapter. The directory is written under
+    a temporary name and renamed into place; an existing non-empty `out_dir` is an error unless `overwrite`.
+    Raises AdapterError for another method, a head the class has no module for, or a tree that does not fit a
+    base of `cfg`.
     """
     out_dir = Path(out_dir)
     check_exportable(spec)
     check_writable(out_dir, overwrite)
     shapes.check(trainable, spec, cfg, "the trainable tree")
-    flat = {p: np.asarray(x, np.float32) for p, x in tree.items(trainable)}
     run = run or {}
+    target = target_class(cfg, run.get("task"), base_class)
+    flat = {p: np.asarray(x, np.float32) for p, x in tree.items(trainable)}
+    head = {p: x for p, x in flat.items() if p.startswith("head/")}
+    flat = {p: x for p, x in flat.items() if not p.startswith("head/")}
+    head_tensors = {PREFIX + k: v for k, v in task_head(head, target, cfg, run).items()}
     method = method_of(spec)
     if method == "lora":
-        tensors, config, what = _lora_save(flat, spec if isinstance(spec, LoraSpec) else spec.lora, cfg, run)
+        tensors, config, what = _lora_save(flat, spec if isinstance(spec, LoraSpec) else spec.lora, cfg, run,
+                                           target.prefix)
     elif method == "ia3":
-        tensors, config, what = _ia3_save(flat, cfg)
+        tensors, config, what = _ia3_save(flat, cfg, target.prefix)
     else:
         from jaxft.peft import hf_prompts
         tensors, config, what = hf_prompts.save(flat, as_method(spec), cfg, run, base_model)
-    config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
-              "inference_mode": True, "auto_mapping": None, **config}
+    auto = None
+    if target.task_type is None:  # PEFT records the class it wrapped where no task type says it
+        module = cfg.model_type
+        auto = {"base_model_class": target.name, "parent_library": f"transformers.models.{module}.modeling_{module}"}
+    config = {"task_type": target.task_type, "base_model_name_or_path": base_model, "revision": None,
+              "inference_mode": True, "auto_mapping": auto, **config}
+    if head_tensors:
+        tensors.update(head_tensors)
+        config["modules_to_save"] = [target.head]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -131,7 +172,7 @@ def save(out_dir, trainable: dict, spec, cfg: LlamaConfig, *, base_model: str, t
                   metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(f"---\nbase_model: {base_model}\nlibrary_name: peft\n---\n\n"
-                                       f"A {what} adapter exported by jaxft.\n")
+                                       f"A {what} adapter for {target.name}, exported by jaxft.\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _replace_dir(tmp, out_dir)
@@ -143,10 +184,12 @@ def save(out_dir, trainable: dict, spec, cfg: LlamaConfig, *, base_model: str, t
 
 def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
     """(trainable tree, spec) of the PEFT adapter directory `path`, for a base model of `cfg`: a LoraSpec for
-    LORA, else the MethodSpec of ia3, prefix or prompt. The tree is float32 numpy.
+    LORA, else the MethodSpec of ia3, prefix or prompt. The tree is float32 numpy; a task head PEFT saved in
+    `modules_to_save` (classifier / score) is in it under head/classifier or head/score ({w (D, C), b (C,)}).
 
-    Raises AdapterError for a method or option jaxft does not implement, an unexpected or missing tensor, or one
-    whose shape does not fit the config and the base model of `cfg`.
+    Module names are read as any transformers class of the family names them (`bert.encoder...` and
+    `encoder...`). Raises AdapterError for a method or option jaxft does not implement, an unexpected or missing
+    tensor, or one whose shape does not fit the config and the base model of `cfg`.
     """
     path = Path(path)
     conf = read_config(path)
@@ -155,15 +198,21 @@ def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
     if peft_type not in PEFT_TYPES:
         raise AdapterError(f"{source}: peft_type {peft_type!r} is not supported (jaxft reads LORA adapters, with "
                            f"use_rslora and use_dora, IA3, PREFIX_TUNING and PROMPT_TUNING)")
-    if conf.get("task_type") not in (None, "CAUSAL_LM"):
-        raise AdapterError(f"{source}: task_type {conf['task_type']!r} is not supported (jaxft runs CAUSAL_LM "
-                           f"models)")
+    task_type, kind = conf.get("task_type"), family_of(cfg).KIND
+    if task_type not in _TASK_TYPES:
+        raise AdapterError(f"{source}: task_type {task_type!r} is not supported (jaxft reads "
+                           f"{', '.join(t for t in _TASK_TYPES if t)} adapters, or none)")
+    if _TASK_TYPES[task_type] and kind not in _TASK_TYPES[task_type]:
+        raise AdapterError(f"{source}: task_type {task_type!r} is for {' or '.join(_TASK_TYPES[task_type])} "
+                           f"models, and this base is {_a(kind)} model ({cfg.model_type})")
     file = path / WEIGHTS
     if not file.is_file():
         extra = " (adapter_model.bin is not read: re-save it with safetensors)" if (
             path / "adapter_model.bin").is_file() else ""
         raise AdapterError(f"{file}: not found{extra}")
     arrays = _read_tensors(file)
+    conf = dict(conf)
+    head, arrays = _head_load(arrays, conf.pop("modules_to_save", None), task_type, cfg, source, file)
     if peft_type == "LORA":
         spec = _lora_spec(conf, source)
         trainable = _lora_tree(arrays, spec, cfg, file)
@@ -173,6 +222,8 @@ def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
     else:
         from jaxft.peft import hf_prompts
         trainable, spec = hf_prompts.load(conf, arrays, cfg, source, file)
+    if head:
+        trainable["head"] = head
     shapes.check(trainable, spec, cfg, str(file))
     return trainable, spec
 
@@ -205,27 +256,96 @@ def refuse_unknown(conf: dict, fields: set[str], source: str, what: str) -> None
                                f"adapter computes; jaxft reads {what})")
 
 
-def tensor_names(cfg: LlamaConfig, suffixes) -> dict[str, tuple[str, int, str]]:
+def tensor_names(cfg: LlamaConfig, suffixes, prefix: str | None = None) -> dict[str, tuple[str, int, str]]:
     """Every PEFT tensor name `<PREFIX><module>.<suffix>` a model of `cfg` can have -> (jaxft module, layer,
-    suffix), over its layered linear weights."""
-    return {f"{PREFIX}{hf.format(i=i)}.{suffix}": (module, i, suffix) for module, hf in _modules(cfg).items()
-            for i in range(cfg.n_layers) for suffix in suffixes}
+    suffix), over its layered linear weights, with the module paths of the class whose backbone prefix is
+    `prefix` (None: the TABLE's own naming)."""
+    return {f"{PREFIX}{hf.format(i=i)}.{suffix}": (module, i, suffix)
+            for module, (hf, n_layers) in _modules(cfg, prefix).items()
+            for i in range(n_layers) for suffix in suffixes}
 
 
-def _lora_save(flat: dict, spec: LoraSpec, cfg: LlamaConfig, run: dict):
-    modules = _modules(cfg)
+def task_head(head: dict, target: mapping.PeftClass, cfg, run: dict) -> dict[str, np.ndarray]:
+    """The transformers tensors ('classifier.weight' (C, D), 'classifier.bias' (C,)) of the task head `head`
+    (path -> array: head/<name>/w (D, C), b (C,)) in the class `target`; {} for no head.
+
+    Raises AdapterError where the class has no such module, has a head and the adapter none (it would stay as
+    transformers initializes it), or would compute it from other hidden states (head.pool, from run["head"]).
+    """
+    if not head:
+        if target.head:
+            raise AdapterError(f"{target.name} has a task head ({target.head}), which PEFT saves with the adapter, "
+                               f"and this adapter has none: it would stay as transformers initializes it; export "
+                               f"for a class without one (base_class / --base-class)")
+        return {}
+    names = sorted({p.split("/")[1] for p in head})
+    listed = ", ".join(sorted(head))
+    if set(names) <= {"transform", "norm", "bias"}:  # a masked-LM head trained from scratch (no checkpoint had one)
+        raise AdapterError(f"the adapter's masked-LM head ({listed}) has no form in PEFT's format (PEFT would save "
+                           f"the head with its tied embedding); export it merged (--merged OUT)")
+    if target.head is None:
+        raise AdapterError(f"{target.name} has no task head for the adapter's head ({listed}); export for the "
+                           f"class of the task it was trained for (base_class / --base-class)")
+    if names != [target.head]:
+        raise AdapterError(f"the adapter's head ({listed}) is not {target.name}'s {target.head}")
+    pool = run.get("head", {}).get("pool", "default")
+    if target.task_type == "SEQ_CLS" and pool != "default":
+        expected = "cls" if family_of(cfg).KIND == "encoder" else "last"
+        if pool != expected:
+            raise AdapterError(f"head.pool={pool!r}: {target.name} reads the {expected} position, so PEFT would "
+                               f"compute other logits; train with head.pool='default' to export the head")
+    if target.task_type == "SEQ_CLS" and family_of(cfg).KIND == "encoder" and not getattr(cfg, "pooler", True):
+        raise AdapterError(f"this base has no pooler, which {target.name} puts before its classifier (jaxft "
+                           f"mean-pools instead): PEFT would compute other logits")
+    name = target.head
+    tensors = {f"{name}.weight": np.asarray(head[f"head/{name}/w"]).T}
+    if f"head/{name}/b" in head:
+        tensors[f"{name}.bias"] = np.asarray(head[f"head/{name}/b"])
+    return tensors
+
+
+def _head_load(arrays: dict, modules_to_save, task_type, cfg, source: str, file: Path) -> tuple[dict, dict]:
+    """(the head tree {name: {w, b}} or {}, the other tensors) of a PEFT adapter whose config lists
+    `modules_to_save`: jaxft reads the task heads (classifier, score) there, nothing else."""
+    listed = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
+    if any(m not in _HEADS for m in listed):
+        raise AdapterError(f"{source}: modules_to_save={json.dumps(modules_to_save)} is not supported by jaxft (it "
+                           f"changes what the adapter computes; jaxft reads the task heads {' and '.join(_HEADS)} "
+                           f"there)")
+    found = [m for m in listed if f"{PREFIX}{m}.weight" in arrays]
+    if not found:
+        if task_type in ("SEQ_CLS", "TOKEN_CLS"):
+            raise AdapterError(f"{source}: task_type {task_type!r} comes with the task head PEFT saves beside the "
+                               f"adapter ({' or '.join(f'{PREFIX}{m}.weight' for m in _HEADS)}, listed in "
+                               f"modules_to_save), and {file.name} holds none")
+        return {}, arrays
+    kind = family_of(cfg).KIND
+    ours = {"encoder": "classifier", "decoder": "score"}.get(kind)
+    if found != [ours]:
+        raise AdapterError(f"{file}: holds the head {', '.join(found)}; the head of {_a(kind)} model is "
+                           f"{ours or 'not read by jaxft'}")
+    name = f"{PREFIX}{ours}"
+    head = {"w": arrays[f"{name}.weight"].T}
+    if f"{name}.bias" in arrays:
+        head["b"] = arrays[f"{name}.bias"]
+    rest = {k: v for k, v in arrays.items() if k not in (f"{name}.weight", f"{name}.bias")}
+    return {ours: head}, rest
+
+
+def _lora_save(flat: dict, spec: LoraSpec, cfg: LlamaConfig, run: dict, prefix: str):
+    modules = _modules(cfg, prefix)
     adapted = sorted({p.rsplit("/", 1)[0] for p in flat})
     tensors = {}
     for module in adapted:
         for suffix, (leaf, transpose) in _LORA_TENSORS.items():
             for i, x in enumerate(flat.get(f"{module}/{leaf}", ())):
-                tensors[f"{PREFIX}{modules[module].format(i=i)}.{suffix}"] = x.T if transpose else x
+                tensors[f"{PREFIX}{modules[module][0].format(i=i)}.{suffix}"] = x.T if transpose else x
     alpha = spec.alpha
     init = run.get("lora", {}).get("init", "kaiming")
     # As PEFT's LoraConfig writes it (its other fields keep their defaults when read).
     config = {
         "peft_type": "LORA", "r": spec.rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": spec.dropout, "target_modules": _target_names([modules[m] for m in adapted], modules),
+        "lora_dropout": spec.dropout, "target_modules": _target_names(adapted, modules, cfg),
         "exclude_modules": None, "bias": "none", "fan_in_fan_out": False, "use_rslora": spec.rslora,
         "use_dora": spec.dora, "init_lora_weights": "gaussian" if init == "gaussian" else True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
@@ -236,17 +356,17 @@ def _lora_save(flat: dict, spec: LoraSpec, cfg: LlamaConfig, run: dict):
 
 
 def _lora_tree(arrays: dict, spec: LoraSpec, cfg: LlamaConfig, file: Path) -> dict:
-    names = tensor_names(cfg, _LORA_TENSORS)
+    names = _recognized(arrays, cfg, _LORA_TENSORS)
     adapted = {names[n][0] for n in arrays if n in names}
     wanted = {n: v for n, v in names.items()
               if v[0] in adapted and (spec.dora or _LORA_TENSORS[v[2]][0] != "magnitude")}
-    _refuse_strays(arrays, wanted, file, f"LoRA{'/DoRA' if spec.dora else ''} tensors of the linear layers, all "
-                                         f"{cfg.n_layers} layers of each adapted module")
+    _refuse_strays(arrays, wanted, file, f"LoRA{'/DoRA' if spec.dora else ''} tensors of the linear layers, every "
+                                         f"layer of each adapted module")
     layers: dict[str, list] = {}
     for name, (module, layer, suffix) in wanted.items():
         leaf, transpose = _LORA_TENSORS[suffix]
-        layers.setdefault(f"{module}/{leaf}", [None] * cfg.n_layers)[layer] = arrays[name].T if transpose else \
-            arrays[name]
+        layers.setdefault(f"{module}/{leaf}", [None] * _n_layers(cfg, module))[layer] = \
+            arrays[name].T if transpose else arrays[name]
     return _stacked(layers, file)
 
 
@@ -271,37 +391,36 @@ def _lora_spec(conf: dict, source: str) -> LoraSpec:
                     dora=bool(conf.get("use_dora")))
 
 
-def _ia3_save(flat: dict, cfg: LlamaConfig):
-    modules = _modules(cfg)
+def _ia3_save(flat: dict, cfg: LlamaConfig, prefix: str):
+    modules = _modules(cfg, prefix)
     tensors, scaled, inputs = {}, [], []
     for path, x in sorted(flat.items()):
         module, leaf = path.rsplit("/", 1)
-        scaled.append(modules[module])
+        scaled.append(module)
         if leaf == "ia3_in":
-            inputs.append(modules[module])
+            inputs.append(module)
         for i, v in enumerate(x):  # (L, in) -> (1, in) per layer; (L, out) -> (out, 1)
-            tensors[f"{PREFIX}{modules[module].format(i=i)}.ia3_l"] = v[None, :] if leaf == "ia3_in" else v[:, None]
-    # As PEFT's IA3Config writes it.
-    config = {"peft_type": "IA3", "target_modules": _target_names(scaled, modules), "exclude_modules": None,
-              "feedforward_modules": _target_names(inputs, modules), "fan_in_fan_out": False,
+            tensors[f"{PREFIX}{modules[module][0].format(i=i)}.ia3_l"] = v[None, :] if leaf == "ia3_in" else v[:, None]
+    # As PEFT's IA3Config writes it. PEFT reads a feed-forward name as a plain end of the module path.
+    config = {"peft_type": "IA3", "target_modules": _target_names(scaled, modules, cfg), "exclude_modules": None,
+              "feedforward_modules": _target_names(inputs, modules, cfg, dotted=False), "fan_in_fan_out": False,
               "modules_to_save": None, "init_ia3_weights": True}
     return tensors, config, "IA3"
 
 
 def _ia3_tree(arrays: dict, feedforward, cfg: LlamaConfig, file: Path) -> dict:
-    names = tensor_names(cfg, ("ia3_l",))
+    names = _recognized(arrays, cfg, ("ia3_l",))
     adapted = {names[n][0] for n in arrays if n in names}
     wanted = {n: v for n, v in names.items() if v[0] in adapted}
-    _refuse_strays(arrays, wanted, file, f"IA3 vectors of the linear layers, all {cfg.n_layers} layers of each "
-                                         f"adapted module")
-    base, modules = expected_shapes(cfg), _modules(cfg)
+    _refuse_strays(arrays, wanted, file, "IA3 vectors of the linear layers, every layer of each adapted module")
+    base = _shapes(cfg)
     layers: dict[str, list] = {}
     for name, (module, layer, _) in wanted.items():
         x = arrays[name]
         _, d_in, d_out = base[f"{module}/w"]
         # Scaled at the input where PEFT's rule says so (feedforward_modules: a regex the module path must match,
         # or names it must end with); a config without the list is read from the shapes.
-        hf = modules[module].format(i=layer)
+        hf = name.removeprefix(PREFIX).removesuffix(".ia3_l")
         if feedforward is None:
             at_input = x.shape[:1] == (1,) and x.shape != (1, 1)
         elif isinstance(feedforward, str):
@@ -312,8 +431,8 @@ def _ia3_tree(arrays: dict, feedforward, cfg: LlamaConfig, file: Path) -> dict:
         if x.shape != want:
             raise AdapterError(f"{file}: {name} has shape {x.shape}, but {'a feed-forward' if at_input else 'an'} "
                                f"IA3 vector of this base needs {want}: it was made for another model")
-        layers.setdefault(f"{module}/{'ia3_in' if at_input else 'ia3_out'}", [None] * cfg.n_layers)[layer] = \
-            x.reshape(-1)
+        layers.setdefault(f"{module}/{'ia3_in' if at_input else 'ia3_out'}",
+                          [None] * _n_layers(cfg, module))[layer] = x.reshape(-1)
     for path, xs in layers.items():
         if any(x is None for x in xs):
             raise AdapterError(f"{file}: {path.rsplit('/', 1)[0]} is scaled at its input in some layers and at "
@@ -341,12 +460,31 @@ def _stacked(layers: dict[str, list], file: Path) -> dict:
     return tree.unflatten(flat)
 
 
-def _target_names(adapted: list[str], modules: dict[str, str]) -> list[str]:
-    # PEFT matches a target against the end of a module path: the short name ('q_proj') where it is unique
-    # among the model's linear layers, else the path after the layer index ('self_attn.q_proj').
-    short = [m.rsplit(".", 1)[1] for m in modules.values()]
-    return sorted({m.rsplit(".", 1)[1] if short.count(m.rsplit(".", 1)[1]) == 1 else m.split("{i}.", 1)[1]
-                   for m in adapted})
+def _target_names(chosen: list[str], modules: dict, cfg, dotted: bool = True) -> list[str] | str:
+    """PEFT's `target_modules` (or `feedforward_modules`, `dotted=False`) naming exactly the jaxft modules
+    `chosen` among the model's linear layers. PEFT takes a module whose path ends with '.' + a name (a plain
+    end for feed-forward names): each module is named by the shortest end of its path after the layer index
+    that names only chosen modules ('q_proj'; 'output.dense', which BERT's attention.output.dense also ends
+    with), and where no end does (T5's encoder and decoder self-attention end alike), by a regex over full
+    paths, which PEFT matches whole."""
+    if not chosen:
+        return []
+    # The model's other linear layers (pooler, heads): a name must not reach them either.
+    others = [e.hf.rsplit(".", 1)[0] for e in family_of(cfg).TABLE if e.transpose and "{i}" not in e.hf]
+    paths = {t for t, _ in modules.values()} | set(others) | set(_HEADS)
+    picked = {modules[m][0] for m in chosen}
+    ends = lambda path, name: path.endswith(("." if dotted else "") + name)
+    names = set()
+    for template in sorted(picked):
+        parts = template.split("{i}.", 1)[-1].split(".")
+        for k in range(len(parts) - 1, -1, -1):
+            name = ".".join(parts[k:])
+            if all(p in picked for p in paths if ends(p, name)):
+                names.add(name)
+                break
+        else:
+            return "(" + "|".join(re.escape(t).replace(r"\{i\}", r"\d+") for t in sorted(picked)) + ")"
+    return sorted(names)
 
 
 def _read_tensors(file: Path) -> dict[str, np.ndarray]:
@@ -360,9 +498,42 @@ def _read_tensors(file: Path) -> dict[str, np.ndarray]:
         raise AdapterError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def _modules(cfg: LlamaConfig) -> dict[str, str]:
-    """jaxft module path -> HF module path with `{i}` for the layer, for each layered linear weight of `cfg`:
-    'layers/attn/q_proj' -> 'model.layers.{i}.self_attn.q_proj'."""
-    table = TABLES[cfg.model_type]
-    return {e.path.rsplit("/", 1)[0]: hf_module(e.path, table) for e in table
-            if e.transpose and "{i}" in e.hf and e.path.endswith("/w")}
+@functools.lru_cache(maxsize=16)
+def _shapes(cfg) -> dict[str, tuple[int, ...]]:
+    return expected_shapes(cfg)
+
+
+def _n_layers(cfg, module: str) -> int:
+    return _shapes(cfg)[f"{module}/w"][0]
+
+
+def _modules(cfg, prefix: str | None = None) -> dict[str, tuple[str, int]]:
+    """jaxft module path -> (HF module path with `{i}` for the layer, number of layers), for each layered linear
+    weight of `cfg`, named inside the class whose backbone prefix is `prefix` (None: the TABLE's naming):
+    'layers/attn/q_proj' -> ('model.layers.{i}.self_attn.q_proj', L)."""
+    backbone, _ = _classes(cfg)
+    prefix = backbone if prefix is None else prefix
+    shapes = _shapes(cfg)
+    return {e.path.rsplit("/", 1)[0]: (prefix + e.hf.rsplit(".", 1)[0].removeprefix(backbone), shapes[e.path][0])
+            for e in family_of(cfg).TABLE
+            if e.transpose and "{i}" in e.hf and e.path.endswith("/w") and e.path in shapes}
+
+
+def _classes(cfg):
+    try:
+        return mapping.peft_classes(cfg)
+    except KeyError as e:
+        raise AdapterError(str(e.args[0])) from None
+
+
+def _recognized(arrays: dict, cfg, suffixes) -> dict[str, tuple[str, int, str]]:
+    """`tensor_names` under the naming of the class that names most of `arrays` (the TABLE's on a tie): PEFT
+    adapters for BertModel and for BertFor... (`bert.`) both load."""
+    backbone, classes = _classes(cfg)
+    prefixes = [backbone] + sorted({c.prefix for c in classes.values()} - {backbone})
+    candidates = [tensor_names(cfg, suffixes, p) for p in prefixes]
+    return max(candidates, key=lambda names: sum(n in names for n in arrays))
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxft import tree
+from jaxft.models import family_of
 from jaxft.models.config import LlamaConfig
 from jaxft.peft.hf_format import refuse_unknown
 from jaxft.peft.method import AdapterError, MethodSpec
@@ -37,6 +38,7 @@ def save(flat: dict, spec: MethodSpec, cfg: LlamaConfig, run: dict, base_model: 
     flat: the trainable tree by path (numpy); run: the training config, for prefix.projection (PEFT records
     the MLP's width) and prompt.init / init_text (PEFT records how the prompt started).
     """
+    _decoder_only(cfg, "jaxft exports")
     n = spec.virtual_tokens
     common = {"num_virtual_tokens": n, "num_layers": cfg.n_layers, "num_transformer_submodules": 1,
               "modules_to_save": None}
@@ -67,6 +69,7 @@ def load(conf: dict, arrays: dict, cfg: LlamaConfig, source: str, file: Path) ->
     """
     peft_type = conf["peft_type"]
     prefix = peft_type == "PREFIX_TUNING"
+    _decoder_only(cfg, f"{source}: jaxft reads")
     refuse_unknown(conf, _FIELDS[peft_type], source, f"{peft_type} of decoder-only models")
     n = conf.get("num_virtual_tokens")
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
@@ -94,3 +97,13 @@ def load(conf: dict, arrays: dict, cfg: LlamaConfig, source: str, file: Path) ->
     pair = x.reshape(n, cfg.n_layers, 2, kv).transpose(1, 2, 0, 3).astype(np.float32)  # (L, 2, P, K*H)
     return ({"layers": {"attn": {"prefix_k": pair[:, 0], "prefix_v": pair[:, 1]}}},
             MethodSpec("prefix", virtual_tokens=n))
+
+
+def _decoder_only(cfg, what: str) -> None:
+    """PEFT lays prompts out per task class (two sets for encoder-decoders, none through a plain PeftModel);
+    jaxft matches its layout for decoder-only models."""
+    kind = family_of(cfg).KIND
+    if kind != "decoder":
+        raise AdapterError(f"{what} prefix and prompt tuning in PEFT's format for decoder-only models; this base "
+                           f"is {'an' if kind[0] in 'aeiou' else 'a'} {kind} model ({cfg.model_type}): keep the "
+                           f"jaxft adapter")

@@ -17,16 +17,23 @@ from jaxft import tree
 from jaxft.peft.method import PeftError
 from jaxft.quant import as_dense
 
-# PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for the family.
+# PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for the LLaMA
+# family; other families name theirs as IA3_TARGETS / IA3_FEEDFORWARD in their module.
 DEFAULT_TARGETS = r"layers/(attn/(k_proj|v_proj)|mlp/down_proj)/w"
 DEFAULT_FEEDFORWARD = r"layers/mlp/down_proj/w"
 
 
-def target_paths(base: dict, targets: str, feedforward: str) -> tuple[list[str], list[str]]:
+def target_paths(base: dict, targets: str, feedforward: str,
+                 model_type: str = "llama") -> tuple[list[str], list[str]]:
     """(paths scaled at the output, paths scaled at the input): `targets` and `feedforward` are regexes over
-    weight paths ('default': as PEFT); feed-forward paths must be among the targets."""
-    targets = DEFAULT_TARGETS if targets == "default" else targets
-    feedforward = DEFAULT_FEEDFORWARD if feedforward == "default" else feedforward
+    weight paths ('default': as PEFT for the family of `model_type`); feed-forward paths must be among the
+    targets."""
+    from jaxft.models import family
+
+    module = family(model_type)
+    targets = getattr(module, "IA3_TARGETS", DEFAULT_TARGETS) if targets == "default" else targets
+    if feedforward == "default":
+        feedforward = getattr(module, "IA3_FEEDFORWARD", DEFAULT_FEEDFORWARD)
     shapes = {p: tuple(x.shape) for p, x in tree.items(base)}
     try:
         paths = [p for p in tree.select(base, targets) if p.endswith("/w") and len(shapes[p]) == 3]

@@ -2,7 +2,10 @@
 
 Every adapter that jaxft reads (its own, or PEFT's) goes through `check` before it is used, so that an adapter
 made for another architecture or size is refused with the first leaf that does not fit, never run. (An adapter
-for a different model of the same shapes cannot be told apart.) The layouts are those of `jaxft.peft.method`.
+for a different model of the same shapes cannot be told apart.) The layouts are those of `jaxft.peft.method`,
+plus a task head under `head/` (`jaxft.tasks`) beside any method but features (which is all head/):
+head/classifier or head/score {w (D, C), b (C,)}, or a masked-LM head {transform/{w,b}, norm/{scale,bias},
+bias (V,)}.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ def check(trainable: dict, spec, cfg, source: str) -> None:
     """Raises AdapterError naming `source` and the leaf, unless `trainable` is a tree of the method of `spec`
     (a LoraSpec, MethodSpec or FeatureSpec) whose every leaf has the shape it needs over a base of `cfg`."""
     flat = {p: tuple(x.shape) for p, x in tree.items(trainable)}
-    if not flat:
-        raise AdapterError(f"{source}: the adapter holds no tensors")
-    method = method_of(spec)
-    base = expected_shapes(cfg)
     about = (f"this base is a {cfg.model_type} model with {cfg.n_layers} layers, width {cfg.dim}, mlp width "
              f"{cfg.mlp_dim}, {cfg.n_heads} heads of {cfg.head_dim}, {cfg.n_kv_heads} kv heads")
+    method = method_of(spec)
+    if method != "features":  # (whose whole tree is its head/)
+        _check_head({p: s for p, s in flat.items() if p.startswith("head/")}, cfg, source, about)
+        flat = {p: s for p, s in flat.items() if not p.startswith("head/")}
+    if not flat:
+        raise AdapterError(f"{source}: the adapter holds no tensors")
+    base = expected_shapes(cfg)
     if method == "lora":
         _check_lora(flat, spec if isinstance(spec, LoraSpec) else as_method(spec).lora, base, source, about)
         return
@@ -103,3 +109,28 @@ def _check_lora(flat: dict, spec: LoraSpec, base: dict, source: str, about: str)
             if got != shape:
                 raise AdapterError(f"{source}: {module}/{leaf} has shape {got}, but a rank-{spec.rank} adapter of "
                                    f"this base needs {shape}: it was made for another model ({about})")
+
+
+def _check_head(flat: dict, cfg, source: str, about: str) -> None:
+    """A task head: a linear layer over the hidden states (D, C) + (C,), or a masked-LM head (D -> V)."""
+    if not flat:
+        return
+    names = sorted({p.split("/")[1] for p in flat})
+    if set(names) <= {"transform", "norm", "bias"}:
+        d = cfg.dim
+        want = {"head/transform/w": (d, d), "head/transform/b": (d,), "head/norm/scale": (d,),
+                "head/norm/bias": (d,), "head/bias": (cfg.vocab_size,)}
+    elif len(names) == 1 and f"head/{names[0]}/w" in flat:
+        n_labels = flat[f"head/{names[0]}/w"][-1]
+        want = {f"head/{names[0]}/w": (cfg.dim, n_labels)}
+        if f"head/{names[0]}/b" in flat:
+            want[f"head/{names[0]}/b"] = (n_labels,)
+    else:
+        raise AdapterError(f"{source}: {', '.join(sorted(flat))} is not a task head (head/<name>/w, optionally b)")
+    for path in sorted(set(flat) | set(want)):
+        if path not in flat or path not in want:
+            raise AdapterError(f"{source}: {path} {'is missing from' if path in want else 'is not part of'} the "
+                               f"task head")
+        if flat[path] != want[path]:
+            raise AdapterError(f"{source}: {path} has shape {flat[path]}, but this base needs {want[path]}: it was "
+                               f"made for another model ({about})")

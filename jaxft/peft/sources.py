@@ -50,7 +50,8 @@ def init_from(config, cfg, fresh: dict[str, tuple[int, ...]], spec: MethodSpec) 
 
     fresh: path -> shape of the tree `jaxft.peft.build` creates for `config`; spec: its MethodSpec. The adapter
     must be that tree: same method, same shaping settings (rank, alpha, targets, lengths, ...), same leaves and
-    shapes. Raises PeftError naming the config field, its value and the adapter's.
+    shapes; a task head it holds (head/..., e.g. from a PEFT SEQ_CLS adapter) is returned with it. Raises
+    PeftError naming the config field, its value and the adapter's.
     """
     path, method = config.peft.init_from, config.peft.method
     try:
@@ -61,7 +62,8 @@ def init_from(config, cfg, fresh: dict[str, tuple[int, ...]], spec: MethodSpec) 
     where = f"the adapter at {path} (peft.init_from)"
     if method_of(loaded) != method:
         raise PeftError(f"peft.method={method!r}, but {where} is a {method_of(loaded)!r} adapter")
-    flat = {p: tuple(x.shape) for p, x in tree.items(trainable)}
+    # The method's leaves are compared; a task head (head/...) comes back as it is, for the task to keep.
+    flat = {p: tuple(x.shape) for p, x in tree.items(trainable) if method == "features" or not p.startswith("head/")}
     for field, want, got in _settings(method, config, loaded, flat):
         if want != got:
             hint = ("; set prefix.projection=0 to train the prefixes themselves"

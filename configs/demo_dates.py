@@ -14,14 +14,14 @@ def get_config() -> ml_collections.ConfigDict:
     c = config_lib.load(Path(__file__).with_name("default_lora.py"))
     with c.unlocked():
         c.data.system_prompt = "You rewrite dates."  # short: the template's default system prompt is long
-        c.train.steps = 60
+        c.train.steps = 30
         c.train.batch_size = 8
         c.train.seq_len = 128
         c.train.learning_rate = 1e-3
         c.train.warmup_steps = 5
-        c.train.eval_every = 20
+        c.train.eval_every = 15
         c.train.eval_batches = 2
-        c.train.save_every = 60
+        c.train.save_every = 30
         c.lora.rank = 8
         c.lora.alpha = 16.0
         c.lora.dropout = 0.0

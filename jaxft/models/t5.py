@@ -242,19 +242,26 @@ def init_cache(cfg: Config, batch: int, length: int, dtype=jnp.float32) -> dict:
 
 def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict | None = None, peft=None,
            rng=None, dtype=jnp.float32, layout=None):
-    """tokens (B, S) int -> the encoder's final-normed hidden states (B, S, D) in `dtype`.
+    """tokens (B, S) int -> the encoder's final-normed hidden states (B, S, D) in `dtype`; with prompt tuning
+    (B, P + S, D): the P soft-prompt positions first, which the decoder reads too (see `encoder_segments`).
 
     segment_ids (B, S): 0 marks padding (default all ones). `trainable` / `peft` as in `forward`.
     """
-    from jaxft.peft import method
+    from jaxft.peft import method, prompt
     spec = method.as_method(peft)
     trainable, spec = method.resolve(spec, base, trainable)
     params = overlay(base, trainable)
     b, s = tokens.shape
     segment_ids = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids
-    x = constrain(as_dense(params["shared"]["w"], dtype)[tokens], ("batch", "seq", "embed"), layout)
+    x = as_dense(params["shared"]["w"], dtype)[tokens]
+    if trainable and "prompt" in trainable:  # as PEFT for SEQ_2_SEQ_LM: the soft prompt before the encoder input
+        x, _, segment_ids = prompt.prepend(spec, trainable["prompt"]["embeddings"], x, jnp.zeros((b, s), jnp.int32),
+                                           segment_ids)
+        s = x.shape[1]
+    x = constrain(x, ("batch", "seq", "embed"), layout)
     idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     mask = attention_mask(segment_ids, idx, idx, segment_ids, idx, idx, 0, causal=False)
+    mask |= (segment_ids[:, :, None] < 0) & (segment_ids[:, None, :] != 0)  # the prompt sees the whole input
     bias = position_bias(params["encoder"]["rel_bias"]["w"], jnp.arange(s), jnp.arange(s), cfg, bidirectional=True)
     body = partial(_encoder_layer, cfg, spec, bias.astype(dtype), mask, layout=layout)
 
@@ -268,6 +275,17 @@ def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict
     return rms_norm(x, params["encoder"]["final_norm"]["scale"], cfg.norm_eps)
 
 
+def encoder_segments(segment_ids, trainable: dict | None):
+    """The segment ids (B, S) of the encoder input -> those of `encode`'s output: with prompt tuning, the soft
+    prompt's P positions first, in the shared segment that every decoder query sees."""
+    if not trainable or "prompt" not in trainable:
+        return segment_ids
+    from jaxft.peft.prompt import SHARED_SEGMENT
+    n = trainable["prompt"]["embeddings"].shape[0]
+    shared = jnp.full((segment_ids.shape[0], n), SHARED_SEGMENT, segment_ids.dtype)
+    return jnp.concatenate([shared, segment_ids], 1)
+
+
 def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=None, dec_segment_ids=None,
             trainable: dict | None = None, peft=None, rng=None, dtype=jnp.float32, cache: dict | None = None,
             encoded=None, return_hidden: bool = False, layout=None):
@@ -277,7 +295,11 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     the output of `encode`, skips the encoder (enc_tokens may then be None); so does a cache that already holds
     the cross-attention keys. With `cache` (see `init_cache`), the T decoder tokens are written at
     `cache["index"]` and attend to everything cached before them. `trainable` / `peft` as in
-    `jaxft.models.llama.forward` (LoRA, IA3, bottleneck adapters, full or partial; `rng` enables LoRA dropout).
+    `jaxft.models.llama.forward` (LoRA, IA3, bottleneck adapters, full or partial; `rng` enables LoRA dropout),
+    and as HF PEFT runs T5: prompt tuning (the soft prompt before the encoder input, `encode`) and prefix tuning
+    (`decoder/layers/self_attn/prefix_k`, `prefix_v` (Ld, P, N*H): P keys and values before the decoder's, at
+    relative positions 0..P-1, the decoder text from P on; the encoder and cross-attention get none).
+    enc_segment_ids are always those of enc_tokens (the prompt's are added here).
     With `return_hidden`, returns the decoder's final-normed hidden states (B, T, D) instead of logits.
     """
     from jaxft.peft import method
@@ -288,9 +310,12 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     cross_cached = cache is not None and "cross_k" in cache
     if cross_cached:
         enc_segment_ids = cache["enc_segment_ids"]
-    elif encoded is None:
-        encoded = encode(cfg, base, enc_tokens, segment_ids=enc_segment_ids, trainable=trainable, peft=spec,
-                         rng=enc_rng, dtype=dtype, layout=layout)
+    else:
+        if encoded is None:
+            encoded = encode(cfg, base, enc_tokens, segment_ids=enc_segment_ids, trainable=trainable, peft=spec,
+                             rng=enc_rng, dtype=dtype, layout=layout)
+        if enc_segment_ids is not None:
+            enc_segment_ids = encoder_segments(enc_segment_ids, trainable)
     if enc_segment_ids is None:
         enc_segment_ids = jnp.ones(encoded.shape[:2], jnp.int32)
     b, t = dec_tokens.shape
@@ -309,9 +334,15 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     s = enc_segment_ids.shape[1]
     e_idx = jnp.zeros((b, s), jnp.int32)
     cross_mask = attention_mask(dec_segment_ids, bq, bq, enc_segment_ids, e_idx, e_idx, 0, causal=False)
-    bias = position_bias(params["decoder"]["rel_bias"]["w"], q_idx, k_idx, cfg, bidirectional=False)
+    n_prefix = spec.virtual_tokens if spec is not None and spec.method == "prefix" else 0
+    if n_prefix:  # as PEFT: P past keys and values at positions 0..P-1 of the decoder; the text from P on
+        bias = position_bias(params["decoder"]["rel_bias"]["w"], q_idx + n_prefix,
+                             jnp.concatenate([jnp.arange(n_prefix, dtype=jnp.int32), k_idx + n_prefix]), cfg,
+                             bidirectional=False)
+    else:
+        bias = position_bias(params["decoder"]["rel_bias"]["w"], q_idx, k_idx, cfg, bidirectional=False)
     body = partial(_decoder_layer, cfg, spec, bias.astype(dtype), self_mask, cross_mask,
-                   None if cache is None else index, layout=layout)
+                   None if cache is None else index, dec_segment_ids, layout=layout)
 
     def step(x, xs):
         base_l, train_l, rng_l, kv, cross = xs
@@ -503,15 +534,16 @@ def _encoder_layer(cfg: Config, spec, bias, mask, x, p, rng, *, layout=None):
     return constrain(x + out, ("batch", "seq", "embed"), layout)
 
 
-def _decoder_layer(cfg: Config, spec, bias, self_mask, cross_mask, index, x, p, rng, kv, cross, encoded, *,
-                   layout=None):
+def _decoder_layer(cfg: Config, spec, bias, self_mask, cross_mask, index, segment_ids, x, p, rng, kv, cross,
+                   encoded, *, layout=None):
     """One decoder block: x (B, T, D) -> (x, (kv, new cross)).
 
-    kv: this layer's self-attention cache slots (k, v), written at `index`, or None without a cache; cross: the
+    kv: this layer's self-attention cache slots (k, v), written at `index`, or None without a cache (the prefix of
+    prefix tuning stays outside it, as in `jaxft.models.llama`); segment_ids (B, T): the queries'; cross: the
     cached cross-attention keys and values, or None to compute them from `encoded` (B, S, D). The new cross
     keys and values are returned only where a cache is being filled (else None, so no scan output stacks them).
     """
-    from jaxft.peft import adapters
+    from jaxft.peft import adapters, prefix
     lora = None if spec is None else spec.lora
     rngs = [None] * 11 if rng is None else list(jax.random.split(rng, 11))
     attn = p["self_attn"]
@@ -522,6 +554,8 @@ def _decoder_layer(cfg: Config, spec, bias, self_mask, cross_mask, index, x, p, 
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
         kv = (k, v)
         k, v = k.astype(x.dtype), v.astype(x.dtype)
+    if "prefix_k" in attn:  # prefix tuning: learned keys and values before the text's
+        k, v, self_mask = prefix.extend(attn, k, v, self_mask, segment_ids)
     o = dense(_attend(q, k, v, bias, self_mask), attn["o_proj"], lora, rngs[3])
     if "adapter" in attn:
         o = adapters.bottleneck(o, attn["adapter"], spec)

@@ -35,7 +35,7 @@ _UNMERGEABLE = {
 def build(key, base: dict, config, cfg, tokenizer=None) -> tuple[dict, MethodSpec]:
     """(trainable tree, MethodSpec) of `config.peft.method` with the settings of `config.<method>`.
 
-    cfg: the model's LlamaConfig; tokenizer: needed by prompt.init='text'. Traceable (the trainer runs it under
+    cfg: the model's Config (any family); tokenizer: needed by prompt.init='text'. Traceable (the trainer runs it under
     jit to create the tree in its shards). With `config.peft.init_from` (a PEFT adapter directory, a jaxft
     adapter or a training workdir) the tree is that adapter's, which must be the tree the config would create
     (`jaxft.peft.sources.init_from`). Raises PeftError naming a setting that cannot be used.
@@ -68,7 +68,9 @@ def _fresh(key, base: dict, config, cfg, tokenizer) -> tuple[dict, MethodSpec]:
         c = config.adapter
         if c.activation not in adapters.ACTIVATIONS:
             raise PeftError(f"adapter.activation: {c.activation!r} is not one of {', '.join(adapters.ACTIVATIONS)}")
-        return (adapters.init(key, cfg.n_layers, cfg.dim, c.size, c.placement),
+        paths = tree.flatten(base)
+        attn = "self_attn" if any("/self_attn/" in p for p in paths) else "attn"  # T5 names it self_attn
+        return (adapters.init(key, full.stacks(base), cfg.dim, c.size, c.placement, attn),
                 MethodSpec("adapter", activation=c.activation))
     if method == "prefix":
         c = config.prefix
@@ -77,7 +79,7 @@ def _fresh(key, base: dict, config, cfg, tokenizer) -> tuple[dict, MethodSpec]:
     if method == "prompt":
         c = config.prompt
         n = _virtual_tokens("prompt.length", c.length, config.train.seq_len, cfg.max_seq_len)
-        return (prompt.init(key, base["embed"]["w"], n, c.init, c.init_text, tokenizer),
+        return (prompt.init(key, _embedding(base), n, c.init, c.init_text, tokenizer),
                 MethodSpec("prompt", virtual_tokens=n))
     if method == "ia3":
         out_paths, in_paths = ia3.target_paths(base, config.ia3.targets, config.ia3.feedforward, cfg.model_type)
@@ -137,6 +139,12 @@ def merge(base: dict, trainable: dict, spec, dtype=None) -> dict:
         old = flat[path]
         flat[path] = x.astype(dtype or (jnp.float32 if hasattr(old, "dequantize") else old.dtype))
     return tree.unflatten(flat)
+
+
+def _embedding(base: dict):
+    """The token embedding table (V, D) of a base of any family (LLaMA embed/w, BERT embed/word/w, T5 shared/w)."""
+    flat = tree.flatten(base)
+    return next(flat[p] for p in ("embed/w", "embed/word/w", "shared/w") if p in flat)
 
 
 def _virtual_tokens(name: str, n: int, seq_len: int, max_seq_len: int) -> int:

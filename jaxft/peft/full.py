@@ -3,8 +3,10 @@
 Full fine-tuning trains a float32 copy of every base leaf. Partial fine-tuning trains the leaves that
 `partial.select` picks, a regex over *per-layer* paths: the stacked leaf `layers/attn/q_proj/w` (L, D, N*H)
 reads as `layers/0/attn/q_proj/w` ... `layers/{L-1}/attn/q_proj/w`, so that blocks can be chosen one by one;
-`embed/w`, `final_norm/scale` and `lm_head/w` keep their paths. Presets: 'norms', 'biases', 'top<k>' (the
-last k blocks).
+`embed/w`, `final_norm/scale` and `lm_head/w` keep their paths. A model may have several stacks, each its own
+`.../layers/` (T5: `encoder/layers/3/mlp/down_proj/w`, `decoder/layers/0/cross_attn/q_proj/w`), of their own
+lengths. Presets: 'norms' (LayerNorm / RMSNorm scales and biases), 'biases' (every bias, BitFit), 'top<k>'
+(the last k blocks of each stack).
 
 A stacked leaf selected in only some layers is *split*: the trainable tree holds just those layers (k, ...)
 and `MethodSpec.layers` lists which; `scatter` puts them into the frozen leaf inside the forward pass. So the
@@ -25,38 +27,57 @@ from jaxft import tree
 from jaxft.peft.method import PeftError
 from jaxft.quant import as_dense
 
-PRESETS = {"norms": r".*norm/scale", "biases": r".*/b"}
+PRESETS = {"norms": r".*norm/(scale|bias)", "biases": r".*/(b|bias)"}
+_STACKED = re.compile(r"((?:.*/)?layers/)(.*)")  # (the stack's prefix up to layers/, the path within a layer)
+
+
+def stacks(base: dict) -> dict[str, int]:
+    """{stack prefix: its number of layers} of the stacked leaves: {'layers/': L} for one stack (LLaMA, BERT),
+    {'encoder/layers/': Le, 'decoder/layers/': Ld} for T5."""
+    out = {}
+    for path, x in tree.items(base):
+        m = _STACKED.fullmatch(path)
+        if m:
+            out.setdefault(m.group(1), x.shape[0])
+    return out
 
 
 def select(base: dict, pattern: str) -> list[tuple[str, tuple[int, ...] | None]]:
     """(path, layers) of the base leaves `pattern` selects: layers None for a whole leaf, else the selected
     layers of a stacked one. Raises PeftError naming partial.select when it selects nothing."""
     flat = tree.flatten(base)
-    n_layers = next(x.shape[0] for p, x in flat.items() if p.startswith("layers/"))
+    n_layers = stacks(base)
     regex = PRESETS.get(pattern, pattern)
     top = re.fullmatch(r"top(\d+)", pattern)
     if top:
-        k = int(top.group(1))
-        if not 0 < k <= n_layers:
-            raise PeftError(f"partial.select: {pattern!r} asks for {k} blocks; the model has {n_layers}")
-        regex = rf"layers/({'|'.join(str(i) for i in range(n_layers - k, n_layers))})/.*"
+        k, shortest = int(top.group(1)), min(n_layers.values())
+        if not 0 < k <= shortest:
+            each = f" in its shortest stack ({', '.join(f'{p} {n}' for p, n in n_layers.items())})"
+            raise PeftError(f"partial.select: {pattern!r} asks for {k} blocks; the model has {shortest}"
+                            f"{each if len(n_layers) > 1 else ''}")
+        regex = "|".join(rf"{re.escape(p)}({'|'.join(str(i) for i in range(n - k, n))})/.*"
+                         for p, n in n_layers.items())
     try:
         rx = re.compile(regex)
     except re.error as e:
         raise PeftError(f"partial.select: {pattern!r} is not a valid regex ({e})") from None
     out = []
     for path in flat:
-        if path.startswith("layers/"):
-            rest = path.removeprefix("layers/")
-            picked = tuple(i for i in range(n_layers) if rx.fullmatch(f"layers/{i}/{rest}"))
+        m = _STACKED.fullmatch(path)
+        if m:
+            stack, rest = m.groups()
+            picked = tuple(i for i in range(n_layers[stack]) if rx.fullmatch(f"{stack}{i}/{rest}"))
             if picked:
-                out.append((path, None if len(picked) == n_layers else picked))
+                out.append((path, None if len(picked) == n_layers[stack] else picked))
         elif rx.fullmatch(path):
             out.append((path, None))
     if not out:
+        stacked = next(p for p in flat if _STACKED.fullmatch(p))
+        m = _STACKED.fullmatch(stacked)
+        whole = next((p for p in flat if not _STACKED.fullmatch(p)), stacked)
         raise PeftError(f"partial.select: {pattern!r} selects no parameter of the model (paths look like "
-                        f"'layers/{n_layers - 1}/attn/q_proj/w' or 'final_norm/scale'; presets: norms, biases, "
-                        f"top<k>)")
+                        f"'{m.group(1)}{n_layers[m.group(1)] - 1}/{m.group(2)}' or '{whole}'; presets: norms, "
+                        f"biases, top<k>)")
     return out
 
 

@@ -1,4 +1,5 @@
-"""Prefix tuning (Li & Liang 2021) as HF PEFT computes it for decoder-only models.
+"""Prefix tuning (Li & Liang 2021) as HF PEFT computes it (decoder-only models, BERT-style encoders, and T5,
+whose decoder self-attention alone gets the prefix, `decoder/layers/self_attn/prefix_k`).
 
 Every layer's attention gets P learned keys and values per key/value head, `layers/attn/prefix_k` and
 `prefix_v` (L, P, K*H): one per KV head under grouped-query attention, as PEFT provisions them. Every query of
@@ -21,39 +22,81 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxft.models import llama
-from jaxft.models.config import LlamaConfig
+from jaxft import tree
+from jaxft.models import family_of
+from jaxft.models.layers import dense, rms_norm
 from jaxft.peft.method import PeftError
 from jaxft.tree import overlay
 
 INITS = ("vocab", "random")
 
 
-def init(key, cfg: LlamaConfig, base: dict, length: int, projection: int = 0, how: str = "vocab") -> dict:
+def where(cfg) -> tuple[str, int]:
+    """(path of the attention block that gets the prefix, its number of layers) for the model family of `cfg`:
+    `layers/attn` (LLaMA, BERT), or T5's `decoder/layers/self_attn` (PEFT prefixes the decoder only)."""
+    if family_of(cfg).KIND == "encoder-decoder":
+        return "decoder/layers/self_attn", cfg.n_decoder_layers
+    return "layers/attn", cfg.n_layers
+
+
+def init(key, cfg, base: dict, length: int, projection: int = 0, how: str = "vocab") -> dict:
     """The trainable tree of a prefix of `length` virtual tokens (checked by the caller against the context).
 
     how (without projection): 'vocab' starts from the keys and values the model itself computes for `length`
-    sampled vocabulary tokens (real activations, Li & Liang's advice); 'random' from N(0, 1), PEFT's default.
+    sampled vocabulary tokens (real activations, Li & Liang's advice; T5: the decoder's, reading the same tokens
+    in the encoder); 'random' from N(0, 1), PEFT's default.
     projection: the MLP's hidden width E, 0 for none; its embedding is N(0, 1) and its linear maps have
-    PyTorch's default initialization, as in PEFT.
+    PyTorch's default initialization, as in PEFT (decoder-only and encoder models).
     """
     if how not in INITS:
         raise PeftError(f"prefix.init: {how!r} is not one of {', '.join(INITS)}")
     if projection < 0:
         raise PeftError(f"prefix.projection must be >= 0 (0: no reparameterization), got {projection}")
-    kv, n_layers = cfg.n_kv_heads * cfg.head_dim, cfg.n_layers
+    path, n_layers = where(cfg)
+    kv = cfg.n_kv_heads * cfg.head_dim
     k_emb, k_in, k_out, k_ids = jax.random.split(key, 4)
     if projection:
+        if path != "layers/attn":
+            raise PeftError(f"prefix.projection: the reparameterization MLP is implemented for decoder-only and "
+                            f"encoder models, not {cfg.model_type}; use prefix.projection=0")
         return {"prefix": {"embedding": jax.random.normal(k_emb, (length, kv), jnp.float32),
                            "mlp": {"in": _torch_linear(k_in, kv, projection),
                                    "out": _torch_linear(k_out, projection, n_layers * 2 * kv)}}}
     if how == "random":
         k, v = jax.random.normal(k_emb, (2, n_layers, length, kv), jnp.float32)
     else:
-        ids = jax.random.randint(k_ids, (1, length), 0, cfg.vocab_size)
-        _, cache = llama.forward(cfg, base, ids, cache=llama.init_cache(cfg, 1, length))
-        k, v = (cache[n].reshape(n_layers, length, kv).astype(jnp.float32) for n in ("k", "v"))
-    return {"layers": {"attn": {"prefix_k": k, "prefix_v": v}}}
+        k, v = _vocab_kv(cfg, base, jax.random.randint(k_ids, (1, length), 0, cfg.vocab_size))
+    return tree.unflatten({f"{path}/prefix_k": k, f"{path}/prefix_v": v})
+
+
+def _vocab_kv(cfg, base: dict, ids):
+    """(k, v) (L, P, K*H) float32: each layer's keys and values of the tokens ids (1, P), as the family's
+    forward computes them."""
+    kind = family_of(cfg).KIND
+    if kind == "decoder":
+        from jaxft.models import llama
+        n = ids.shape[1]
+        _, cache = llama.forward(cfg, base, ids, cache=llama.init_cache(cfg, 1, n))
+        return tuple(cache[c].reshape(cfg.n_layers, n, -1).astype(jnp.float32) for c in ("k", "v"))
+    # Encoders keep no cache: layer l's input is the output of the model cut after l layers.
+    layers = base["layers"] if kind == "encoder" else base["decoder"]["layers"]
+    ks, vs = [], []
+    for l in range(where(cfg)[1]):
+        cut = jax.tree.map(lambda x: x[:l], layers)
+        if kind == "encoder":
+            from jaxft.models import bert
+            x, _ = bert.forward(cfg, dict(base, layers=cut), ids, return_hidden=True)
+            attn = jax.tree.map(lambda x: x[l], layers["attn"])
+        else:  # T5, pre-norm: the cut decoder's output normed without scale, then the layer's own norm
+            from jaxft.models import t5
+            dec = dict(base["decoder"], layers=cut, final_norm={"scale": jnp.ones((cfg.dim,), jnp.float32)})
+            x, _ = t5.forward(cfg, dict(base, decoder=dec), ids, ids, return_hidden=True)
+            here = jax.tree.map(lambda x: x[l], layers)
+            x = rms_norm(x, here["self_attn_norm"]["scale"], cfg.norm_eps)
+            attn = here["self_attn"]
+        ks.append(dense(x, attn["k_proj"])[0])
+        vs.append(dense(x, attn["v_proj"])[0])
+    return jnp.stack(ks).astype(jnp.float32), jnp.stack(vs).astype(jnp.float32)
 
 
 def project(trainable: dict) -> dict:

@@ -15,6 +15,11 @@ tokens, K*H key/value width, F mlp width):
   partial   the selected base leaves, replacing them; a stacked leaf selected in some layers only holds those
             layers, (k, ...), and the spec says which (see `jaxft.peft.full`)
   features  not run by the language model: a head over pooled hidden states (`jaxft.peft.features`)
+  head      a task's head (`jaxft.tasks`: head/classifier or head/score), beside any of the above, always trained
+
+The paths are the LLaMA family's; the other families use their own (`jaxft.models.bert`: the same `layers/...`
+names; `jaxft.models.t5`: two stacks, `encoder/layers/...` and `decoder/layers/...`, where prefix tuning acts on
+the decoder's self-attention and the soft prompt goes before the encoder input).
 
 The spec holds what the arrays cannot say. It is hashable, so jitted functions take it as a static argument.
 """

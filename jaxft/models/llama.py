@@ -178,8 +178,17 @@ def split_layers(params: dict) -> dict:
     return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n))}
 
 
+def split_cache(cache: dict) -> dict:
+    """A stacked KV cache (`init_cache`) with k and v split into tuples of L per-layer arrays, for `forward`
+    over a `split_layers` base: each decoding step then writes its new key and value into that layer's own
+    buffer in place, instead of re-stacking the whole cache."""
+    return {**cache, "k": tuple(cache["k"]), "v": tuple(cache["v"])}
+
+
 def _unrolled(step, x, base_layers, train_layers, windows, rngs, cache):
-    """The layer scan as a Python loop over per-layer trees: (x, stacked new (k, v) or None)."""
+    """The layer scan as a Python loop over per-layer trees: (x, new (k, v) or None). A cache whose k and v
+    are tuples of per-layer arrays (`split_cache`) comes back as tuples, each updated in place; a stacked one
+    comes back stacked (a copy of the whole cache)."""
     if isinstance(train_layers, dict) and train_layers:  # a stacked trainable tree next to a split base
         train_layers = tuple(jax.tree.map(lambda a, i=i: a[i], train_layers) for i in range(len(base_layers)))
     kvs = []
@@ -191,7 +200,8 @@ def _unrolled(step, x, base_layers, train_layers, windows, rngs, cache):
         kvs.append(kv)
     if cache is None:
         return x, None
-    return x, (jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs]))
+    join = tuple if isinstance(cache[0], (list, tuple)) else jnp.stack
+    return x, (join([kv[0] for kv in kvs]), join([kv[1] for kv in kvs]))
 
 
 def _layer(cfg: LlamaConfig, spec, inv_freq, query_meta, keys_meta, index, x, p, window, rng, kv, *,

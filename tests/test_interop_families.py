@@ -270,8 +270,9 @@ def test_ia3_round_trip_with_peft_defaults(mlm, seq2seq, tmp_path):
 
 
 def test_base_class_option_and_refusals(mlm, seq2seq, tmp_path, capsys):
-    """--base-class BertModel writes BertModel's names (no `bert.`); unknown classes, prefix and prompt tuning of
-    encoders, and a head without a class for it are one-line errors that write nothing."""
+    """--base-class BertModel writes BertModel's names (no `bert.`); unknown classes, prompt tuning for a class
+    without a task_type (PEFT would ignore it), and a head without a class for it are one-line errors that write
+    nothing."""
     spec = SPECS["lora"]
     trainable = _trained(mlm, spec, "default")
     workdir = _workdir(tmp_path / "run", mlm, trainable, spec, "default")
@@ -294,8 +295,8 @@ def test_base_class_option_and_refusals(mlm, seq2seq, tmp_path, capsys):
     with pytest.raises(AdapterError, match="BertForSequenceClassification has a task head"):
         hf_format.save(tmp_path / "y", trainable, spec, mlm.cfg, base_model="b", run={"task": "classification"})
     prompt = {"prompt": {"embeddings": jnp.zeros((3, 32))}}
-    with pytest.raises(AdapterError, match="decoder-only models; this base is an encoder-decoder model"):
-        hf_format.save(tmp_path / "y", prompt, MethodSpec("prompt", virtual_tokens=3), seq2seq.cfg, base_model="t")
+    with pytest.raises(AdapterError, match=r"BertForMaskedLM \(task_type None\): PEFT applies prefix and prompt"):
+        hf_format.save(tmp_path / "y", prompt, MethodSpec("prompt", virtual_tokens=3), mlm.cfg, base_model="b")
     fresh_mlm_head = {"transform": {"w": jnp.zeros((32, 32)), "b": jnp.zeros(32)}, "bias": jnp.zeros(V),
                       "norm": {"scale": jnp.ones(32), "bias": jnp.zeros(32)}}
     with pytest.raises(AdapterError, match=r"masked-LM head \(head/bias, .*\) has no form in PEFT's format .*--merged"):

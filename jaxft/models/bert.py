@@ -265,7 +265,8 @@ def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=No
     segment_ids (B, T): 0 marks padding, distinct ids keep packed examples apart (default all ones);
     token_types (B, T): BERT's token_type_ids (default zeros); positions (B, T): default 0..T-1.
     `trainable` / `peft` as in `jaxft.models.llama.forward` (LoRA, IA3, adapters, prefix and prompt tuning,
-    full or partial); `embeddings` (B, T, D) replaces the word-embedding lookup.
+    full or partial); `embeddings` (B, T, D) replaces the word-embedding lookup. As in PEFT, the text's
+    positions start at P after a soft prompt or a prefix of P virtual tokens.
     """
     from jaxft.peft import method, prompt  # the model follows the methods' contract (jaxft.peft imports the model)
     spec = method.as_method(peft if peft is not None else lora)
@@ -287,6 +288,8 @@ def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=No
                                          positions + n_soft], 1)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if spec is not None and spec.method == "prefix":  # as PEFT, whose prefix is a past of P positions
+        positions = method.virtual_positions(spec, positions)
     emb = params["embed"]
     x = x + as_dense(emb["position"]["w"], dtype)[positions] + as_dense(emb["type"]["w"], dtype)[token_types]
     x = constrain(layer_norm(x, emb["norm"], cfg.norm_eps), ("batch", "seq", "embed"), layout)

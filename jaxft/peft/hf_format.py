@@ -11,11 +11,12 @@ which come from the family's checkpoint mapping table (`jaxft.models.family(mode
                  lora_magnitude_vector (out,)
   IA3            base_model.model.<module>.ia3_l: (out, 1) scaling the output, or (1, in) scaling the input of
                  a module listed in `feedforward_modules`
-  PREFIX_TUNING  prompt_embeddings (P, L*2*K*H)   } see `jaxft.peft.hf_prompts`
-  PROMPT_TUNING  prompt_embeddings (P, D)         }
+  PREFIX_TUNING  prompt_embeddings (P, L*2*K*H)   } see `jaxft.peft.hf_prompts` (T5: (P, 2*Ld*2*N*H) and
+  PROMPT_TUNING  prompt_embeddings (P, D)         }  (2P, D), PEFT's SEQ_2_SEQ_LM layout)
 
   a task head    base_model.model.<classifier|score>.weight (C, D) and .bias (C,), listed in `modules_to_save`
-                 (jaxft's head/classifier or head/score: the class's own module, which PEFT saves whole)
+                 (jaxft's head/classifier or head/score: the class's own module, which PEFT saves whole);
+                 base_model.<classifier|score>... beside prefix and prompt tuning
 
 Export writes for the class of the adapter's task (`run["task"]`: classification -> ...ForSequenceClassification,
 mlm -> BertForMaskedLM, seq2seq -> T5ForConditionalGeneration, ...) or the class named by `base_class`; import
@@ -58,6 +59,7 @@ __all__ = ["CONFIG", "EXPORTABLE", "WEIGHTS", "AdapterError", "check_tree", "che
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel puts before the transformers model's own module paths
+PROMPT_PREFIX = "base_model."  # the same under prefix and prompt tuning, which wrap no tuner around the model
 EXPORTABLE = ("lora", "ia3", "prefix", "prompt")  # the jaxft methods PEFT has
 PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING")  # what `load` reads
 _NO_PEFT = {  # why the other methods have no PEFT export, and what to do instead
@@ -145,8 +147,9 @@ def save(out_dir, trainable: dict, spec, cfg: LlamaConfig, *, base_model: str, t
     flat = {p: np.asarray(x, np.float32) for p, x in tree.items(trainable)}
     head = {p: x for p, x in flat.items() if p.startswith("head/")}
     flat = {p: x for p, x in flat.items() if not p.startswith("head/")}
-    head_tensors = {PREFIX + k: v for k, v in task_head(head, target, cfg, run).items()}
     method = method_of(spec)
+    head_prefix = PREFIX if method in ("lora", "ia3") else PROMPT_PREFIX
+    head_tensors = {head_prefix + k: v for k, v in task_head(head, target, cfg, run).items()}
     if method == "lora":
         tensors, config, what = _lora_save(flat, spec if isinstance(spec, LoraSpec) else spec.lora, cfg, run,
                                            target.prefix)
@@ -154,7 +157,7 @@ def save(out_dir, trainable: dict, spec, cfg: LlamaConfig, *, base_model: str, t
         tensors, config, what = _ia3_save(flat, cfg, target.prefix)
     else:
         from jaxft.peft import hf_prompts
-        tensors, config, what = hf_prompts.save(flat, as_method(spec), cfg, run, base_model)
+        tensors, config, what = hf_prompts.save(flat, as_method(spec), cfg, run, base_model, target)
     auto = None
     if target.task_type is None:  # PEFT records the class it wrapped where no task type says it
         module = cfg.model_type
@@ -212,7 +215,8 @@ def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
         raise AdapterError(f"{file}: not found{extra}")
     arrays = _read_tensors(file)
     conf = dict(conf)
-    head, arrays = _head_load(arrays, conf.pop("modules_to_save", None), task_type, cfg, source, file)
+    head, arrays = _head_load(arrays, conf.pop("modules_to_save", None), task_type, cfg, source, file,
+                              PREFIX if peft_type in ("LORA", "IA3") else PROMPT_PREFIX)
     if peft_type == "LORA":
         spec = _lora_spec(conf, source)
         trainable = _lora_tree(arrays, spec, cfg, file)
@@ -304,19 +308,21 @@ def task_head(head: dict, target: mapping.PeftClass, cfg, run: dict) -> dict[str
     return tensors
 
 
-def _head_load(arrays: dict, modules_to_save, task_type, cfg, source: str, file: Path) -> tuple[dict, dict]:
+def _head_load(arrays: dict, modules_to_save, task_type, cfg, source: str, file: Path,
+               prefix: str) -> tuple[dict, dict]:
     """(the head tree {name: {w, b}} or {}, the other tensors) of a PEFT adapter whose config lists
-    `modules_to_save`: jaxft reads the task heads (classifier, score) there, nothing else."""
+    `modules_to_save` (PEFT lists the heads twice under prompt learning): jaxft reads the task heads
+    (classifier, score) there, named `prefix` + module, nothing else."""
     listed = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
     if any(m not in _HEADS for m in listed):
         raise AdapterError(f"{source}: modules_to_save={json.dumps(modules_to_save)} is not supported by jaxft (it "
                            f"changes what the adapter computes; jaxft reads the task heads {' and '.join(_HEADS)} "
                            f"there)")
-    found = [m for m in listed if f"{PREFIX}{m}.weight" in arrays]
+    found = list(dict.fromkeys(m for m in listed if f"{prefix}{m}.weight" in arrays))
     if not found:
         if task_type in ("SEQ_CLS", "TOKEN_CLS"):
             raise AdapterError(f"{source}: task_type {task_type!r} comes with the task head PEFT saves beside the "
-                               f"adapter ({' or '.join(f'{PREFIX}{m}.weight' for m in _HEADS)}, listed in "
+                               f"adapter ({' or '.join(f'{prefix}{m}.weight' for m in _HEADS)}, listed in "
                                f"modules_to_save), and {file.name} holds none")
         return {}, arrays
     kind = family_of(cfg).KIND
@@ -324,7 +330,7 @@ def _head_load(arrays: dict, modules_to_save, task_type, cfg, source: str, file:
     if found != [ours]:
         raise AdapterError(f"{file}: holds the head {', '.join(found)}; the head of {_a(kind)} model is "
                            f"{ours or 'not read by jaxft'}")
-    name = f"{PREFIX}{ours}"
+    name = f"{prefix}{ours}"
     head = {"w": arrays[f"{name}.weight"].T}
     if f"{name}.bias" in arrays:
         head["b"] = arrays[f"{name}.bias"]

@@ -68,12 +68,14 @@ def _expected(method: str, spec, flat: dict, base: dict, cfg, source: str) -> di
                          f"{at}/up/w": (n_layers, size, dim), f"{at}/up/b": (n_layers, dim)})
         return want
     if method == "prefix":
+        from jaxft.peft.prefix import where
         n = as_method(spec).virtual_tokens
+        path, n_layers = where(cfg)  # T5: the decoder's self-attention
         if "prefix/embedding" in flat:  # not finalized: the reparameterization MLP is still there
             hidden = flat.get("prefix/mlp/in/w", (0, 0))[-1]
             return {"prefix/embedding": (n, kv), "prefix/mlp/in/w": (kv, hidden), "prefix/mlp/in/b": (hidden,),
                     "prefix/mlp/out/w": (hidden, n_layers * 2 * kv), "prefix/mlp/out/b": (n_layers * 2 * kv,)}
-        return {"layers/attn/prefix_k": (n_layers, n, kv), "layers/attn/prefix_v": (n_layers, n, kv)}
+        return {f"{path}/prefix_k": (n_layers, n, kv), f"{path}/prefix_v": (n_layers, n, kv)}
     if method == "prompt":
         return {"prompt/embeddings": (as_method(spec).virtual_tokens, dim)}
     if method == "full":

@@ -94,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.features = ml_collections.ConfigDict()  # a head on frozen pooled hidden states, cached in WORKDIR/features
     c.features.layer = -1  # the block whose output is pooled, 0-based; -1: the last
-    c.features.pool = "mean"  # mean over the text's tokens, or last (the last token)
+    c.features.pool = "mean"  # mean over the text's tokens, last (the last token), or cls (the first; encoders only)
     c.features.head = "linear"  # linear, or mlp (one ReLU hidden layer of features.hidden units)
     c.features.hidden = 256  # width of the mlp head's hidden layer
     c.features.text_field = "sentence"  # the column holding the text

@@ -1,10 +1,22 @@
 """Feature-based fine-tuning: the frozen model turns each text into one vector; a small head classifies it.
 
-Features are the hidden states after block `layer` (0-based), passed through the model's final RMSNorm (what
-the output head reads after the last block; a common scale at any depth), pooled over the text's tokens by
-their mean or by taking the last one. They are computed once (`extract`), cached on disk (`cached`) and the
-head alone is trained on them (`jaxft.train.features`). Inference is the model followed by the head
-(`predict`, `classify`). The head is a linear map or an MLP with one ReLU hidden layer:
+Features are the hidden states after block `layer` (0-based; the config's negative values count from the end),
+read where each family's own output reads them, pooled over the text's real tokens (padding excluded):
+
+  llama  decoder          after the final RMSNorm (what the output head reads; a common scale at any depth)
+  bert   encoder          the block's output as it is: BERT's blocks end in a LayerNorm (transformers'
+                          hidden_states[layer + 1])
+  t5     encoder-decoder  the ENCODER block's output with the encoder's final layer norm applied, as for LLaMA
+                          (at the last block: T5EncoderModel's last_hidden_state); the decoder is not run
+
+Pools (`features.pool`): mean over the real tokens (sentence-transformers' choice for BERT), last (the last
+real token: the one a decoder has read the whole text into; BERT's [SEP], T5's EOS), cls (the first token:
+BERT's [CLS], the usual pooling of encoders; T5 has no [CLS], so the first word's, as Sentence-T5's "first").
+A decoder's first token sees only itself: cls is refused there.
+
+Features are computed once (`extract`), cached on disk (`cached`; `jaxft.train.features` keys the cache by
+model, family, texts and settings) and the head alone is trained on them. Inference is the model followed by
+the head (`predict`, `classify`). The head is a linear map or an MLP with one ReLU hidden layer:
 
   head/out/w (D, C), head/out/b (C,)                                  linear
   head/hidden/w (D, E), head/hidden/b (E,), then head/out (E, C)      mlp
@@ -23,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.models import llama
-from jaxft.models.config import LlamaConfig
+from jaxft.models import family_of
 from jaxft.peft.method import PeftError
+from jaxft.tasks.heads import last_token, mean_pool
 
-POOLS = ("mean", "last")
+POOLS = ("mean", "last", "cls")
 HEADS = ("linear", "mlp")
 
 
@@ -35,7 +47,7 @@ HEADS = ("linear", "mlp")
 class FeatureSpec:
     """What inference needs besides the head's arrays."""
     layer: int  # the block whose output is pooled, 0-based (the config's negative values already resolved)
-    pool: str  # mean or last
+    pool: str  # mean, last or cls
     classes: tuple[str, ...]  # the label of each of the head's outputs
     seq_len: int  # texts are cut to this many tokens, as in training
     method: ClassVar[str] = "features"
@@ -48,13 +60,10 @@ class FeatureSpec:
         return cls(layer=int(d["layer"]), pool=d["pool"], classes=tuple(d["classes"]), seq_len=int(d["seq_len"]))
 
 
-def make_spec(cfg: LlamaConfig, layer: int, pool: str, classes, seq_len: int) -> FeatureSpec:
-    """Checks the settings (named as in the config) and resolves a negative layer (-1: the last block)."""
-    if not -cfg.n_layers <= layer < cfg.n_layers:
-        raise PeftError(f"features.layer: {layer} is not a block of this model (0..{cfg.n_layers - 1}, or -1 for the "
-                        f"last)")
-    if pool not in POOLS:
-        raise PeftError(f"features.pool: {pool!r} is not one of {', '.join(POOLS)}")
+def make_spec(cfg, layer: int, pool: str, classes, seq_len: int) -> FeatureSpec:
+    """Checks the settings (named as in the config) for the model of `cfg` (any family's Config) and resolves a
+    negative layer (-1: the last block)."""
+    _check(cfg, layer, pool)
     if len(classes) < 2:
         raise PeftError(f"features.label_field: the data has {len(classes)} distinct label(s); a classifier needs 2 "
                         f"or more")
@@ -63,25 +72,78 @@ def make_spec(cfg: LlamaConfig, layer: int, pool: str, classes, seq_len: int) ->
     return FeatureSpec(layer=layer % cfg.n_layers, pool=pool, classes=tuple(classes), seq_len=seq_len)
 
 
+def _check(cfg, layer: int, pool: str) -> None:
+    """PeftError naming features.layer / features.pool where the model of `cfg` has no such block or pool."""
+    fam, name = family_of(cfg), _family_name(cfg)
+    if name not in _HIDDEN:
+        raise PeftError(f"peft.method=features: not available for the {name} family (expected one of "
+                        f"{', '.join(_HIDDEN)})")
+    n = cfg.n_layers
+    if not -n <= layer < n:
+        stack = "encoder layers" if fam.KIND == "encoder-decoder" else "layers"
+        raise PeftError(f"features.layer: {layer} is not a block of this model ({name}, {n} {stack}: 0..{n - 1}, "
+                        f"or -1..-{n} from the end)")
+    if pool not in POOLS:
+        raise PeftError(f"features.pool: {pool!r} is not one of {', '.join(POOLS)}")
+    if pool == "cls" and fam.KIND == "decoder":
+        raise PeftError(f"features.pool: 'cls' (the first token) is for encoders; a decoder's ({name}) first token "
+                        f"sees only itself: use mean or last")
+
+
+def _family_name(cfg) -> str:
+    return family_of(cfg).__name__.rsplit(".", 1)[-1]
+
+
+def _first(layers: dict, n: int) -> dict:
+    """The first n of stacked layers: sliced, so that the blocks after them are not computed and thrown away."""
+    return jax.tree.map(lambda x: x[:n], layers)
+
+
+def _llama_hidden(cfg, base: dict, tokens, segment_ids, n: int, dtype):
+    """(B, T, D): the output of block n - 1 through the final RMSNorm."""
+    cut = dataclasses.replace(cfg, n_layers=n, layer_windows=cfg.layer_windows[:n])
+    hidden, _ = family_of(cfg).forward(cut, {**base, "layers": _first(base["layers"], n)}, tokens,
+                                       segment_ids=segment_ids, dtype=dtype, return_hidden=True)
+    return hidden
+
+
+def _bert_hidden(cfg, base: dict, tokens, segment_ids, n: int, dtype):
+    """(B, T, D): the output of block n - 1, already layer-normed (BERT's blocks are post-LayerNorm)."""
+    cut = dataclasses.replace(cfg, n_layers=n)
+    hidden, _ = family_of(cfg).forward(cut, {**base, "layers": _first(base["layers"], n)}, tokens,
+                                       segment_ids=segment_ids, dtype=dtype, return_hidden=True)
+    return hidden
+
+
+def _t5_hidden(cfg, base: dict, tokens, segment_ids, n: int, dtype):
+    """(B, T, D): the output of encoder block n - 1 through the encoder's final layer norm; no decoder."""
+    encoder = {**base["encoder"], "layers": _first(base["encoder"]["layers"], n)}
+    return family_of(cfg).encode(dataclasses.replace(cfg, n_layers=n), {**base, "encoder": encoder}, tokens,
+                                 segment_ids=segment_ids, dtype=dtype)
+
+
+# The hidden states that are the features, by family (the module names of `jaxft.models.FAMILIES`).
+_HIDDEN = {"llama": _llama_hidden, "bert": _bert_hidden, "t5": _t5_hidden}
+
+
 @partial(jax.jit, static_argnames=("cfg", "layer", "pool", "dtype"))
-def pooled(cfg: LlamaConfig, base: dict, tokens, segment_ids, *, layer: int, pool: str, dtype=jnp.float32):
-    """tokens / segment_ids (B, T), right padded (segment 0) -> features (B, D) float32.
+def pooled(cfg, base: dict, tokens, segment_ids, *, layer: int, pool: str, dtype=jnp.float32):
+    """tokens / segment_ids (B, T), right padded (segment 0) -> features (B, D) float32: the hidden states of the
+    model of `cfg` (any family) after block `layer`, pooled by `pool` (see the module docstring).
 
     Only blocks 0..layer run: the stacked layers are cut, not computed and thrown away.
     """
-    cut = dataclasses.replace(cfg, n_layers=layer + 1, layer_windows=cfg.layer_windows[:layer + 1])
-    layers = jax.tree.map(lambda x: x[:layer + 1], base["layers"])
-    hidden, _ = llama.forward(cut, {**base, "layers": layers}, tokens, segment_ids=segment_ids, dtype=dtype,
-                              return_hidden=True)
-    hidden = hidden.astype(jnp.float32)
-    real = (segment_ids != 0).astype(jnp.float32)
+    _check(cfg, layer, pool)
+    n = layer % cfg.n_layers + 1
+    hidden = _HIDDEN[_family_name(cfg)](cfg, base, tokens, segment_ids, n, dtype).astype(jnp.float32)
     if pool == "mean":
-        return jnp.sum(hidden * real[..., None], axis=1) / jnp.maximum(jnp.sum(real, axis=1, keepdims=True), 1.0)
-    last = jnp.maximum(jnp.sum(segment_ids != 0, axis=1) - 1, 0)
-    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return mean_pool(hidden, segment_ids)
+    if pool == "last":
+        return last_token(hidden, segment_ids)
+    return hidden[:, 0]
 
 
-def extract(cfg: LlamaConfig, base: dict, texts: list[list[int]], spec: FeatureSpec, batch_size: int = 32,
+def extract(cfg, base: dict, texts: list[list[int]], spec: FeatureSpec, batch_size: int = 32,
             dtype=jnp.float32) -> np.ndarray:
     """Token lists -> (N, D) float32 features; every batch padded to (batch_size, spec.seq_len): one compilation."""
     out = []
@@ -136,12 +198,12 @@ def apply_head(params: dict, features):
     return h @ head["out"]["w"] + head["out"]["b"]
 
 
-def predict(cfg: LlamaConfig, base: dict, head: dict, spec: FeatureSpec, tokens, segment_ids, dtype=jnp.float32):
+def predict(cfg, base: dict, head: dict, spec: FeatureSpec, tokens, segment_ids, dtype=jnp.float32):
     """The fine-tuned classifier: tokens / segment_ids (B, T) right padded -> class logits (B, C)."""
     return apply_head(head, pooled(cfg, base, tokens, segment_ids, layer=spec.layer, pool=spec.pool, dtype=dtype))
 
 
-def classify(cfg: LlamaConfig, base: dict, tokenizer, head: dict, spec: FeatureSpec, texts: list[str],
+def classify(cfg, base: dict, tokenizer, head: dict, spec: FeatureSpec, texts: list[str],
              batch_size: int = 32, dtype=jnp.float32) -> list[str]:
     """The predicted label of each text."""
     ids = tokenize(tokenizer, texts, spec.seq_len)
@@ -150,8 +212,10 @@ def classify(cfg: LlamaConfig, base: dict, tokenizer, head: dict, spec: FeatureS
 
 
 def tokenize(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
-    """Token ids of each text (the tokenizer's own special tokens, e.g. BOS, included), cut to seq_len."""
-    return [list(ids[:seq_len]) or [tokenizer.eos_token_id] for ids in tokenizer(list(texts))["input_ids"]]
+    """Token ids of each text with the tokenizer's own special tokens (BOS; BERT's [CLS] and [SEP], T5's EOS),
+    cut to seq_len as transformers truncates (keeping a closing [SEP] / EOS)."""
+    ids = tokenizer(list(texts), truncation=True, max_length=seq_len)["input_ids"]
+    return [list(row) or [tokenizer.eos_token_id] for row in ids]
 
 
 def pad_right(texts: list[list[int]], rows: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,14 @@
 """Training for `peft.method = features`: features computed once by the frozen model, then the head alone.
 
 Texts and labels come from data.train (`features.text_field`, `features.label_field`); the held-out part is
-data.eval, or a seeded data.eval_fraction of the records. Each part's pooled hidden states are computed once
-and cached in WORKDIR/features (a later run with the same model, texts and settings reads them back). The
-head is then trained on them with the trainer's optimizer and schedule (train.steps, train.batch_size,
-train.learning_rate, ...). Writes metrics.jsonl, WORKDIR/adapter (the head and its FeatureSpec) and
-summary.json, like the language-model trainer. There is no checkpoint to resume: a second run over the same
-workdir reads the cached features and retrains only the head, which takes seconds.
+data.eval, or a seeded data.eval_fraction of the records. Any family of `jaxft.models` runs (LLaMA, BERT, T5's
+encoder: `jaxft.peft.features` says which hidden states each gives). Each part's pooled hidden states are
+computed once and cached in WORKDIR/features: a later run with the same model, texts and settings reads them
+back; another model, family or checkpoint computes its own. The head is then trained on them with the trainer's
+optimizer and schedule (train.steps, train.batch_size, train.learning_rate, ...). Writes metrics.jsonl,
+WORKDIR/adapter (the head and its FeatureSpec) and summary.json, like the language-model trainer. There is no
+checkpoint to resume: a second run over the same workdir reads the cached features and retrains only the head,
+which takes seconds.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def train(config, workdir: str | Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     t0 = time.perf_counter()
-    settings = {"model": str(model.path), "layer": spec.layer, "pool": spec.pool, "seq_len": spec.seq_len,
+    settings = {**_model_key(model), "layer": spec.layer, "pool": spec.pool, "seq_len": spec.seq_len,
                 "dtype": config.dtype, "param_dtype": config.param_dtype}
 
     def feats(name: str, part: list[str]) -> np.ndarray:
@@ -119,6 +121,15 @@ def train(config, workdir: str | Path) -> dict:
                "data": {"train": len(x_train), "eval": len(eval_texts), "classes": classes}}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _model_key(model) -> dict:
+    """What tells models apart in the feature cache's key: the family, the architecture, and the checkpoint's
+    path with the size and modification time of its files (another checkpoint saved there is another model)."""
+    path = Path(model.path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return {"family": model.cfg.model_type, "config": model.cfg.to_hf(), "model": str(path),
+            "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
 
 def _columns(records, text_field: str, label_field: str) -> tuple[list[str], list[str]]:

@@ -65,8 +65,8 @@ class Recipe:
 _GEN = {"data.pack": False, "train.eval_batches": 1}  # seq2seq: one example per row; the eval loss on one batch
 RECIPES = {
     "sst2_minilm": Recipe("minilm_sst2_lora.py", "minilm", ("accuracy", "f1"),
-                          {"train.steps": 120, "train.batch_size": 32, "train.seq_len": 40,
-                           "eval.max_examples": 1024, "eval.batch_size": 64},
+                          {"train.steps": 60, "train.batch_size": 32, "train.seq_len": 40,
+                           "eval.max_examples": 512, "eval.batch_size": 64},
                           {"train.steps": 3, "train.batch_size": 8, "train.seq_len": 40, "eval.max_examples": 32}),
     "sst2_default": Recipe("sst2_lora.py", "default", ("accuracy",),
                            {"train.steps": 20, "train.batch_size": 16, "train.seq_len": 40,
@@ -74,7 +74,7 @@ RECIPES = {
                            {"train.steps": 2, "train.batch_size": 4, "train.seq_len": 40, "eval.max_examples": 8,
                             "eval.batch_size": 8}),
     "conll_minilm": Recipe("minilm_conll_lora.py", "minilm", ("entity_f1",),
-                           {"train.steps": 80, "train.batch_size": 32, "train.seq_len": 64,
+                           {"train.steps": 40, "train.batch_size": 32, "train.seq_len": 64,
                             "eval.max_examples": 512, "eval.batch_size": 64},
                            {"train.steps": 3, "train.batch_size": 8, "train.seq_len": 64, "eval.max_examples": 32}),
     "samsum_default": Recipe("samsum_lora.py", "default", ("rouge1_f1", "rouge2_f1", "rougeL_f1"),

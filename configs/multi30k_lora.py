@@ -15,6 +15,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxft import config as config_lib
+from jaxft.tasks import seq2seq
 
 DATA = "../shared/data/translation"
 
@@ -36,17 +37,5 @@ def get_config() -> ml_collections.ConfigDict:
         c.train.seq_len = 256  # rows of about three packed sentence pairs
         c.train.steps = 400  # about 10,000 of the 29,000 pairs
         c.train.eval_every = 100  # the evaluation generates every validation translation
-        _eval_settings(c, max_new_tokens=64, metrics="bleu")
+        seq2seq.add_eval_config(c, max_new_tokens=64, metrics="bleu", batch_size=64)
     return c
-
-
-def _eval_settings(c, *, max_new_tokens: int, metrics: str) -> None:
-    if "eval" not in c:
-        c.eval = ml_collections.ConfigDict()
-    c.eval.metrics = metrics  # comma-separated: rouge (ROUGE-1/2/L P/R/F1), bleu (BLEU, chrF); "": loss only
-    c.eval.generate_max_new_tokens = max_new_tokens  # the most tokens generated per held-out example
-    c.eval.batch_size = 64  # prompts generated together
-    c.eval.max_examples = 0  # held-out examples generated for the metrics; 0: all
-    c.eval.temperature = 0.0  # 0: greedy decoding; > 0: sampling (seeded by config.seed)
-    c.eval.top_k = 0  # sampling: only the k most likely tokens (0: all)
-    c.eval.top_p = 1.0  # sampling: the smallest set of tokens reaching this probability (1: all)

@@ -14,6 +14,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxft import config as config_lib
+from jaxft.tasks import seq2seq
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,17 +34,5 @@ def get_config() -> ml_collections.ConfigDict:
         c.train.seq_len = 512  # covers 99% of the dialogues with their summaries; longer ones are skipped
         c.train.steps = 150  # about 3 epochs of the 736 training dialogues
         c.train.eval_every = 50  # the evaluation generates every held-out summary
-        _eval_settings(c, max_new_tokens=80, metrics="rouge")
+        seq2seq.add_eval_config(c, max_new_tokens=80, metrics="rouge", batch_size=32)
     return c
-
-
-def _eval_settings(c, *, max_new_tokens: int, metrics: str) -> None:
-    if "eval" not in c:
-        c.eval = ml_collections.ConfigDict()
-    c.eval.metrics = metrics  # comma-separated: rouge (ROUGE-1/2/L P/R/F1), bleu (BLEU, chrF); "": loss only
-    c.eval.generate_max_new_tokens = max_new_tokens  # the most tokens generated per held-out example
-    c.eval.batch_size = 32  # prompts generated together
-    c.eval.max_examples = 0  # held-out examples generated for the metrics; 0: all
-    c.eval.temperature = 0.0  # 0: greedy decoding; > 0: sampling (seeded by config.seed)
-    c.eval.top_k = 0  # sampling: only the k most likely tokens (0: all)
-    c.eval.top_p = 1.0  # sampling: the smallest set of tokens reaching this probability (1: all)

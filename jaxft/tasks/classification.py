@@ -14,7 +14,6 @@ Batch keys: tokens, segment_ids, positions (B, T) int32 and labels (B,) int32 (I
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -91,12 +90,7 @@ def forward(model: Model, base: dict, trainable: dict, batch: dict, rng=None):
 
 def loss(logits, batch) -> tuple:
     """(sum of cross-entropy over the labelled rows, their number)."""
-    labels = batch["labels"]
-    keep = labels != rows.IGNORE
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(keep, labels, 0)[:, None], axis=-1)[:, 0]
-    keep = keep.astype(jnp.float32)
-    return jnp.sum((logz - picked) * keep), jnp.sum(keep)
+    return heads.labelled_loss(logits, batch["labels"], rows.IGNORE)
 
 
 def predict(logits, batch):

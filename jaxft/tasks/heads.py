@@ -90,3 +90,13 @@ def pooled(model: Model, base: dict, trainable: dict | None, h, segment_ids, poo
     from jaxft.peft import method
     resolved, _ = method.resolve(model.spec, base, backbone(trainable))
     return model.family.pool(model.cfg, tree.overlay(base, resolved), h)
+
+
+def labelled_loss(logits, labels, ignore: int) -> tuple:
+    """(sum of cross-entropy over the labelled positions, their number): logits (..., C), labels (...) int,
+    where `ignore` marks a position that counts nothing. Rows (classification) or tokens (NER) alike."""
+    keep = labels != ignore
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(keep, labels, 0)[..., None], axis=-1)[..., 0]
+    keep = keep.astype(jnp.float32)
+    return jnp.sum((logz - picked) * keep), jnp.sum(keep)

@@ -42,6 +42,21 @@ METRICS = ("rouge", "bleu")  # eval.metrics: rouge -> ROUGE-1/2/L P/R/F1; bleu -
 _T5_KEYS = ("tokens", "segment_ids", "dec_tokens", "dec_segment_ids", "targets", "loss_mask")
 
 
+def add_eval_config(c, *, max_new_tokens: int, metrics: str, batch_size: int) -> None:
+    """Adds the `eval.*` fields of generation-based evaluation to the config `c` (for configs/*.py)."""
+    import ml_collections
+
+    if "eval" not in c:
+        c.eval = ml_collections.ConfigDict()
+    c.eval.metrics = metrics  # comma-separated: rouge (ROUGE-1/2/L P/R/F1), bleu (BLEU, chrF); "": loss only
+    c.eval.generate_max_new_tokens = max_new_tokens  # the most tokens generated per held-out example
+    c.eval.batch_size = batch_size  # prompts generated together
+    c.eval.max_examples = 0  # held-out examples generated for the metrics; 0: all
+    c.eval.temperature = 0.0  # 0: greedy decoding; > 0: sampling (seeded by config.seed)
+    c.eval.top_k = 0  # sampling: only the k most likely tokens (0: all)
+    c.eval.top_p = 1.0  # sampling: the smallest set of tokens reaching this probability (1: all)
+
+
 def batches(config, tokenizer) -> tuple:
     """(endless training iterator, evaluation batches, info) as the task interface (`jaxft.tasks`) describes;
     the layout depends on the kind of config.model (module docstring)."""

@@ -3,17 +3,20 @@
   (a) storage of the base: bytes and bits per parameter, from the stored arrays, for bf16, NF4 with and
       without double quantization, and int4 (group 64) with and without it;
   (b) peak process memory (RSS high-water mark) while loading the model, bf16 vs NF4 quantized while loading
-      (`jaxft.quant.leaf_fn`), each in a fresh process, beside the quantized size and the largest tensor the
-      loader assembles (float32: the GGUF file is dequantized on the host);
+      (`jaxft.quant.leaf_fn`), each in a fresh process, beside the size of the base plus the largest tensor
+      read (float32: the GGUF file is dequantized on the host): the weights alone (also with the quantizer
+      compiled beforehand, to tell XLA's compilation apart) and the whole `checkpoint.load` with its tokenizer;
   (c) peak process memory of a LoRA training step (r=16 all-linear, AdamW, random tokens) for fp32 LoRA, bf16
       LoRA (bf16 base and compute, fp32 LoRA parameters) and NF4 QLoRA (bf16 compute), with and without
       rematerialization, each in a fresh process; the high-water mark is reset once the step is compiled;
   (d) step time of QLoRA relative to bf16 LoRA, both in one process, repetitions interleaved (wall and CPU
-      time: on a shared machine the CPU time of the process is the steadier of the two);
+      time: on a shared machine the CPU time of the process is the steadier of the two), at batch 4 x 128 and
+      4 x 256;
   (e) evaluation loss after the same short SFT run (`jaxft.train.loop.train`, configs/default_lora.py) on a
       bf16 base and on an NF4 base.
 
-    .venv/bin/python bench/qlora.py [--steps 30] [--batch 8] [--seq 256] [--data ...] [--skip-sft]
+    .venv/bin/python bench/qlora.py [--parts abcde] [--time-seqs 128,256] [--steps 30] [--batch 8] [--seq 256]
+                                    [--data ...]
 """
 
 from __future__ import annotations
@@ -73,17 +76,15 @@ def _reset_peak() -> bool:
 
 def _load(base: str, record=None):
     """The default model with its base as `base` (float32, bfloat16 or a quantized format), quantized while
-    loading; `record(path, host array, leaf made of it)` is called once each leaf is ready."""
+    loading; `record(path, x, leaf made of it)` is called once each leaf is ready (x: the host array, or the
+    `Layers` the loader hands over one layer at a time)."""
     import jax
     import jax.numpy as jnp
 
     from jaxft import checkpoint, quant
+    from jaxft.checkpoint.assemble import to_device
 
-    if base in quant.FORMATS:
-        inner = quant.leaf_fn(base)
-    else:
-        dtype = jnp.dtype(base)
-        inner = lambda path, x: jnp.asarray(x, dtype)  # what `load` does without a leaf_fn
+    inner = quant.leaf_fn(base) if base in quant.FORMATS else to_device(jnp.dtype(base))  # as `load` does
 
     def leaf_fn(path, x):
         leaf = inner(path, x)
@@ -91,32 +92,43 @@ def _load(base: str, record=None):
             record(path, x, jax.block_until_ready(leaf))
         return leaf
 
+    leaf_fn.by_layer = inner.by_layer
     return checkpoint.load("default", leaf_fn=leaf_fn)
 
 
-def worker_load(base: str) -> dict:
-    """(b): peak RSS while loading, above the RSS of the process with everything imported."""
+def worker_load(base: str, tokenizer: bool = True, warm: bool = False) -> dict:
+    """(b): peak RSS while loading, above the RSS of the process with everything imported. Without `tokenizer`
+    the GGUF tokenizer is not built (the weights alone); with `warm` the quantizer's programs (one per weight
+    shape) are compiled before the baseline, to tell XLA's compilation from the loading itself."""
     import jax
-    import transformers  # noqa: F401  (the GGUF tokenizer needs it: imported before the baseline)
+    import numpy as np
+    import torch  # noqa: F401  (transformers' GGUF tokenizer imports both: imported before the baseline)
+    import transformers  # noqa: F401
 
-    from jaxft import checkpoint, quant, tree  # noqa: F401
+    from jaxft import quant, tree
+    from jaxft.checkpoint import gguf
+    from jaxft.checkpoint.assemble import Layers
 
+    if not tokenizer:
+        gguf._tokenizer = lambda path: None
+    if warm:
+        for shape in ((576, 576), (576, 192), (576, 1536), (1536, 576)):  # the default model's linear weights
+            jax.block_until_ready(quant.quantize(np.zeros(shape, np.float32), base))
     largest = {"bytes": 0, "path": ""}
 
     def record(path, x, leaf):
-        if x.nbytes > largest["bytes"]:
-            largest.update(bytes=x.nbytes, path=f"{path} {x.dtype}{list(x.shape)}")
-        largest["weights_peak_mb"] = _peak_mb()  # the peak until the last leaf is made (the tokenizer follows)
+        shape = x.shape[1:] if isinstance(x, Layers) else x.shape  # one tensor as read
+        if 4 * math.prod(shape) > largest["bytes"]:
+            largest.update(bytes=4 * math.prod(shape), path=f"{path} {list(shape)}")
 
     _reset_peak()
     before = _rss_mb()
     t = time.perf_counter()
     model = _load(base, record)
     jax.block_until_ready(model.params)
-    return {"rss_before_mb": before, "peak_mb": _peak_mb(), "weights_peak_mb": largest["weights_peak_mb"],
-            "rss_after_mb": _rss_mb(),
-            "params_mb": tree.nbytes(model.params) / MB, "largest_leaf_mb": largest["bytes"] / MB,
-            "largest_leaf": largest["path"], "load_s": time.perf_counter() - t}
+    return {"rss_before_mb": before, "peak_mb": _peak_mb(), "rss_after_mb": _rss_mb(),
+            "params_mb": tree.nbytes(model.params) / MB, "largest_tensor_mb": largest["bytes"] / MB,
+            "largest_tensor": largest["path"], "load_s": time.perf_counter() - t}
 
 
 def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, loaded=None):
@@ -259,97 +271,161 @@ def storage() -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
+PARTS = {"a": "storage", "b": "load", "c": "step_memory", "d": "step_time", "e": "sft"}
+
+
+def part_a(args) -> dict:
+    print("(a) storage of the base (linear weights quantized; embeddings and norms bf16)")
+    rows = storage()
+    print(f"{'':14} {'linear MB':>10} {'bits/param':>11} {'base MB':>9} {'bits/param':>11}")
+    for name, r in rows.items():
+        print(f"{name:14} {r['linear_mb']:10.1f} {r['linear_bits']:11.3f} {r['base_mb']:9.1f} {r['base_bits']:11.3f}")
+    print(f"  ({rows['bf16']['linear_params'] / 1e6:.1f}M linear parameters of "
+          f"{rows['bf16']['base_params'] / 1e6:.1f}M)")
+    return rows
+
+
+LOAD_CASES = {  # name -> (base, tokenizer built, quantizer compiled before the baseline)
+    "bf16, weights": ("bfloat16", False, False),
+    "NF4, weights": ("nf4", False, False),
+    "NF4, weights, compiled": ("nf4", False, True),
+    "bf16, whole load": ("bfloat16", True, False),
+    "NF4, whole load": ("nf4", True, False),
+}
+
+
+def part_b(args) -> dict:
+    print("(b) peak RSS while loading, MB (fresh process each; 'above': above the RSS with everything imported,"
+          "\n    torch and transformers included; 'weights': without building the tokenizer; 'compiled': the "
+          "quantizer\n    compiled before the baseline; 'whole load': `checkpoint.load` with its tokenizer)")
+    load = {name: run_worker("load", base=b, tokenizer=t, warm=w) for name, (b, t, w) in LOAD_CASES.items()}
+    print(f"{'':24} {'peak':>6} {'above':>6} {'RSS after':>10} {'params':>7} {'params + largest tensor':>24} "
+          f"{'s':>5}")
+    for name, r in load.items():
+        print(f"{name:24} {r['peak_mb']:6.0f} {r['peak_mb'] - r['rss_before_mb']:6.0f} {r['rss_after_mb']:10.0f} "
+              f"{r['params_mb']:7.0f} {r['params_mb'] + r['largest_tensor_mb']:24.0f} {r['load_s']:5.1f}")
+    r = load["NF4, weights"]
+    print(f"  largest tensor as read: {r['largest_tensor']} float32, {r['largest_tensor_mb']:.0f} MB")
+    return load
+
+
+def part_c(args) -> dict:
+    print(f"(c) peak RSS of LoRA r=16 training steps, batch {args.step_batch} x {args.step_seq} (fresh process each)")
+    steps = {name: run_worker("step", base=b, compute=c, remat=r, batch=args.step_batch, seq=args.step_seq)
+             for name, (b, c, r) in STEP_CASES.items()}
+    print(f"{'':18} {'step peak':>10} {'process peak':>13} {'params':>8} {'LoRA+Adam':>10} {'XLA temp':>9}")
+    for name, r in steps.items():
+        peak = "n/a" if r["step_peak_mb"] is None else f"{r['step_peak_mb']:.0f}"
+        print(f"{name:18} {peak:>10} {r['process_peak_mb']:13.0f} {r['params_mb']:8.0f} {r['state_mb']:10.1f} "
+              f"{r['xla_temp_mb']:9.0f}")
+    return {"batch": args.step_batch, "seq": args.step_seq, **steps}
+
+
+def part_d(args) -> dict:
+    out = {"batch": args.step_batch}
+    for seq in args.time_seqs:
+        print(f"(d) step time, batch {args.step_batch} x {seq}, medians of {args.reps} interleaved steps")
+        t = out[f"seq{seq}"] = run_worker("time", batch=args.step_batch, seq=seq, reps=args.reps)
+        print(f"{'':10} {'wall s':>8} {'CPU s':>8}")
+        for name in ("bf16", "nf4"):
+            print(f"{name:10} {t[f'wall_{name}_s']:8.2f} {t[f'cpu_{name}_s']:8.2f}")
+        print(f"{'NF4/bf16':10} {t['wall_ratio']:8.3f} {t['cpu_ratio']:8.3f}   (median of per-step ratios: "
+              f"{t['wall_ratio_per_rep']:.3f} wall, {t['cpu_ratio_per_rep']:.3f} CPU)")
+    return out
+
+
+def part_e(args) -> dict:
+    if not Path(args.data).is_file():
+        print(f"(e) SKIPPED: {args.data} is missing (this benchmark reads ../shared/data; pass --data)")
+        return {"skipped": f"{args.data} missing"}
+    print(f"(e) SFT, {args.steps} steps of {args.batch} x {args.seq}, {Path(args.data).name}")
+    sft = {name: run_worker("sft", quant_format=fmt, data=args.data, steps=args.steps, batch=args.batch,
+                            seq=args.seq) for name, fmt in (("bf16", "none"), ("NF4", "nf4"))}
+    print(f"{'':6} {'eval loss before':>17} {'after':>8} {'wall s':>8} {'process peak MB':>16}")
+    for name, r in sft.items():
+        print(f"{name:6} {r['eval_loss_before']:17.4f} {r['eval_loss_after']:8.4f} {r['wall_s']:8.0f} "
+              f"{r['process_peak_mb']:16.0f}")
+    rel = sft["NF4"]["eval_loss_after"] / sft["bf16"]["eval_loss_after"] - 1
+    print(f"  NF4 vs bf16 eval loss after: {100 * rel:+.2f}%")
+    return {"steps": args.steps, "batch": args.batch, "seq": args.seq, **sft, "eval_loss_rel_diff": rel}
+
+
+def figures(results: dict) -> dict:
+    """The RESULT line: the headline figures of whichever parts the results hold."""
+    out = {}
+    if "storage" in results:
+        rows = results["storage"]
+        out.update(nf4_dq_bits=rows["NF4 + DQ"]["linear_bits"], nf4_bits=rows["NF4"]["linear_bits"],
+                   int4_g64_bits=rows["int4 g64"]["linear_bits"], bf16_base_mb=rows["bf16"]["base_mb"],
+                   nf4_dq_base_mb=rows["NF4 + DQ"]["base_mb"])
+    if "load" in results:
+        load = results["load"]
+        above = {name: r["peak_mb"] - r["rss_before_mb"] for name, r in load.items()}
+        out.update(load_peak_mb_bf16=load["bf16, whole load"]["peak_mb"],
+                   load_peak_mb_nf4=load["NF4, whole load"]["peak_mb"],
+                   load_weights_above_mb_bf16=above["bf16, weights"], load_weights_above_mb_nf4=above["NF4, weights"],
+                   load_weights_above_mb_nf4_compiled=above["NF4, weights, compiled"])
+    if "step_memory" in results:
+        out.update({f"step_peak_mb_{k}": results["step_memory"][n]["step_peak_mb"] for k, n in (
+            ("fp32", "fp32 LoRA"), ("bf16", "bf16 LoRA"), ("nf4", "NF4 QLoRA"), ("bf16_remat", "bf16 LoRA, remat"),
+            ("nf4_remat", "NF4 QLoRA, remat"))})
+    for key, t in results.get("step_time", {}).items():
+        if key.startswith("seq"):
+            out.update({f"step_time_ratio_wall_{key}": t["wall_ratio"], f"step_time_ratio_cpu_{key}": t["cpu_ratio"]})
+    if "bf16" in results.get("sft", {}):
+        sft = results["sft"]
+        out.update(eval_loss_bf16=sft["bf16"]["eval_loss_after"], eval_loss_nf4=sft["NF4"]["eval_loss_after"],
+                   eval_loss_rel_diff=sft["eval_loss_rel_diff"])
+    return out
+
+
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="abcde", help="the parts to run; with fewer than all, the figures of the "
+                    "others are kept from the last bench/results/qlora.json")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "instruction" / "alpaca_small.json"))
     ap.add_argument("--steps", type=int, default=30, help="SFT steps of (e)")
     ap.add_argument("--batch", type=int, default=8, help="SFT batch of (e)")
     ap.add_argument("--seq", type=int, default=256, help="SFT sequence length of (e)")
     ap.add_argument("--step-batch", type=int, default=4, help="batch of the steps of (c) and (d)")
-    ap.add_argument("--step-seq", type=int, default=128, help="sequence length of the steps of (c) and (d)")
+    ap.add_argument("--step-seq", type=int, default=128, help="sequence length of the steps of (c)")
+    ap.add_argument("--time-seqs", type=lambda v: [int(x) for x in v.split(",")], default=[128, 256],
+                    help="sequence lengths of the steps of (d), comma-separated")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per case in (d)")
-    ap.add_argument("--skip-sft", action="store_true", help="leave out (e), the slowest part")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
         print("WORKER " + json.dumps(WORKERS[spec.pop("kind")](**spec)), flush=True)
         return
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        ap.error(f"--parts: unknown part(s) {''.join(sorted(unknown))} (expected letters of {''.join(PARTS)})")
 
-    results = {"date": date.today().isoformat(),
-               "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
-               "step_batch": args.step_batch, "step_seq": args.step_seq}
-
-    print("(a) storage of the base (linear weights quantized; embeddings and norms bf16)")
-    results["storage"] = rows = storage()
-    print(f"{'':14} {'linear MB':>10} {'bits/param':>11} {'base MB':>9} {'bits/param':>11}")
-    for name, r in rows.items():
-        print(f"{name:14} {r['linear_mb']:10.1f} {r['linear_bits']:11.3f} {r['base_mb']:9.1f} {r['base_bits']:11.3f}")
-    print(f"  ({rows['bf16']['linear_params'] / 1e6:.1f}M linear parameters of {rows['bf16']['base_params'] / 1e6:.1f}M)")
-
-    print("\n(b) peak RSS while loading, MB (fresh process each; 'above': above the RSS with everything imported;"
-          "\n    'weights': until the last leaf is made, before the tokenizer is built)")
-    results["load"] = load = {name: run_worker("load", base=base) for name, base in
-                              (("bf16", "bfloat16"), ("NF4", "nf4"))}
-    print(f"{'':6} {'peak':>6} {'above':>6} {'weights':>8} {'above':>6} {'RSS after':>10} {'params':>7} "
-          f"{'params + largest leaf':>22}")
-    for name, r in load.items():
-        print(f"{name:6} {r['peak_mb']:6.0f} {r['peak_mb'] - r['rss_before_mb']:6.0f} {r['weights_peak_mb']:8.0f} "
-              f"{r['weights_peak_mb'] - r['rss_before_mb']:6.0f} {r['rss_after_mb']:10.0f} {r['params_mb']:7.0f} "
-              f"{r['params_mb'] + r['largest_leaf_mb']:22.0f}")
-    print(f"  largest leaf as assembled: {load['NF4']['largest_leaf']}, {load['NF4']['largest_leaf_mb']:.0f} MB")
-
-    print(f"\n(c) peak RSS of LoRA r=16 training steps, batch {args.step_batch} x {args.step_seq} (fresh process each)")
-    results["step_memory"] = steps = {
-        name: run_worker("step", base=b, compute=c, remat=r, batch=args.step_batch, seq=args.step_seq)
-        for name, (b, c, r) in STEP_CASES.items()}
-    print(f"{'':18} {'step peak':>10} {'process peak':>13} {'params':>8} {'LoRA+Adam':>10} {'XLA temp':>9}")
-    for name, r in steps.items():
-        peak = "n/a" if r["step_peak_mb"] is None else f"{r['step_peak_mb']:.0f}"
-        print(f"{name:18} {peak:>10} {r['process_peak_mb']:13.0f} {r['params_mb']:8.0f} {r['state_mb']:10.1f} "
-              f"{r['xla_temp_mb']:9.0f}")
-
-    print(f"\n(d) step time, batch {args.step_batch} x {args.step_seq}, medians of {args.reps} interleaved steps")
-    results["step_time"] = t = run_worker("time", batch=args.step_batch, seq=args.step_seq, reps=args.reps)
-    print(f"{'':10} {'wall s':>8} {'CPU s':>8}")
-    for name in ("bf16", "nf4"):
-        print(f"{name:10} {t[f'wall_{name}_s']:8.2f} {t[f'cpu_{name}_s']:8.2f}")
-    print(f"{'NF4/bf16':10} {t['wall_ratio']:8.3f} {t['cpu_ratio']:8.3f}   (median of per-step ratios: "
-          f"{t['wall_ratio_per_rep']:.3f} wall, {t['cpu_ratio_per_rep']:.3f} CPU)")
-
-    sft = None
-    if args.skip_sft:
-        print("\n(e) skipped (--skip-sft)")
-    elif not Path(args.data).is_file():
-        print(f"\n(e) SKIPPED: {args.data} is missing (this benchmark reads ../shared/data; pass --data)")
-        results["sft_skipped"] = f"{args.data} missing"
-    else:
-        print(f"\n(e) SFT, {args.steps} steps of {args.batch} x {args.seq}, {Path(args.data).name}")
-        sft = {name: run_worker("sft", quant_format=fmt, data=args.data, steps=args.steps, batch=args.batch,
-                                seq=args.seq) for name, fmt in (("bf16", "none"), ("NF4", "nf4"))}
-        results["sft"] = {"steps": args.steps, "batch": args.batch, "seq": args.seq, **sft}
-        print(f"{'':6} {'eval loss before':>17} {'after':>8} {'wall s':>8} {'process peak MB':>16}")
-        for name, r in sft.items():
-            print(f"{name:6} {r['eval_loss_before']:17.4f} {r['eval_loss_after']:8.4f} {r['wall_s']:8.0f} "
-                  f"{r['process_peak_mb']:16.0f}")
-        rel = sft["NF4"]["eval_loss_after"] / sft["bf16"]["eval_loss_after"] - 1
-        results["sft"]["eval_loss_rel_diff"] = rel
-        print(f"  NF4 vs bf16 eval loss after: {100 * rel:+.2f}%")
-
+    path = RESULTS / "qlora.json"
+    results = json.loads(path.read_text()) if set(args.parts) != set(PARTS) and path.is_file() else {}
+    runs = results.setdefault("runs", {})  # section -> where and when its figures were taken
+    for letter, section in PARTS.items():
+        if letter in args.parts:
+            results[section] = globals()[f"part_{letter}"](args)
+            runs[section] = {"date": date.today().isoformat(), "machine": _machine()}
+            print()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "qlora.json").write_text(json.dumps(results, indent=1))
-    figures = {
-        "nf4_dq_bits": rows["NF4 + DQ"]["linear_bits"], "nf4_bits": rows["NF4"]["linear_bits"],
-        "int4_g64_bits": rows["int4 g64"]["linear_bits"], "bf16_base_mb": rows["bf16"]["base_mb"],
-        "nf4_dq_base_mb": rows["NF4 + DQ"]["base_mb"],
-        "load_peak_mb_bf16": load["bf16"]["peak_mb"], "load_peak_mb_nf4": load["NF4"]["peak_mb"],
-        **{f"step_peak_mb_{k}": steps[n]["step_peak_mb"] for k, n in (
-            ("fp32", "fp32 LoRA"), ("bf16", "bf16 LoRA"), ("nf4", "NF4 QLoRA"), ("nf4_remat", "NF4 QLoRA, remat"))},
-        "step_time_ratio_wall": t["wall_ratio"], "step_time_ratio_cpu": t["cpu_ratio"]}
-    if sft:
-        figures.update(eval_loss_bf16=sft["bf16"]["eval_loss_after"], eval_loss_nf4=sft["NF4"]["eval_loss_after"],
-                       eval_loss_rel_diff=results["sft"]["eval_loss_rel_diff"])
-    print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
+    path.write_text(json.dumps(results, indent=1))
+    kept = sorted({s for s in runs if s not in {PARTS[p] for p in args.parts}})
+    if kept:
+        print(f"(figures of {', '.join(kept)} kept from the previous run: see 'runs' in {path.name})")
+    print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in figures(results).items()))
 
 
 if __name__ == "__main__":

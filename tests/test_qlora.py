@@ -145,3 +145,32 @@ def test_generate_from_quantized_base_equals_dequantized_twin(params):
     assert run(base) == run(twin)
     assert len(set(run(twin)[0])) > 1  # not one repeated token
 
+
+
+def test_training_keeps_no_dense_copy_of_the_base(params):
+    """Differentiated, the layer scan keeps no dequantized weight for the backward pass (which dequantizes
+    again): no residual the forward scan hands to the backward one has the shape of a dense linear weight."""
+    base = quantize_params(params, "nf4", block_size=BLOCK)
+    spec = lora.LoraSpec(rank=4, alpha=8)
+    trainable = lora.init(jax.random.PRNGKey(1), base, spec, lora.target_paths(base, "all-linear"))
+
+    def loss(t):
+        return jnp.mean(llama.forward(CFG, base, TOKENS, trainable=t, lora=spec, dtype=jnp.bfloat16)[0])
+
+    dense_shapes = {x.shape for x in flatten(base).values() if isinstance(x, QuantizedWeight)}
+    scans = [e for e in _equations(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr) if e.primitive.name == "scan"]
+    assert len(scans) == 2  # forward and backward
+    for scan in scans:
+        assert not [v.aval for v in scan.outvars
+                    if jnp.issubdtype(v.aval.dtype, jnp.floating) and v.aval.shape in dense_shapes]
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in it (jit, scan, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _equations(sub)

@@ -273,6 +273,69 @@ def test_loaded_qlora_base_equals_bitsandbytes_model(tmp_path):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4)
 
 
+def test_quantized_while_loading_layer_by_layer(tmp_path):
+    """The loader hands `leaf_fn` each stacked leaf as `Layers`, read one layer at a time: the quantized base
+    equals the float32 base quantized after loading, bit for bit, and so does a bf16 load its cast; a leaf_fn
+    without `by_layer` still gets whole stacked host arrays."""
+    import transformers
+
+    from jaxft.checkpoint import load
+    from jaxft.checkpoint.assemble import Layers
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path)
+    f32 = load(tmp_path).params
+    seen, reads = {}, []
+    inner = leaf_fn("nf4")
+
+    def spy(path, x):
+        seen[path] = type(x)
+        if isinstance(x, Layers):
+            read = x._read
+            x._read = lambda i: reads.append((path, i)) or read(i)
+        return inner(path, x)
+
+    spy.by_layer = True
+    loaded = flatten(load(tmp_path, leaf_fn=spy).params)
+    assert seen["layers/mlp/up_proj/w"] is Layers and issubclass(seen["embed/w"], np.ndarray)
+    assert reads[:3] == [(reads[0][0], i) for i in range(3)]  # in order, each once
+    assert len(reads) == len(set(reads)) == 3 * sum(p.startswith("layers/") for p in seen)
+    expected = flatten(quantize_params(f32, "nf4"))
+    assert loaded.keys() == expected.keys()
+    for p, x in loaded.items():
+        assert type(x) is type(expected[p])
+        for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(expected[p]), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    for p, x in flatten(load(tmp_path, dtype=jnp.bfloat16).params).items():
+        assert x.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(jnp.asarray(flatten(f32)[p], jnp.bfloat16)))
+    whole = {}
+    load(tmp_path, leaf_fn=lambda path, x: whole.setdefault(path, x))
+    assert all(isinstance(x, np.ndarray) for x in whole.values())
+    assert whole["layers/mlp/up_proj/w"].shape == (3, 128, 192)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "F16", "BF16"])
+def test_gguf_tensor_dequantized_in_chunks(qtype):
+    """GGUF tensors are dequantized a few rows at a time (gguf-py's intermediates are several times their
+    output): equal to gguf-py dequantizing the whole tensor."""
+    import gguf
+
+    from jaxft.checkpoint.gguf import dequantize
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    w = np.random.default_rng(0).standard_normal((37, 256)).astype(np.float32)
+    data = gguf.quants.quantize(w, kind)
+    whole = gguf.quants.dequantize(data, kind)
+    chunked = dequantize(data, kind, chunk_bytes=data.nbytes // 5)
+    assert chunked.dtype == np.float32 and chunked.shape == (37, 256)
+    np.testing.assert_array_equal(chunked, whole)
+
+
 def test_bad_settings_raise_one_line_errors():
     w = np.zeros((96, 8), np.float32)
     with pytest.raises(ValueError, match="unknown quantization format 'fp8'"):

@@ -7,6 +7,7 @@ for every format, and so that export uses the very table that loading does.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, Mapping
 
@@ -19,7 +20,7 @@ from jaxft.models import family_of
 from jaxft.quant import as_dense
 from jaxft.tree import items, unflatten
 
-LeafFn = Callable[[str, np.ndarray], Any]  # (jaxft path, stacked host array) -> the leaf to keep
+LeafFn = Callable[[str, Any], Any]  # (jaxft path, host array, or Layers if it sets `by_layer`) -> the leaf to keep
 
 # Tensors some checkpoints carry that hold nothing the model needs: rotary tables that older transformers
 # versions saved as buffers (recomputed from the config).
@@ -28,6 +29,88 @@ _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 class LoadError(ValueError):
     """A checkpoint jaxft cannot load. The one-line message names the file and the tensors or field."""
+
+
+class Layers:
+    """The L layers of a stacked leaf, each read from the checkpoint when it is indexed: what `assemble` gives a
+    leaf_fn that sets the attribute `by_layer = True`, so that it can make its leaf one layer at a time (quantize
+    while loading) and the whole stacked leaf never exists in the dtype the checkpoint is read in.
+
+    `layers[i]` reads layer i (host array, e.g. (D, N*H) for `layers/attn/q_proj/w`); index each layer once, in
+    order. `np.asarray(layers)` reads them all into one (L, ...) array, the one other leaf_fns are given.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, ...], read_layer: Callable[[int], np.ndarray]):
+        self.path, self.shape, self._read = path, shape, read_layer
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.path}: layer {i} of {len(self)}")
+        return self._read(i)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        stack = _stack(self, lambda stored: stored)
+        return stack if dtype is None else stack.astype(dtype, copy=False)
+
+
+def to_device(dtype) -> LeafFn:
+    """The leaf_fn of `assemble` when none is given: each leaf as a jax Array of `dtype`, the values of
+    `jnp.asarray(x, dtype)`, stacked leaves built layer by layer in `dtype` (see `device_array`)."""
+    def fn(path: str, x) -> jax.Array:
+        return device_array(x, dtype)
+
+    fn.by_layer = True
+    return fn
+
+
+def device_array(x, dtype=None, *, floating_only: bool = False) -> jax.Array:
+    """A host array, or a sequence of L host arrays of one shape (e.g. `Layers`, read one at a time), as one jax
+    Array ((L, ...) for a sequence) with the values `jnp.asarray(x, dtype)` gives.
+
+    dtype: None keeps the array's own (the widest of a sequence's). floating_only: integer and boolean arrays
+      keep theirs.
+    Each array is cast on the host straight into a new 64-byte aligned buffer, which the CPU backend adopts as
+    the device buffer without a copy (`jnp.asarray` copies twice); other backends copy it once. Nothing else
+    holds the buffer, so nothing can change the array behind jax's back.
+    """
+    def target(host_dtype):
+        keep = dtype is None or (floating_only and not np.issubdtype(host_dtype, np.floating))
+        return jax.dtypes.canonicalize_dtype(host_dtype if keep else dtype)
+
+    if isinstance(x, np.ndarray):
+        out = _aligned(x.shape, target(x.dtype))
+        out[...] = x
+    else:
+        out = _stack(x, target)
+    return jax.device_put(out, may_alias=True)
+
+
+def _stack(arrays, target: Callable) -> np.ndarray:
+    """A sequence of host arrays of one shape, read one at a time, stacked along a new leading axis into a new
+    64-byte aligned array of dtype target(stored dtype) (the widest, if the arrays are stored in several)."""
+    out = None
+    for i in range(len(arrays)):
+        x = np.asarray(arrays[i])
+        if out is None:
+            out = _aligned((len(arrays), *x.shape), target(x.dtype))
+        elif (wider := np.promote_types(out.dtype, target(x.dtype))) != out.dtype:
+            out = _aligned(out.shape, wider, out)
+        out[i] = x
+    return out
+
+
+def _aligned(shape: tuple[int, ...], dtype, like: np.ndarray | None = None, align: int = 64) -> np.ndarray:
+    """An uninitialized array (or a copy of `like`) whose data starts on an `align`-byte boundary."""
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(n + align, np.uint8)
+    start = -raw.ctypes.data % align
+    out = raw[start:start + n].view(dtype).reshape(shape)
+    if like is not None:
+        out[...] = like
+    return out
 
 
 def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -69,12 +152,14 @@ def assemble(cfg, present: Mapping[str, str], read: Callable[[str], np.ndarray],
       are passed under their own name, and so are reported as unexpected).
     read: file name -> host array in HF layout ((out, in) for linear weights). Called once per tensor.
     leaf_fn: applied to each assembled leaf, e.g. (L, D, N*H) for `layers/attn/q_proj/w`, as soon as it is
-      complete, so that peak host memory is about one stacked leaf (default: `jnp.asarray(x, dtype)`).
+      complete, so that peak host memory is about one stacked leaf (default: `to_device(dtype)`, i.e.
+      `jnp.asarray(x, dtype)`). A leaf_fn with the attribute `by_layer = True` is given the `Layers` of a
+      stacked leaf instead, to read one at a time.
     label: the file's name for an HF name, for the list of missing tensors.
     Raises LoadError listing every missing or unexpected tensor before anything is read, and naming any
     tensor whose shape does not match `cfg`.
     """
-    leaf_fn = leaf_fn or (lambda path, x: jnp.asarray(x, dtype))
+    leaf_fn = leaf_fn or to_device(dtype)
     label = label or (lambda name: name)
     wanted = hf_names(cfg)
     missing = [label(n) for n in wanted if n not in present]
@@ -86,24 +171,28 @@ def assemble(cfg, present: Mapping[str, str], read: Callable[[str], np.ndarray],
                         f"tie_embeddings={cfg.tie_embeddings})")
 
     n_stacked = {path: shape[0] for path, shape in expected_shapes(cfg).items()}
-    flat, stack, stack_path = {}, None, None
-    for name, (entry, layer, shape) in wanted.items():
+    by_layer = getattr(leaf_fn, "by_layer", False)
+    groups: dict[str, dict] = {}  # jaxft path -> {layer or None: HF name}, in the order of the names
+    for name, (entry, layer, _) in wanted.items():
+        groups.setdefault(entry.path, {})[layer] = name
+
+    def get(name: str) -> np.ndarray:
+        entry, _, shape = wanted[name]
         x = read(present[name])
         if tuple(x.shape) != shape:
             raise LoadError(f"{file}: tensor {present[name]} has shape {tuple(x.shape)}, expected {shape} "
                             f"from the config")
-        x = x.T if entry.transpose else x
-        if layer is None:
-            flat[entry.path] = leaf_fn(entry.path, x)
+        return x.T if entry.transpose else x
+
+    flat = {}
+    for path, names in groups.items():
+        if None in names:
+            flat[path] = leaf_fn(path, get(names[None]))
             continue
-        if stack_path != entry.path:
-            stack, stack_path = np.empty((n_stacked[entry.path], *x.shape), x.dtype), entry.path
-        elif x.dtype != stack.dtype:  # layers stored in different precisions: keep the wider one
-            stack = stack.astype(np.promote_types(stack.dtype, x.dtype))
-        stack[layer] = x
-        if layer == n_stacked[entry.path] - 1:
-            flat[entry.path] = leaf_fn(entry.path, stack)
-            stack, stack_path = None, None
+        entry, _, shape = wanted[names[0]]
+        layers = Layers(path, (n_stacked[path], *(shape[::-1] if entry.transpose else shape)),
+                        lambda i, names=names: get(names[i]))
+        flat[path] = leaf_fn(path, layers if by_layer else np.asarray(layers))
     return unflatten(flat)
 
 

@@ -28,18 +28,29 @@ _REQUIRED = object()
 
 
 def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tuple[LlamaConfig, dict, object]:
-    """(config, params, tokenizer or None) of the GGUF file `path`; see `assemble` for `leaf_fn`."""
+    """(config, params, tokenizer or None) of the GGUF file `path`; see `assemble` for `leaf_fn`.
+
+    Memory: gguf-py's parsed metadata (the vocabulary as one small array per token, ~150 MB for 49k tokens) is
+    freed before anything else is made, and the tokenizer is built before the weights are read, so that what
+    building it allocates and frees is reused rather than added on top of the weights. Tensors are read from
+    the file one at a time (not through gguf-py's memory map, whose pages would stay in the process) and
+    dequantized a few MB at a time.
+    """
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as e:
         raise LoadError(f"{path}: not a readable GGUF file ({e})") from None
     cfg = read_config(reader, str(path))
-    tensors = {t.name: t for t in reader.tensors}
     unreadable = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type not in READABLE]
     if unreadable:
         raise LoadError(f"{path}: tensor type not supported: {', '.join(unreadable[:8])}"
                         f"{f' and {len(unreadable) - 8} more' if len(unreadable) > 8 else ''} "
                         f"(jaxft reads {', '.join(t.name for t in READABLE)})")
+    # name -> (type, offset in the file, shape and dtype of the stored data)
+    tensors = {t.name: (t.tensor_type, t.data_offset, t.data.shape, t.data.dtype) for t in reader.tensors}
+    has_tokenizer = "tokenizer.ggml.model" in reader.fields
+    del reader
+    tok = _tokenizer(path) if has_tokenizer else None
 
     names = gguf.get_tensor_name_map(ARCHS[cfg.model_type], cfg.n_layers)
     to_gguf = {}
@@ -50,16 +61,35 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
     to_hf = {g: h for h, g in to_gguf.items()}
     present = {to_hf.get(name, name): name for name in tensors}
 
-    def read(name: str) -> np.ndarray:
-        t = tensors[name]
-        x = gguf.quants.dequantize(t.data, t.tensor_type)
-        if cfg.model_type in _PERMUTED and (".attn_q." in name or ".attn_k." in name):
-            x = unpermute(x, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
-        return x
+    with open(path, "rb") as file:
+        def read(name: str) -> np.ndarray:
+            qtype, offset, shape, stored = tensors[name]
+            data = np.empty(shape, stored)
+            file.seek(offset)
+            if file.readinto(data.reshape(-1).view(np.uint8)) != data.nbytes:
+                raise LoadError(f"{path}: tensor {name} runs past the end of the file")
+            x = dequantize(data, qtype)
+            if cfg.model_type in _PERMUTED and (".attn_q." in name or ".attn_k." in name):
+                x = unpermute(x, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
+            return x
 
-    params = assemble(cfg, present, read, file=str(path), dtype=dtype, leaf_fn=leaf_fn,
-                      label=lambda hf: to_gguf.get(hf, hf))
-    return cfg, params, tokenizer(path, reader)
+        params = assemble(cfg, present, read, file=str(path), dtype=dtype, leaf_fn=leaf_fn,
+                          label=lambda hf: to_gguf.get(hf, hf))
+    return cfg, params, tok
+
+
+def dequantize(data: np.ndarray, qtype: T, chunk_bytes: int = 1 << 22) -> np.ndarray:
+    """data: a tensor as stored (rows of blocks of `qtype`) -> float32, as `gguf.quants.dequantize` computes it,
+    `chunk_bytes` of data at a time: its intermediates are several times the size of what it dequantizes."""
+    if qtype == T.F32 or data.ndim < 2 or data.nbytes <= chunk_bytes:
+        return np.asarray(gguf.quants.dequantize(data, qtype), np.float32)
+    rows = max(1, chunk_bytes // (data.nbytes // data.shape[0]))
+    first = gguf.quants.dequantize(data[:rows], qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), np.float32)
+    out[:rows] = first
+    for start in range(rows, data.shape[0], rows):
+        out[start:start + rows] = gguf.quants.dequantize(data[start:start + rows], qtype)
+    return out
 
 
 def read_config(reader: gguf.GGUFReader, file: str) -> LlamaConfig:
@@ -113,8 +143,10 @@ def unpermute(x: np.ndarray, n_heads: int) -> np.ndarray:
 
 def tokenizer(path: Path, reader: gguf.GGUFReader):
     """The tokenizer (with its chat template) stored in the file, or None where it holds none."""
-    if "tokenizer.ggml.model" not in reader.fields:
-        return None
+    return _tokenizer(path) if "tokenizer.ggml.model" in reader.fields else None
+
+
+def _tokenizer(path: Path):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)

@@ -33,6 +33,12 @@ def dense(x, p: dict, lora=None, rng=None):
     p["ia3_in"] (in,) scales x, p["ia3_out"] (out,) scales y, bias included (as PEFT; see `jaxft.peft.ia3`).
     Matmuls accumulate in float32 (`preferred_element_type`), which is also what makes bf16 fast on CPUs.
     """
+    if hasattr(p["w"], "dequantize"):  # a QuantizedWeight (QLoRA)
+        return _dense_quantized(x, p, lora, rng)
+    return _dense(x, p, lora, rng)
+
+
+def _dense(x, p: dict, lora, rng):
     dtype = x.dtype
     if "ia3_in" in p:
         x = (x.astype(jnp.float32) * p["ia3_in"]).astype(dtype)
@@ -46,6 +52,12 @@ def dense(x, p: dict, lora=None, rng=None):
     if "ia3_out" in p:
         y = y * p["ia3_out"].astype(jnp.float32)
     return y.astype(dtype)
+
+
+# Rematerialized: differentiated, the backward pass dequantizes the weight again instead of keeping its dense
+# copy as a residual, which inside the layer scan would stack a dense copy of every layer (a full bf16 copy of
+# the base) between the forward and the backward pass.
+_dense_quantized = jax.checkpoint(_dense, static_argnums=(2,))
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple | None):

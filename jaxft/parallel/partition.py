@@ -124,22 +124,27 @@ def shard_leaf_fn(layout: Layout, table: AxesTable, dtype, inner: Callable | Non
     shards (`jax.make_array_from_callback`: each device receives only its slice, from host memory).
 
     dtype: the dtype of floating leaves when `inner` is None. inner: another leaf_fn (e.g. `jaxft.quant.leaf_fn`)
-    applied first, one layer at a time for stacked `layers/...` leaves, its result brought back to the host
-    before it is split, so no device ever holds a whole stacked leaf.
+    applied first, one layer at a time for stacked `layers/...` leaves as the checkpoint is read (a float32
+    stack of a quantized leaf never exists), its result brought back to the host before it is split, so no
+    device ever holds a whole stacked leaf.
     """
-    def fn(path: str, x: np.ndarray):
+    def host_leaf(path: str, x: np.ndarray):
+        if inner is None:
+            return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
+        return jax.device_get(inner(path, x))
+
+    def fn(path: str, x):
         names = param_names(path, table)
         if names is None:
             raise ShardingError(f"{path}: no logical axes for this parameter in the model's table")
-        if inner is None:
-            host = np.asarray(x).astype(dtype) if np.issubdtype(x.dtype, np.floating) else np.asarray(x)
-        elif path.startswith("layers/"):
-            parts = [jax.device_get(inner(path, x[i])) for i in range(x.shape[0])]
+        if path.startswith("layers/"):  # x: the checkpoint's layers, each read as it is indexed (`Layers`)
+            parts = [host_leaf(path, np.asarray(x[i])) for i in range(len(x))]
             host = jax.tree.map(lambda *a: np.stack(a), *parts)
         else:
-            host = jax.device_get(inner(path, x))
+            host = host_leaf(path, np.asarray(x))
         return jax.tree.map(_from_host, host, leaf_sharding(host, names, layout, path))
 
+    fn.by_layer = True  # `jaxft.checkpoint.assemble` hands stacked leaves over layer by layer
     return fn
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.quant.weight import check_settings, quantize
+from jaxft.quant.weight import QuantizedWeight, check_settings, check_shape, quantize
 from jaxft.tree import map_with_path
 
 LINEAR_WEIGHTS = r"layers/.*/w"  # every linear map of the blocks; embeddings, norms and the head stay dense
@@ -21,20 +22,39 @@ def leaf_fn(format: str = "nf4", *, block_size: int = 64, double_quant: bool = T
 
     Leaves whose path fully matches the regex `include` become QuantizedWeights (see `quantize`); other
     floating leaves are cast to `dense_dtype` (None keeps their dtype). Errors name the path.
+    It takes stacked leaves layer by layer (`by_layer`, see `jaxft.checkpoint.assemble.Layers`): each layer is
+    quantized or cast as soon as it is read, so a stacked leaf never exists in float32, and the leaf is the
+    layers' results stacked, equal to those of the whole stacked array.
     """
+    from jaxft.checkpoint.assemble import Layers, device_array  # (that package imports this one)
+
     rx = re.compile(include)
     check_settings(format, block_size)  # a bad setting fails before the first leaf arrives
 
+    def quantized(path: str, x) -> QuantizedWeight:
+        try:
+            return quantize(x, format, block_size, double_quant)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def by_layer(path: str, layers: Layers) -> QuantizedWeight:
+        try:
+            check_shape(layers.shape, block_size)  # before the first layer is read, naming the stacked shape
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        # each layer's arrays come back to the host as it is done; stacked there (no stacking program to compile)
+        parts = [jax.device_get(quantized(path, layers[i])) for i in range(len(layers))]
+        return jax.tree.map(lambda *arrays: device_array(arrays), *parts)
+
     def fn(path: str, x):
         if rx.fullmatch(path):
-            try:
-                return quantize(x, format, block_size, double_quant)
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}") from None
-        if dense_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-            return _cast(x, dense_dtype)
-        return jnp.asarray(x)
+            return by_layer(path, x) if isinstance(x, Layers) else quantized(path, x)
+        if isinstance(x, (np.ndarray, Layers)):  # cast on the host: a float32 copy never reaches the device
+            return device_array(x, dense_dtype, floating_only=True)
+        x = jnp.asarray(x)  # a leaf already on the device (`quantize_params`)
+        return x.astype(dense_dtype) if dense_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x
 
+    fn.by_layer = True
     return fn
 
 
@@ -45,8 +65,3 @@ def quantize_params(params: dict, format: str = "nf4", *, block_size: int = 64, 
     return map_with_path(leaf_fn(format, block_size=block_size, double_quant=double_quant, include=include,
                                  dense_dtype=dense_dtype), params)
 
-
-def _cast(x, dtype):
-    if isinstance(x, np.ndarray):
-        x = x.astype(dtype)  # on the host, so that the float32 copy never reaches the device
-    return jnp.asarray(x).astype(dtype)

@@ -108,18 +108,22 @@ def quantize(w, format: str = "nf4", block_size: int = 64, double_quant: bool = 
     """
     check_settings(format, block_size)
     shape = tuple(w.shape)
-    if len(shape) < 2:
-        raise ValueError(f"cannot quantize a weight of shape {shape}: expected (..., in, out)")
+    check_shape(shape, block_size)
     in_dim, out_dim = shape[-2:]
-    if in_dim % block_size:
-        raise ValueError(f"block_size={block_size} does not divide the in dimension {in_dim} of the weight {shape}")
     lead = shape[:-2]
     flat = w.reshape(-1, in_dim, out_dim)
-    slices = [_quantize_matrix(jnp.asarray(flat[i]), format, block_size, double_quant)
-              for i in range(flat.shape[0])]
+    slices = [_quantize_matrix(flat[i], format, block_size, double_quant) for i in range(flat.shape[0])]
     arrays = [None if parts[0] is None else jnp.stack(parts).reshape(lead + parts[0].shape)
               for parts in zip(*slices)]
     return QuantizedWeight(*arrays, format=format, block_size=block_size, in_dim=in_dim, out_dim=out_dim)
+
+
+def check_shape(shape: tuple[int, ...], block_size: int) -> None:
+    """Raises a one-line ValueError if a weight of `shape` (..., in, out) cannot be cut into blocks along `in`."""
+    if len(shape) < 2:
+        raise ValueError(f"cannot quantize a weight of shape {shape}: expected (..., in, out)")
+    if shape[-2] % block_size:
+        raise ValueError(f"block_size={block_size} does not divide the in dimension {shape[-2]} of the weight {shape}")
 
 
 def check_settings(format: str, block_size: int) -> None:

@@ -13,9 +13,12 @@
       time: on a shared machine the CPU time of the process is the steadier of the two), at batch 4 x 128 and
       4 x 256;
   (e) evaluation loss after the same short SFT run (`jaxft.train.loop.train`, configs/default_lora.py) on a
-      bf16 base and on an NF4 base.
+      bf16 base and on an NF4 base;
+  (f) what quantization alone costs, before any training: the causal-LM loss of the base on the last
+      --f-examples records of the data (instruction, input and output, at most 128 tokens each), bf16 against
+      each 4-bit format and block size.
 
-    .venv/bin/python bench/qlora.py [--parts abcde] [--time-seqs 128,256] [--steps 30] [--batch 8] [--seq 256]
+    .venv/bin/python bench/qlora.py [--parts abcdef] [--time-seqs 128,256] [--steps 30] [--batch 8] [--seq 256]
                                     [--data ...]
 """
 
@@ -271,7 +274,7 @@ def storage() -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-PARTS = {"a": "storage", "b": "load", "c": "step_memory", "d": "step_time", "e": "sft"}
+PARTS = {"a": "storage", "b": "load", "c": "step_memory", "d": "step_time", "e": "sft", "f": "quant_loss"}
 
 
 def part_a(args) -> dict:
@@ -350,6 +353,54 @@ def part_e(args) -> dict:
     return {"steps": args.steps, "batch": args.batch, "seq": args.seq, **sft, "eval_loss_rel_diff": rel}
 
 
+QUANT_LOSS_CASES = {  # name -> quant.quantize_params arguments (None: the bf16 base)
+    "bf16": None,
+    "NF4 b64 + DQ": {"format": "nf4", "block_size": 64, "double_quant": True},
+    "NF4 b64": {"format": "nf4", "block_size": 64, "double_quant": False},
+    "NF4 b32 + DQ": {"format": "nf4", "block_size": 32, "double_quant": True},
+    "int4 g64 + DQ": {"format": "int4", "block_size": 64, "double_quant": True},
+    "int4 g32 + DQ": {"format": "int4", "block_size": 32, "double_quant": True},
+}
+
+
+def part_f(args) -> dict:
+    if not Path(args.data).is_file():
+        print(f"(f) SKIPPED: {args.data} is missing (this benchmark reads ../shared/data; pass --data)")
+        return {"skipped": f"{args.data} missing"}
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxft import quant
+    from jaxft.models import llama
+
+    loaded = _load("float32")
+    records = json.loads(Path(args.data).read_text())[-args.f_examples:]
+    seq = 128
+    tokens = np.zeros((len(records), seq), np.int32)
+    segments = np.zeros_like(tokens)
+    for row, r in enumerate(records):
+        ids = loaded.tokenizer("\n".join([r["instruction"], r.get("input", ""), r["output"]]))["input_ids"][:seq]
+        tokens[row, :len(ids)], segments[row, :len(ids)] = ids, 1
+
+    @jax.jit
+    def loss(base):
+        logits, _ = llama.forward(loaded.cfg, base, tokens, segment_ids=segments, dtype=jnp.bfloat16)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1)[..., 0]
+        return jnp.sum(nll * segments[:, 1:]) / jnp.sum(segments[:, 1:])
+
+    print(f"(f) loss of the base before training, {len(records)} records of {Path(args.data).name} "
+          f"(<= {seq} tokens each), bf16 compute")
+    rows = {}
+    for name, kwargs in QUANT_LOSS_CASES.items():
+        base = (jax.tree.map(lambda x: x.astype(jnp.bfloat16), loaded.params) if kwargs is None
+                else quant.quantize_params(loaded.params, **kwargs))
+        rows[name] = float(loss(base))
+        print(f"  {name:14} {rows[name]:.4f}  ({100 * (rows[name] / rows['bf16'] - 1):+.2f}%)")
+    return {"examples": len(records), "seq": seq, "loss": rows,
+            "rel_diff": {k: v / rows["bf16"] - 1 for k, v in rows.items()}}
+
+
 def figures(results: dict) -> dict:
     """The RESULT line: the headline figures of whichever parts the results hold."""
     out = {}
@@ -376,6 +427,9 @@ def figures(results: dict) -> dict:
         sft = results["sft"]
         out.update(eval_loss_bf16=sft["bf16"]["eval_loss_after"], eval_loss_nf4=sft["NF4"]["eval_loss_after"],
                    eval_loss_rel_diff=sft["eval_loss_rel_diff"])
+    if "rel_diff" in results.get("quant_loss", {}):
+        out.update(base_loss_rel_diff_nf4=results["quant_loss"]["rel_diff"]["NF4 b64 + DQ"],
+                   base_loss_rel_diff_nf4_b32=results["quant_loss"]["rel_diff"]["NF4 b32 + DQ"])
     return out
 
 
@@ -390,7 +444,7 @@ def _machine() -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="abcde", help="the parts to run; with fewer than all, the figures of the "
+    ap.add_argument("--parts", default="abcdef", help="the parts to run; with fewer than all, the figures of the "
                     "others are kept from the last bench/results/qlora.json")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "instruction" / "alpaca_small.json"))
     ap.add_argument("--steps", type=int, default=30, help="SFT steps of (e)")
@@ -401,6 +455,7 @@ def main():
     ap.add_argument("--time-seqs", type=lambda v: [int(x) for x in v.split(",")], default=[128, 256],
                     help="sequence lengths of the steps of (d), comma-separated")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per case in (d)")
+    ap.add_argument("--f-examples", type=int, default=48, help="records of the data scored in (f)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxft.checkpoint.mapping import Entry
 from jaxft.models.config import ConfigError
-from jaxft.models.layers import attend, dense
+from jaxft.models.layers import attend, dense, einsum
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -321,7 +321,7 @@ def mlm_logits(cfg: Config, params: dict, hidden):
     h = _ACTIVATIONS[cfg.act](dense(hidden, head["transform"]))
     h = layer_norm(h, head["norm"], cfg.norm_eps)
     word = as_dense(params["embed"]["word"]["w"], hidden.dtype)
-    logits = jnp.einsum("btd,vd->btv", h, word, preferred_element_type=jnp.float32)
+    logits = einsum("btd,vd->btv", h, word)
     return logits + head["bias"].astype(jnp.float32)
 
 

@@ -8,6 +8,7 @@ Axis letters, used in every einsum, shape comment and sharding name of jaxft:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,42 @@ import jax.numpy as jnp
 from jaxft.quant import as_dense
 
 NEG_INF = -1e30  # finite, so that a fully masked row (padding) gives a uniform softmax instead of NaN
+
+
+def einsum(spec: str, a, b):
+    """jnp.einsum of two operands accumulating in float32, with a float32 result.
+
+    Where both operands are bfloat16 (or float16), its backward pass is also computed in their dtype: the
+    incoming float32 gradient is cast to it, and each operand's gradient is one einsum of that dtype
+    accumulating in float32. (JAX's own transpose of a mixed-precision einsum promotes the other operand to
+    float32 instead: on CPUs that runs the backward matmuls at float32 speed and converts every frozen weight to
+    float32 on every step.) Every index of `spec` must appear in both operands or in the output.
+    """
+    if a.dtype != b.dtype or a.dtype == jnp.float32 or not jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return _low_precision_einsum(spec, a, b)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_einsum(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _low_precision_fwd(spec, a, b):
+    return _low_precision_einsum(spec, a, b), (a, b)
+
+
+def _low_precision_bwd(spec, residuals, g):
+    a, b = residuals
+    operands, out = spec.replace(" ", "").split("->")
+    sa, sb = operands.split(",")
+    g = g.astype(a.dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32).astype(b.dtype)
+    return da, db
+
+
+_low_precision_einsum.defvjp(_low_precision_fwd, _low_precision_bwd)
 
 
 def rms_norm(x, scale, eps: float):
@@ -43,7 +80,7 @@ def _dense(x, p: dict, lora, rng):
     if "ia3_in" in p:
         x = (x.astype(jnp.float32) * p["ia3_in"]).astype(dtype)
     w = as_dense(p["w"], dtype)
-    y = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)
+    y = einsum("...i,io->...o", x, w)
     if "lora_a" in p:
         from jaxft.peft.lora import lora_delta  # the one place that knows LoRA / DoRA arithmetic
         y = lora_delta(x, w, y, p, lora, rng)
@@ -107,8 +144,8 @@ def attend(q, k, v, mask):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores = einsum("btkgh,bskh->bkgts", q, k) / math.sqrt(h)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    out = einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h).astype(q.dtype)

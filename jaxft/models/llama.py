@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxft.checkpoint.mapping import LLAMA as TABLE
 from jaxft.models.config import LlamaConfig
-from jaxft.models.layers import apply_rope, attend, attention_mask, dense, rms_norm, rope_frequencies
+from jaxft.models.layers import apply_rope, attend, attention_mask, dense, einsum, rms_norm, rope_frequencies
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -156,10 +156,10 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
         return x, new_cache
     if cfg.tie_embeddings:
         head = as_dense(params["embed"]["w"], dtype)
-        logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+        logits = einsum("btd,vd->btv", x, head)
     else:
         head = as_dense(params["lm_head"]["w"], dtype)
-        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        logits = einsum("btd,dv->btv", x, head)
     return constrain(logits, ("batch", "seq", "vocab"), layout), new_cache
 
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from jaxft.checkpoint.mapping import Entry
 from jaxft.models.config import ConfigError
-from jaxft.models.layers import NEG_INF, attention_mask, dense, rms_norm
+from jaxft.models.layers import NEG_INF, attention_mask, dense, einsum, rms_norm
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -371,10 +371,8 @@ def lm_logits(cfg: Config, params: dict, hidden):
     if cfg.scale_decoder_outputs:
         hidden = hidden * jnp.asarray(cfg.dim ** -0.5, hidden.dtype)
     if cfg.tie_embeddings:
-        return jnp.einsum("...d,vd->...v", hidden, as_dense(params["shared"]["w"], hidden.dtype),
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", hidden, as_dense(params["lm_head"]["w"], hidden.dtype),
-                      preferred_element_type=jnp.float32)
+        return einsum("...d,vd->...v", hidden, as_dense(params["shared"]["w"], hidden.dtype))
+    return einsum("...d,dv->...v", hidden, as_dense(params["lm_head"]["w"], hidden.dtype))
 
 
 def shift_right(targets, cfg: Config):
@@ -494,12 +492,12 @@ def position_bias(w, q_idx, k_idx, cfg: Config, *, bidirectional: bool):
 
 def _attend(q, k, v, bias, mask):
     """q (B, T, N, H), k/v (B, S, N, H), bias (N, T, S) or None, mask (B, T, S) -> (B, T, N*H). Unscaled scores."""
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    scores = einsum("btnh,bsnh->bnts", q, k)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     scores = jnp.where(mask[:, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32)
+    out = einsum("bnts,bsnh->btnh", probs, v)
     return out.reshape(*out.shape[:2], -1).astype(q.dtype)
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft import tree
+from jaxft.models.layers import einsum
 from jaxft.quant import as_dense
 
 ALL_LINEAR = r"((encoder|decoder)/)?layers/.*/w"  # every linear weight of the blocks (of both T5 stacks); the
@@ -97,12 +98,12 @@ def lora_delta(x, w, y, p: dict, spec: LoraSpec, rng):
     if spec.dropout > 0 and rng is not None:
         keep = jax.random.bernoulli(rng, 1.0 - spec.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
-        base_term = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)
+        base_term = einsum("...i,io->...o", x, w)
     else:
         base_term = y
     a, b = p["lora_a"].astype(x.dtype), p["lora_b"].astype(x.dtype)
-    h = jnp.einsum("...i,ir->...r", x, a, preferred_element_type=jnp.float32).astype(x.dtype)
-    lora_out = jnp.einsum("...r,ro->...o", h, b, preferred_element_type=jnp.float32) * spec.scaling
+    h = einsum("...i,ir->...r", x, a).astype(x.dtype)
+    lora_out = einsum("...r,ro->...o", h, b) * spec.scaling
     if "magnitude" not in p:
         return y + lora_out
     # DoRA: m * (W + s BA) / ||W + s BA||, the norm treated as a constant (DoRA paper, section 4.3; as PEFT).

@@ -1,9 +1,10 @@
-"""One LoRA training step on the default model: jaxft vs HF PEFT on PyTorch, same settings, same process.
+"""One LoRA training step on the default model: jaxft vs HF PEFT on PyTorch, same settings, same run.
 
 LoRA r=16 (alpha 32) on all linear layers, batch 4 x 256 tokens, AdamW; float32, and mixed precision
 (bf16 compute with fp32 LoRA parameters; PEFT under torch.autocast("cpu", dtype=torch.bfloat16), jaxft with a
 bf16 base). Reports seconds per step, tokens/s, the ratio, and each side's achieved FLOP/s as a fraction of a
-matmul peak measured in this process for that precision and framework.
+matmul peak measured for that precision and framework. Each side runs in its own fresh process (one after the
+other), so that one framework's idle threads never take CPU from the other.
 
     .venv/bin/python bench/train_step.py [--steps 3] [--batch 4] [--seq 256]
 """
@@ -14,6 +15,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -119,34 +122,60 @@ def peft_step_time(gguf_path: Path, precision: str, batch: int, seq: int, steps:
     return (time.perf_counter() - t) / steps
 
 
+def worker(side: str, precision: str, batch: int, seq: int, steps: int) -> dict:
+    """One side's step time and its framework's matmul peak, measured in this (fresh) process."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    gguf_path = hub.default_model_path()
+    if side == "jaxft":
+        s, compile_s = jaxft_step_time(checkpoint.load(gguf_path, dtype=jnp.float32), precision, batch, seq, steps)
+        return {"s": s, "compile_s": compile_s, "peak": matmul_peak("jax", precision)}
+    return {"s": peft_step_time(gguf_path, precision, batch, seq, steps), "peak": matmul_peak("torch", precision)}
+
+
+def run_worker(*args) -> dict:
+    """`worker(*args)` in a fresh Python process: the two frameworks never share a process, so neither one's
+    idle thread pool (torch's OpenMP threads spin after each parallel region) takes CPU from the other."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(args)]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("WORKER ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"worker {args} failed (exit {out.returncode}): {out.stdout[-2000:]}")
+    return json.loads(lines[-1][len("WORKER "):])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    gguf_path = hub.default_model_path()
-    loaded = checkpoint.load(gguf_path, dtype=jnp.float32)
+    if args.worker:
+        print("WORKER " + json.dumps(worker(*json.loads(args.worker))), flush=True)
+        return
+    cfg = checkpoint.load(hub.default_model_path(), dtype=jnp.float32).cfg
     tokens = args.batch * args.seq
-    flops = model_flops(loaded.cfg, tokens, 16)
+    flops = model_flops(cfg, tokens, 16)
     results = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-               "batch": args.batch, "seq": args.seq, "model_gflops_per_step": flops / 1e9}
+               "load_average_start": os.getloadavg()[0], "batch": args.batch, "seq": args.seq,
+               "model_gflops_per_step": flops / 1e9}
     print(f"{'precision':<10} {'side':<7} {'s/step':>8} {'tok/s':>8} {'GFLOP/s':>8} {'% peak':>7}")
     for precision in ("f32", "bf16"):
-        j_s, j_compile = jaxft_step_time(loaded, precision, args.batch, args.seq, args.steps)
-        p_s = peft_step_time(gguf_path, precision, args.batch, args.seq, args.steps)
-        j_peak, p_peak = matmul_peak("jax", precision), matmul_peak("torch", precision)
-        for side, s, peak in (("jaxft", j_s, j_peak), ("peft", p_s, p_peak)):
+        measured = {side: run_worker(side, precision, args.batch, args.seq, args.steps) for side in ("jaxft", "peft")}
+        for side, m in measured.items():
+            s, peak = m["s"], m["peak"]
             print(f"{precision:<10} {side:<7} {s:8.2f} {tokens / s:8.0f} {flops / s / 1e9:8.1f} "
                   f"{100 * flops / s / peak:6.1f}%")
             results[f"{precision}_{side}_s_per_step"] = s
             results[f"{precision}_{side}_tokens_per_s"] = tokens / s
             results[f"{precision}_{side}_peak_fraction"] = flops / s / peak
             results[f"{precision}_{side}_matmul_peak_gflops"] = peak / 1e9
+        j_s, p_s = measured["jaxft"]["s"], measured["peft"]["s"]
         results[f"{precision}_speedup"] = p_s / j_s
-        results[f"{precision}_jaxft_compile_s"] = j_compile
-        print(f"{precision:<10} jaxft/peft throughput ratio: {p_s / j_s:.2f}x (compile {j_compile:.1f} s)")
+        results[f"{precision}_jaxft_compile_s"] = measured["jaxft"]["compile_s"]
+        print(f"{precision:<10} jaxft/peft throughput ratio: {p_s / j_s:.2f}x "
+              f"(compile {measured['jaxft']['compile_s']:.1f} s)")
+    results["load_average_end"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_step.json").write_text(json.dumps(results, indent=1))
     keys = ("f32_speedup", "bf16_speedup", "f32_jaxft_tokens_per_s", "f32_peft_tokens_per_s",

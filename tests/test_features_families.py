@@ -123,7 +123,7 @@ def _data(path, rng, n=60):
 def test_bert_features_run_trains_a_head_that_classifies(tmp_path, monkeypatch, capsys):
     """Through `jaxft train`: the held-out loss falls and the head separates the classes; the saved head
     classifies new texts as `predict` does; the cache is reused for the same model and not for another one
-    saved at the same path; `jaxft eval` refuses a features head in one line, as for LLaMA."""
+    saved at the same path; `jaxft eval` scores the saved head on the same held-out texts as training did."""
     path, _ = bert_dir(tmp_path / "model")
     rng = np.random.RandomState(0)
     animals, sky = _data(tmp_path / "train.tsv", rng)
@@ -160,11 +160,13 @@ def test_bert_features_run_trains_a_head_that_classifies(tmp_path, monkeypatch, 
     bert_dir(path, seed=1)  # another checkpoint at the same path: its own features
     stamp = (path / "model.safetensors").stat()
     os.utime(path / "model.safetensors", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
-    train(config, tmp_path / "run")
+    last = train(config, tmp_path / "run")
     assert len(calls) == 2 and np.abs(np.load(tmp_path / "run" / "features" / "train.npy") - cached).max() > 1e-3
 
     capsys.readouterr()
     assert cli.main(["eval", "--config", CONFIG, "--workdir", str(tmp_path / "run")]
-                    + [f"--config.{o}" for o in overrides]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "a peft.method=features head; its evaluation is in" in err, err
+                    + [f"--config.{o}" for o in overrides]) == 0
+    scored = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert scored["accuracy"] == last["eval_accuracy"] and abs(scored["eval_loss"] - last["eval_loss"]) < 1e-6
+    assert set(scored) == {"eval_loss", "accuracy", "precision", "recall", "f1"}
+    assert "accuracy" in capsys.readouterr().out  # the table

@@ -16,7 +16,9 @@ Override any config field with --config.KEY=VALUE, e.g. --config.data.eval=test.
 metrics by task: causal_lm loss, perplexity; classification loss, accuracy, macro precision / recall / f1;
 token_classification loss, entity_precision / entity_recall / entity_f1 (seqeval), token_accuracy;
 embedding loss, retrieval_accuracy (spearman with data.score_field); mlm loss, perplexity, masked accuracy;
-seq2seq loss, perplexity and ROUGE or BLEU / chrF of generated targets."""
+seq2seq loss, perplexity and ROUGE or BLEU / chrF of generated targets; peft.method=features (a head over the
+frozen model's pooled features) eval_loss, accuracy, macro precision / recall / f1, on the texts training held
+out (needs the trained head)."""
 
 
 def register(subparsers) -> None:

@@ -28,6 +28,11 @@ def evaluate(config, workdir: str | Path) -> tuple[dict[str, float], str]:
     """(metrics, what was evaluated) for `config`'s task, model and evaluation data, with the weights of
     `workdir` (see the module docstring); writes WORKDIR/eval.json."""
     workdir = Path(workdir)
+    if config.peft.method == "features":  # a head over cached features: scored by the features trainer's code
+        from jaxft.train import features
+
+        results = features.evaluate(config, workdir)
+        return results, str(workdir / "adapter")
     adapter, saved = workdir / "adapter", {}
     has_ckpt = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
     if has_ckpt and not (adapter / "adapter.json").is_file():
@@ -46,8 +51,8 @@ def evaluate(config, workdir: str | Path) -> tuple[dict[str, float], str]:
     if (adapter / "adapter.json").is_file():
         trainable, spec, _ = adapter_io.load(adapter)
         if isinstance(spec, FeatureSpec):
-            raise ValueError(f"{adapter}: a peft.method=features head; its evaluation is in "
-                             f"{workdir / 'summary.json'} (jaxft eval runs the language-model methods)")
+            raise ValueError(f"{adapter}: a peft.method=features head, but the config's peft.method is "
+                             f"{config.peft.method!r}")
         spec = as_method(spec)
         saved = json.loads((adapter / TASK_FILE).read_text()) if (adapter / TASK_FILE).is_file() else {}
         if saved.get("task", "causal_lm") != name:

@@ -39,19 +39,10 @@ def train(config, workdir: str | Path) -> dict:
     """Runs the feature-based fine-tuning described by `config` in `workdir`; returns a summary."""
     workdir = Path(workdir)
     c, t = config.features, config.train
-    dtype = DTYPES[config.dtype]
     model = checkpoint.load(config.model, dtype=DTYPES[config.param_dtype])
-    cfg, base, tokenizer = model.cfg, model.params, model.tokenizer
+    cfg = model.cfg
 
-    texts, labels = _columns(read_records(config.data.train), c.text_field, c.label_field)
-    if config.data.eval:
-        eval_texts, eval_labels = _columns(read_records(config.data.eval), c.text_field, c.label_field)
-    else:
-        order = np.random.default_rng(config.seed).permutation(len(texts))
-        n = min(round(config.data.eval_fraction * len(texts)), len(texts) - 1)
-        held, kept = set(order[:n].tolist()), np.sort(order[n:])
-        eval_texts, eval_labels = [texts[i] for i in sorted(held)], [labels[i] for i in sorted(held)]
-        texts, labels = [texts[i] for i in kept], [labels[i] for i in kept]
+    texts, labels, eval_texts, eval_labels = _split(config)
     classes = sorted(set(labels) | set(eval_labels))
     spec = features.make_spec(cfg, c.layer, c.pool, classes, t.seq_len)
     head = features.init_head(jax.random.PRNGKey(config.seed), cfg.dim, len(classes), c.head, c.hidden)
@@ -59,15 +50,8 @@ def train(config, workdir: str | Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     t0 = time.perf_counter()
-    settings = {**_model_key(model), "layer": spec.layer, "pool": spec.pool, "seq_len": spec.seq_len,
-                "dtype": config.dtype, "param_dtype": config.param_dtype}
-
-    def feats(name: str, part: list[str]) -> np.ndarray:
-        key = {**settings, "texts": hashlib.sha256("\0".join(part).encode()).hexdigest()}
-        return features.cached(workdir / "features" / f"{name}.npy", key, lambda: features.extract(
-            cfg, base, features.tokenize(tokenizer, part, spec.seq_len), spec, t.batch_size, dtype))
-
-    x_train, x_eval = feats("train", texts), feats("eval", eval_texts) if eval_texts else None
+    x_train = _features(config, workdir, model, spec, "train", texts)
+    x_eval = _features(config, workdir, model, spec, "eval", eval_texts) if eval_texts else None
     feature_seconds = time.perf_counter() - t0
     index = {name: i for i, name in enumerate(classes)}
     y_train = np.asarray([index[y] for y in labels], np.int32)
@@ -121,6 +105,63 @@ def train(config, workdir: str | Path) -> dict:
                "data": {"train": len(x_train), "eval": len(eval_texts), "classes": classes}}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def evaluate(config, workdir: str | Path) -> dict[str, float]:
+    """`jaxft eval` of a features run: the saved head (WORKDIR/adapter) on the held-out texts that training
+    held out (the same data.eval or the same seeded split), its features read from the run's cache or computed;
+    {eval_loss, accuracy, precision, recall, f1} (macro, scikit-learn) written to WORKDIR/eval.json."""
+    from jaxft.metrics import classification
+
+    workdir = Path(workdir)
+    adapter = workdir / "adapter"
+    if not (adapter / "adapter.json").is_file():
+        raise ValueError(f"{workdir}: no trained features head (adapter/adapter.json); run `jaxft train` first")
+    head, spec, _ = adapter_io.load(adapter)
+    if not isinstance(spec, features.FeatureSpec):
+        raise ValueError(f"{adapter}: not a peft.method=features head, but the config's peft.method is features")
+    _, _, eval_texts, eval_labels = _split(config)
+    if not eval_texts:
+        raise DataError(f"{config.data.train}: no evaluation data (set data.eval, or data.eval_fraction > 0)")
+    unknown = sorted(set(eval_labels) - set(spec.classes))
+    if unknown:
+        raise DataError(f"{config.data.eval or config.data.train}: label {unknown[0]!r} is not one of the head's "
+                        f"classes {', '.join(spec.classes)}")
+    model = checkpoint.load(config.model, dtype=DTYPES[config.param_dtype])
+    x_eval = _features(config, workdir, model, spec, "eval", eval_texts)
+    index = {name: i for i, name in enumerate(spec.classes)}
+    gold = np.asarray([index[y] for y in eval_labels], np.int32)
+    logits = features.apply_head(head, jnp.asarray(x_eval))
+    pred = np.asarray(jnp.argmax(logits, -1))
+    results = {"eval_loss": float(_cross_entropy(logits, gold)),
+               **classification(pred, gold, labels=list(range(len(spec.classes))))}
+    (workdir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _split(config) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(train texts, train labels, held-out texts, held-out labels): data.eval, or a seeded data.eval_fraction
+    of data.train's records (the same split on every call with the same config)."""
+    c = config.features
+    texts, labels = _columns(read_records(config.data.train), c.text_field, c.label_field)
+    if config.data.eval:
+        eval_texts, eval_labels = _columns(read_records(config.data.eval), c.text_field, c.label_field)
+        return texts, labels, eval_texts, eval_labels
+    order = np.random.default_rng(config.seed).permutation(len(texts))
+    n = min(round(config.data.eval_fraction * len(texts)), len(texts) - 1)
+    held, kept = set(order[:n].tolist()), np.sort(order[n:])
+    return ([texts[i] for i in kept], [labels[i] for i in kept],
+            [texts[i] for i in sorted(held)], [labels[i] for i in sorted(held)])
+
+
+def _features(config, workdir: Path, model, spec, name: str, part: list[str]) -> np.ndarray:
+    """The pooled features of `part` (WORKDIR/features/NAME.npy, computed once per model, texts and settings)."""
+    key = {**_model_key(model), "layer": spec.layer, "pool": spec.pool, "seq_len": spec.seq_len,
+           "dtype": config.dtype, "param_dtype": config.param_dtype,
+           "texts": hashlib.sha256("\0".join(part).encode()).hexdigest()}
+    return features.cached(workdir / "features" / f"{name}.npy", key, lambda: features.extract(
+        model.cfg, model.params, features.tokenize(model.tokenizer, part, spec.seq_len), spec,
+        config.train.batch_size, DTYPES[config.dtype]))
 
 
 def _model_key(model) -> dict:

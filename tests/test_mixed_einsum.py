@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxft.models.layers import einsum
+from jaxprs import equations
 
 SPECS = [("...i,io->...o", (2, 5, 8), (8, 6)), ("btd,vd->btv", (2, 3, 8), (7, 8)),
          ("btkgh,bskh->bkgts", (2, 3, 2, 2, 4), (2, 5, 2, 4))]
@@ -41,7 +42,7 @@ def test_backward_dots_keep_bf16_operands():
     x = jnp.ones((4, 8), jnp.bfloat16)
     w = jnp.ones((8, 6), jnp.bfloat16)
     jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(einsum("...i,io->...o", x, w))))(x)
-    dots = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    dots = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
     assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
 
 
@@ -49,13 +50,3 @@ def test_float32_operands_take_the_plain_einsum():
     a, b = jnp.ones((3, 4)), jnp.ones((4, 5))
     da = jax.grad(lambda a: jnp.sum(einsum("...i,io->...o", a, b)))(a)
     np.testing.assert_array_equal(da, jnp.full((3, 4), 5.0))
-
-
-def _equations(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from _equations(sub)

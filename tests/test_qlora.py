@@ -15,6 +15,7 @@ from jaxft.peft import lora
 from jaxft.quant import QuantizedWeight, quantize_params, stored_bits
 from jaxft.quant.merge import merge_lora
 from jaxft.tree import flatten, map_with_path, unflatten
+from jaxprs import equations
 
 BLOCK = 32
 CFG = LlamaConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128,
@@ -158,19 +159,8 @@ def test_training_keeps_no_dense_copy_of_the_base(params):
         return jnp.mean(llama.forward(CFG, base, TOKENS, trainable=t, lora=spec, dtype=jnp.bfloat16)[0])
 
     dense_shapes = {x.shape for x in flatten(base).values() if isinstance(x, QuantizedWeight)}
-    scans = [e for e in _equations(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr) if e.primitive.name == "scan"]
+    scans = [e for e in equations(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr) if e.primitive.name == "scan"]
     assert len(scans) == 2  # forward and backward
     for scan in scans:
         assert not [v.aval for v in scan.outvars
                     if jnp.issubdtype(v.aval.dtype, jnp.floating) and v.aval.shape in dense_shapes]
-
-
-def _equations(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs nested in it (jit, scan, ...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from _equations(sub)

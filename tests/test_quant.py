@@ -15,6 +15,7 @@ from jaxft.models.config import LlamaConfig
 from jaxft.quant import QuantizedWeight, as_dense, leaf_fn, quantize, quantize_params, stored_bits
 from jaxft.quant.codebooks import DYNAMIC, NF4, encode_dynamic
 from jaxft.tree import flatten, map_with_path
+from jaxprs import equations
 
 dense = jax.jit(lambda q: q.dequantize(jnp.float32))  # one compilation instead of one per eager op
 init = jax.jit(llama.init, static_argnums=1)
@@ -215,23 +216,12 @@ def test_quantized_llama_equals_dequantized(params):
 
     # The scan carries the 4-bit codes, not dense weights: each layer is dequantized inside the loop.
     jaxpr = jax.make_jaxpr(partial(llama.forward, CFG))(base, tokens).jaxpr
-    scans = [e for e in _equations(jaxpr) if e.primitive.name == "scan"]
+    scans = [e for e in equations(jaxpr) if e.primitive.name == "scan"]
     assert len(scans) == 1
     ins = [(v.aval.dtype, v.aval.shape) for v in scans[0].invars]
     assert (jnp.uint8, (CFG.n_layers, CFG.mlp_dim, CFG.dim // 2)) in ins
     dense_shapes = {x.shape for x in flat.values() if isinstance(x, QuantizedWeight)}
     assert not [s for d, s in ins if jnp.issubdtype(d, jnp.floating) and s in dense_shapes]
-
-
-def _equations(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs nested in it (jit, scan, ...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from _equations(sub)
 
 
 def test_leaf_fn_quantizes_while_loading(params):

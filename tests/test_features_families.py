@@ -6,6 +6,7 @@ features cached per model; bad layers and pools are refused by config key. (The 
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -170,3 +171,25 @@ def test_bert_features_run_trains_a_head_that_classifies(tmp_path, monkeypatch, 
     assert scored["accuracy"] == last["eval_accuracy"] and abs(scored["eval_loss"] - last["eval_loss"]) < 1e-6
     assert set(scored) == {"eval_loss", "accuracy", "precision", "recall", "f1"}
     assert "accuracy" in capsys.readouterr().out  # the table
+
+
+def test_features_run_continues_from_a_saved_head(tmp_path):
+    """peft.init_from: a features run starts from another run's head (trained on the same features and
+    classes); one with other settings is refused, naming the key."""
+    path, _ = bert_dir(tmp_path / "model")
+    _data(tmp_path / "train.tsv", np.random.RandomState(0))
+    common = [f"model={path}", f"data.train={tmp_path / 'train.tsv'}", "peft.method=features", "dtype=float32",
+              "param_dtype=float32", "train.seq_len=12", "train.batch_size=16", "train.warmup_steps=0",
+              "data.eval_fraction=0.2", "train.eval_every=0"]
+    first = train(config_lib.load(CONFIG, common + ["train.steps=30", "train.learning_rate=3e-2"]), tmp_path / "a")
+    # learning rate 0: the continued run's head is exactly the saved one, so its step-0 evaluation is the end of
+    # the first run's
+    again = train(config_lib.load(CONFIG, common + ["train.steps=1", "train.learning_rate=0",
+                                                    f"peft.init_from={tmp_path / 'a'}"]), tmp_path / "b")
+    assert again["eval_history"][0][1:] == first["eval_history"][-1][1:]
+    head, _, _ = adapter_io.load(tmp_path / "b" / "adapter")
+    saved, _, _ = adapter_io.load(tmp_path / "a" / "adapter")
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(head), jax.tree.leaves(saved)))
+    with pytest.raises(ValueError, match=r"^peft.init_from: .* was trained with .*pool='mean'.*pool='last'"):
+        train(config_lib.load(CONFIG, common + ["train.steps=1", "features.pool=last",
+                                                f"peft.init_from={tmp_path / 'a'}"]), tmp_path / "c")

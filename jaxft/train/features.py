@@ -46,6 +46,8 @@ def train(config, workdir: str | Path) -> dict:
     classes = sorted(set(labels) | set(eval_labels))
     spec = features.make_spec(cfg, c.layer, c.pool, classes, t.seq_len)
     head = features.init_head(jax.random.PRNGKey(config.seed), cfg.dim, len(classes), c.head, c.hidden)
+    if config.peft.init_from:
+        head = _init_from(config.peft.init_from, head, spec)
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
@@ -137,6 +139,23 @@ def evaluate(config, workdir: str | Path) -> dict[str, float]:
                **classification(pred, gold, labels=list(range(len(spec.classes))))}
     (workdir / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def _init_from(path: str, fresh: dict, spec) -> dict:
+    """The head of the features run at `path` (a workdir or its adapter/), to continue training: it must have
+    been trained on the same features (layer, pool, sequence length) with the same classes as `spec`."""
+    where = Path(path) / "adapter" if (Path(path) / "adapter" / "adapter.json").is_file() else Path(path)
+    try:
+        head, saved, _ = adapter_io.load(where)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"peft.init_from: {e}") from None
+    if not isinstance(saved, features.FeatureSpec):
+        raise ValueError(f"peft.init_from: {where} is not a peft.method=features head")
+    if saved != spec:
+        raise ValueError(f"peft.init_from: {where} was trained with {saved}, but this run has {spec}")
+    if jax.tree.map(np.shape, head) != jax.tree.map(np.shape, fresh):
+        raise ValueError(f"peft.init_from: {where} holds a head of another shape (features.head / features.hidden)")
+    return head
 
 
 def _split(config) -> tuple[list[str], list[str], list[str], list[str]]:

@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.quant.format = "none"  # frozen base: none (param_dtype), nf4 or int4 (QLoRA); quantized while loading
     c.quant.block_size = 64  # values per scale (nf4 block / int4 group), along each weight's input axis
     c.quant.double_quant = True  # nf4: quantize the scales too (8-bit, blocks of 256), ~0.37 bits/param saved
-    c.quant.include = "layers/.*/w"  # regex over weight paths to quantize (embeddings, norms, head stay dense)
+    c.quant.include = "((encoder|decoder)/)?layers/.*/w"  # regex over weight paths to quantize (T5: both stacks;
+    # embeddings, norms and the head stay dense); one that matches no weight of the model is an error
 
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "lora"  # lora, adapter, prefix, prompt, ia3, full, partial or features; settings below

@@ -374,3 +374,31 @@ def test_t5_evaluate_uses_t5_generate(tmp_path, t5_dir):
     assert set(results) == {"loss", "perplexity", "bleu", "chrf"}
     np.testing.assert_allclose([results["bleu"], results["chrf"]], [expected["bleu"], expected["chrf"]], rtol=1e-6)
     assert np.isfinite(results["loss"]) and results["perplexity"] == pytest.approx(np.exp(results["loss"]))
+
+
+def test_t5_qlora_quantizes_both_stacks_and_trains(tmp_path, t5_dir):
+    """quant.format=nf4 on T5 quantizes every linear weight of the encoder and the decoder (and nothing else),
+    the run trains (the loss falls), and an include regex that matches no weight is a one-line error."""
+    from jaxft import parallel, tree
+    from jaxft.peft import lora
+    from jaxft.quant import QuantizedWeight
+    from jaxft.train.build import load_model
+    from jaxft.train.loop import train
+
+    data = jsonl(tmp_path / "d.jsonl", pairs(16))
+    quantized = {"quant.format": "nf4", "quant.block_size": 8, "train.steps": 8, "train.learning_rate": 5e-3,
+                 "train.warmup_steps": 0, "train.eval_every": 0, "lora.targets": "all-linear",
+                 "eval.metrics": "bleu", "data.eval_fraction": 0.25}
+    config = make_config(tmp_path, t5_dir, data, **quantized)
+    model, _ = load_model(config, parallel.from_config(config), seq2seq)
+    paths = [p for p, x in tree.items(model.params) if isinstance(x, QuantizedWeight)]
+    assert paths == lora.target_paths(model.params, "all-linear", "t5")
+    assert {p.split("/")[0] for p in paths} == {"encoder", "decoder"}
+    summary = train(config, tmp_path / "run")
+    history = summary["eval_history"]
+    assert history[-1][1] < history[0][1], history
+
+    config = make_config(tmp_path, t5_dir, data, **{**quantized, "quant.include": "layers/.*/w"})
+    with pytest.raises(ValueError, match=r"^quant.include='layers/\.\*/w' matches no weight of .* named like "
+                                         r"(en|de)coder/layers/"):
+        load_model(config, parallel.from_config(config), seq2seq)

@@ -26,6 +26,9 @@ def einsum(spec: str, a, b):
     accumulating in float32. (JAX's own transpose of a mixed-precision einsum promotes the other operand to
     float32 instead: on CPUs that runs the backward matmuls at float32 speed and converts every frozen weight to
     float32 on every step.) Every index of `spec` must appear in both operands or in the output.
+    For products with a weight (linear maps, LoRA factors, output heads): attention's batched products keep
+    `jnp.einsum`, as XLA:CPU has no bf16 x bf16 -> f32 fallback for some of the batched dots their backward
+    pass would need (T5's cross-attention hits it).
     """
     if a.dtype != b.dtype or a.dtype == jnp.float32 or not jnp.issubdtype(a.dtype, jnp.floating):
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
@@ -144,8 +147,8 @@ def attend(q, k, v, mask):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = einsum("btkgh,bskh->bkgts", q, k) / math.sqrt(h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)

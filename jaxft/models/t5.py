@@ -492,12 +492,12 @@ def position_bias(w, q_idx, k_idx, cfg: Config, *, bidirectional: bool):
 
 def _attend(q, k, v, bias, mask):
     """q (B, T, N, H), k/v (B, S, N, H), bias (N, T, S) or None, mask (B, T, S) -> (B, T, N*H). Unscaled scores."""
-    scores = einsum("btnh,bsnh->bnts", q, k)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     scores = jnp.where(mask[:, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = einsum("bnts,bsnh->btnh", probs, v)
+    out = jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(*out.shape[:2], -1).astype(q.dtype)
 
 

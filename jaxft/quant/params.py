@@ -13,7 +13,8 @@ import numpy as np
 from jaxft.quant.weight import QuantizedWeight, check_settings, check_shape, quantize
 from jaxft.tree import map_with_path
 
-LINEAR_WEIGHTS = r"layers/.*/w"  # every linear map of the blocks; embeddings, norms and the head stay dense
+# every linear map of the blocks (T5: of both stacks); embeddings, norms, T5's position biases and the head stay dense
+LINEAR_WEIGHTS = r"((encoder|decoder)/)?layers/.*/w"
 
 
 def leaf_fn(format: str = "nf4", *, block_size: int = 64, double_quant: bool = True,

@@ -38,7 +38,16 @@ def load_model(config, layout, task=None) -> tuple[checkpoint.Loaded, object]:
     # Each leaf is created directly in its shards on the mesh (after quantization, if any).
     leaf_fn = parallel.shard_leaf_fn(layout, fam.PARAM_AXES, param_dtype, inner=leaf_fn)
     model = checkpoint.load(path, dtype=param_dtype, leaf_fn=leaf_fn)
+    if config.quant.format != "none" and not any(isinstance(x, quant.QuantizedWeight) for x in jax.tree.leaves(
+            model.params, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight))):
+        raise ValueError(f"quant.include={config.quant.include!r} matches no weight of {path} (its linear "
+                               f"weights are named like {_a_linear_weight(model.params)})")
     return model, family_of(model.cfg)
+
+
+def _a_linear_weight(params) -> str:
+    from jaxft.tree import flatten
+    return next((p for p in flatten(params) if p.endswith("/w") and "layers/" in p), next(iter(flatten(params))))
 
 
 def _family_of_checkpoint(path):

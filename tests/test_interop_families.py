@@ -38,16 +38,6 @@ SPECS = {"lora": lora.LoraSpec(rank=4, alpha=8), "rslora": lora.LoraSpec(rank=4,
          "dora": lora.LoraSpec(rank=4, alpha=8, dora=True)}
 
 
-def _perturbed(model, seed=0):
-    """Non-trivial biases and norms (transformers initializes them at 0 and 1)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
 def _bert_config(**kw):
     return transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    intermediate_size=48, max_position_embeddings=24, **kw)
@@ -58,7 +48,7 @@ def mlm(tmp_path_factory):
     """A tiny BertForMaskedLM checkpoint (names under `bert.`, masked-LM head, no pooler), loaded by jaxft."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bert") / "mlm"
-    _perturbed(transformers.BertForMaskedLM(_bert_config())).save_pretrained(path)
+    tiny.perturbed(transformers.BertForMaskedLM(_bert_config())).save_pretrained(path)
     return checkpoint.load(path)
 
 
@@ -74,7 +64,7 @@ def seq2seq(tmp_path_factory):
     model = transformers.T5ForConditionalGeneration(config)
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight))
-    _perturbed(model).save_pretrained(path)
+    tiny.perturbed(model).save_pretrained(path)
     return checkpoint.load(path)
 
 
@@ -321,7 +311,7 @@ def bert_cls(tmp_path_factory):
     """A tiny BertForSequenceClassification checkpoint (pooler; the classifier is not read by jaxft)."""
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("bert") / "cls"
-    _perturbed(transformers.BertForSequenceClassification(_bert_config(num_labels=3))).save_pretrained(path)
+    tiny.perturbed(transformers.BertForSequenceClassification(_bert_config(num_labels=3))).save_pretrained(path)
     return checkpoint.load(path)
 
 

@@ -19,6 +19,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+import tiny
 from jaxft import checkpoint, cli, tree
 from jaxft.export import AdapterError, export_peft, load_adapter
 from jaxft.models import bert, t5
@@ -45,25 +46,15 @@ CASES = [("t5", "prompt", "seq2seq", transformers.T5ForConditionalGeneration, "S
 IDS = [f"{c[0]}-{c[1]}-{c[2]}" for c in CASES]
 
 
-def _perturbed(model, seed=0):
-    """Non-trivial biases and norms (transformers initializes them at 0 and 1)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
     torch.manual_seed(0)
-    _perturbed(transformers.T5ForConditionalGeneration(transformers.T5Config(
+    tiny.perturbed(transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_decoder_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))).save_pretrained(root / "t5")
-    _perturbed(transformers.BertForSequenceClassification(transformers.BertConfig(
+    tiny.perturbed(transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=24, num_labels=3))).save_pretrained(root / "bert")
     return {name: checkpoint.load(root / name) for name in ("t5", "bert")}

@@ -26,6 +26,16 @@ def tokenizer() -> transformers.PreTrainedTokenizerFast:
                                                 chat_template=CHATML)
 
 
+def perturbed(model, seed: int = 0):
+    """`model` with non-trivial biases and norms (transformers initializes them at 0 and 1), in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
 def llama_dir(path: Path, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 32) with the tokenizer above, saved with save_pretrained."""
     tok = tokenizer()

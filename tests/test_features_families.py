@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+import tiny
 from jaxft import checkpoint, cli, config as config_lib
 from jaxft.models import bert, t5
 from jaxft.models.config import LlamaConfig
@@ -44,15 +45,7 @@ def _ours(loaded, layer, pool):
 def bert3(tmp_path_factory):
     """A 3-layer random BertModel (non-trivial biases and norms) and the same weights loaded by jaxft."""
     path = tmp_path_factory.mktemp("bert3")
-    torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=24)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
+    model = tiny.bert(path, layers=3, perturb=True)
     return model, checkpoint.load(path)
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+import tiny
 from jaxft import checkpoint, config as config_lib, tree
 from jaxft import peft
 from jaxft.models import bert, t5
@@ -54,11 +55,7 @@ def t5_loaded(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bert_loaded(tmp_path_factory):
     path = tmp_path_factory.mktemp("bert")
-    torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=24)).eval()
-    model.save_pretrained(path)
+    model = tiny.bert(path, transformers.BertForMaskedLM)
     return model, checkpoint.load(path)
 
 

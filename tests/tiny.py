@@ -36,6 +36,19 @@ def perturbed(model, seed: int = 0):
     return model.eval()
 
 
+def bert(path: Path, model_class=transformers.BertModel, *, layers: int = 2, perturb: bool = False, seed: int = 0):
+    """A tiny random BERT of `model_class` (vocabulary 64, width 32, 4 heads), saved to `path`; returns it
+    (in eval mode). perturb: non-trivial biases and norms (`perturbed`)."""
+    torch.manual_seed(seed)
+    model = model_class(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers,
+                                                num_attention_heads=4, intermediate_size=48,
+                                                max_position_embeddings=24)).eval()
+    if perturb:
+        perturbed(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
 def llama_dir(path: Path, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 32) with the tokenizer above, saved with save_pretrained."""
     tok = tokenizer()

@@ -4,7 +4,9 @@ LoRA r=16 (alpha 32) on all linear layers, batch 4 x 256 tokens, AdamW; float32,
 (bf16 compute with fp32 LoRA parameters; PEFT under torch.autocast("cpu", dtype=torch.bfloat16), jaxft with a
 bf16 base). Reports seconds per step, tokens/s, the ratio, and each side's achieved FLOP/s as a fraction of a
 matmul peak measured for that precision and framework. Each side runs in its own fresh process (one after the
-other), so that one framework's idle threads never take CPU from the other.
+other), so that one framework's idle threads never take CPU from the other. jaxft runs with its layers scanned
+and unrolled (`train.layer_loop`); the ratio is that of the loop `auto` picks for the precision (the trainer's
+default), the other is printed beside it.
 
     .venv/bin/python bench/train_step.py [--steps 3] [--batch 4] [--seq 256]
 """
@@ -26,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
+from ml_collections import ConfigDict
 
 from jaxft import checkpoint, hub
 from jaxft.models import llama
 from jaxft.peft import lora
+from jaxft.train.build import DTYPES, unroll_layers
 from jaxft.train.step import init_state, make_train_step
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,7 +70,7 @@ def matmul_peak(framework: str, dtype: str, n: int = 2048, reps: int = 5) -> flo
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def jaxft_step_time(loaded, precision: str, batch: int, seq: int, steps: int) -> tuple[float, float]:
+def jaxft_step_time(loaded, precision: str, batch: int, seq: int, steps: int, unroll: bool) -> tuple[float, float]:
     cfg = loaded.cfg
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     base = jax.tree.map(lambda x: x.astype(dtype), loaded.params)
@@ -76,7 +80,7 @@ def jaxft_step_time(loaded, precision: str, batch: int, seq: int, steps: int) ->
 
     def forward(b, t, mb, rng):
         return llama.forward(cfg, b, mb["tokens"], trainable=t, positions=mb["positions"],
-                             segment_ids=mb["segment_ids"], lora=spec, rng=rng, dtype=dtype)[0]
+                             segment_ids=mb["segment_ids"], lora=spec, rng=rng, dtype=dtype, unroll=unroll)[0]
 
     step = jax.jit(make_train_step(forward, opt), donate_argnums=(0,))
     tok = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
@@ -123,11 +127,13 @@ def peft_step_time(gguf_path: Path, precision: str, batch: int, seq: int, steps:
 
 
 def worker(side: str, precision: str, batch: int, seq: int, steps: int) -> dict:
-    """One side's step time and its framework's matmul peak, measured in this (fresh) process."""
+    """One side's step time and its framework's matmul peak, measured in this (fresh) process. side: peft,
+    jaxft-scan or jaxft-unroll."""
     torch.set_num_threads(os.cpu_count() or 1)
     gguf_path = hub.default_model_path()
-    if side == "jaxft":
-        s, compile_s = jaxft_step_time(checkpoint.load(gguf_path, dtype=jnp.float32), precision, batch, seq, steps)
+    if side.startswith("jaxft"):
+        s, compile_s = jaxft_step_time(checkpoint.load(gguf_path, dtype=jnp.float32), precision, batch, seq, steps,
+                                       unroll=side == "jaxft-unroll")
         return {"s": s, "compile_s": compile_s, "peak": matmul_peak("jax", precision)}
     return {"s": peft_step_time(gguf_path, precision, batch, seq, steps), "peak": matmul_peak("torch", precision)}
 
@@ -159,29 +165,37 @@ def main():
     results = {"date": date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cores",
                "load_average_start": os.getloadavg()[0], "batch": args.batch, "seq": args.seq,
                "model_gflops_per_step": flops / 1e9}
-    print(f"{'precision':<10} {'side':<7} {'s/step':>8} {'tok/s':>8} {'GFLOP/s':>8} {'% peak':>7}")
+    print(f"{'precision':<10} {'side':<13} {'s/step':>8} {'tok/s':>8} {'GFLOP/s':>8} {'% peak':>7} {'compile':>8}")
     for precision in ("f32", "bf16"):
-        measured = {side: run_worker(side, precision, args.batch, args.seq, args.steps) for side in ("jaxft", "peft")}
-        for side, m in measured.items():
+        auto = "unroll" if unroll_layers(ConfigDict({"train": {}}), DTYPES["bfloat16" if precision == "bf16" else "float32"], "cpu") else "scan"
+        other = "scan" if auto == "unroll" else "unroll"
+        sides = {"jaxft": f"jaxft-{auto}", f"jaxft_{other}": f"jaxft-{other}", "peft": "peft"}
+        measured = {key: run_worker(side, precision, args.batch, args.seq, args.steps) for key, side in sides.items()}
+        for key, m in measured.items():
             s, peak = m["s"], m["peak"]
-            print(f"{precision:<10} {side:<7} {s:8.2f} {tokens / s:8.0f} {flops / s / 1e9:8.1f} "
-                  f"{100 * flops / s / peak:6.1f}%")
-            results[f"{precision}_{side}_s_per_step"] = s
-            results[f"{precision}_{side}_tokens_per_s"] = tokens / s
-            results[f"{precision}_{side}_peak_fraction"] = flops / s / peak
-            results[f"{precision}_{side}_matmul_peak_gflops"] = peak / 1e9
+            compile_s = f"{m['compile_s']:7.1f}s" if "compile_s" in m else ""
+            print(f"{precision:<10} {sides[key]:<13} {s:8.2f} {tokens / s:8.0f} {flops / s / 1e9:8.1f} "
+                  f"{100 * flops / s / peak:6.1f}% {compile_s:>8}")
+            results[f"{precision}_{key}_s_per_step"] = s
+            results[f"{precision}_{key}_tokens_per_s"] = tokens / s
+            results[f"{precision}_{key}_peak_fraction"] = flops / s / peak
+            results[f"{precision}_{key}_matmul_peak_gflops"] = peak / 1e9
+            if "compile_s" in m:
+                results[f"{precision}_{key}_compile_s"] = m["compile_s"]
         j_s, p_s = measured["jaxft"]["s"], measured["peft"]["s"]
+        results[f"{precision}_jaxft_layer_loop"] = auto
         results[f"{precision}_speedup"] = p_s / j_s
-        results[f"{precision}_jaxft_compile_s"] = measured["jaxft"]["compile_s"]
-        print(f"{precision:<10} jaxft/peft throughput ratio: {p_s / j_s:.2f}x "
-              f"(compile {measured['jaxft']['compile_s']:.1f} s)")
+        results[f"{precision}_speedup_{other}"] = p_s / measured[f"jaxft_{other}"]["s"]
+        print(f"{precision:<10} jaxft/peft throughput ratio: {p_s / j_s:.2f}x with layer_loop=auto ({auto}); "
+              f"{p_s / measured[f'jaxft_{other}']['s']:.2f}x {other}")
     results["load_average_end"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_step.json").write_text(json.dumps(results, indent=1))
     keys = ("f32_speedup", "bf16_speedup", "f32_jaxft_tokens_per_s", "f32_peft_tokens_per_s",
             "bf16_jaxft_tokens_per_s", "bf16_peft_tokens_per_s", "f32_jaxft_peak_fraction", "bf16_jaxft_peak_fraction",
             "f32_peft_peak_fraction", "bf16_peft_peak_fraction")
-    print("RESULT " + " ".join(f"{k}={results[k]:.3f}" for k in keys))
+    print("RESULT " + " ".join(f"{k}={results[k]:.3f}" for k in keys)
+          + f" f32_layer_loop={results['f32_jaxft_layer_loop']} bf16_layer_loop={results['bf16_jaxft_layer_loop']}")
 
 
 if __name__ == "__main__":

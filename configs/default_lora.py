@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999  # AdamW beta2
     c.train.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables
     c.train.remat = False  # rematerialize each layer in the backward pass (less memory, more compute)
+    c.train.layer_loop = "auto"  # scan (one compiled layer), unroll (straight-line layers: slower compile), or
+    # auto: unroll for bfloat16 on CPU (XLA:CPU's scan converts bf16 slices to f32 every step), scan elsewhere
     c.train.eval_every = 50  # evaluate every N steps (and at step 0 and at the end); 0: only start and end
     c.train.eval_batches = 8  # at most this many evaluation batches
     c.train.early_stopping_patience = 0  # stop after this many evaluations without improvement; 0: never

@@ -258,7 +258,7 @@ def encoder_mask(segment_ids):
 
 def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=None, positions=None,
             trainable: dict | None = None, peft=None, lora=None, rng=None, dtype=jnp.float32,
-            remat: bool = False, return_hidden: bool = False, embeddings=None, layout=None):
+            remat: bool = False, unroll: bool = False, return_hidden: bool = False, embeddings=None, layout=None):
     """tokens (B, T) int -> (masked-LM logits (B, T, V) float32, None); with `return_hidden`, the last hidden
     states (B, T, D) in `dtype` instead.
 
@@ -266,7 +266,8 @@ def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=No
     token_types (B, T): BERT's token_type_ids (default zeros); positions (B, T): default 0..T-1.
     `trainable` / `peft` as in `jaxft.models.llama.forward` (LoRA, IA3, adapters, prefix and prompt tuning,
     full or partial); `embeddings` (B, T, D) replaces the word-embedding lookup. As in PEFT, the text's
-    positions start at P after a soft prompt or a prefix of P virtual tokens.
+    positions start at P after a soft prompt or a prefix of P virtual tokens. `unroll` runs the layer scan as
+    straight-line code (see `jaxft.models.llama.forward`).
     """
     from jaxft.peft import method, prompt  # the model follows the methods' contract (jaxft.peft imports the model)
     spec = method.as_method(peft if peft is not None else lora)
@@ -305,7 +306,7 @@ def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=No
 
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
     train_layers = (trainable or {}).get("layers", {})
-    x, _ = jax.lax.scan(step, x, (base["layers"], train_layers, layer_rngs))
+    x, _ = jax.lax.scan(step, x, (base["layers"], train_layers, layer_rngs), unroll=unroll)
     x = x[:, n_soft:]  # without the soft prompt's outputs
     if return_hidden:
         return x, None

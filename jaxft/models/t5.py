@@ -241,7 +241,7 @@ def init_cache(cfg: Config, batch: int, length: int, dtype=jnp.float32) -> dict:
 
 
 def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict | None = None, peft=None,
-           rng=None, dtype=jnp.float32, layout=None):
+           rng=None, dtype=jnp.float32, layout=None, unroll: bool = False):
     """tokens (B, S) int -> the encoder's final-normed hidden states (B, S, D) in `dtype`; with prompt tuning
     (B, P + S, D): the P soft-prompt positions first, which the decoder reads too (see `encoder_segments`).
 
@@ -271,7 +271,7 @@ def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict
 
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
     train_layers = (trainable or {}).get("encoder", {}).get("layers", {})
-    x, _ = jax.lax.scan(step, x, (base["encoder"]["layers"], train_layers, layer_rngs))
+    x, _ = jax.lax.scan(step, x, (base["encoder"]["layers"], train_layers, layer_rngs), unroll=unroll)
     return rms_norm(x, params["encoder"]["final_norm"]["scale"], cfg.norm_eps)
 
 
@@ -288,7 +288,7 @@ def encoder_segments(segment_ids, trainable: dict | None):
 
 def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=None, dec_segment_ids=None,
             trainable: dict | None = None, peft=None, rng=None, dtype=jnp.float32, cache: dict | None = None,
-            encoded=None, return_hidden: bool = False, layout=None):
+            encoded=None, return_hidden: bool = False, layout=None, unroll: bool = False):
     """enc_tokens (B, S), dec_tokens (B, T) int -> (logits (B, T, V) float32, updated cache or None).
 
     enc_segment_ids (B, S) / dec_segment_ids (B, T): 0 marks padding (default all ones). `encoded` (B, S, D),
@@ -301,6 +301,7 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     relative positions 0..P-1, the decoder text from P on; the encoder and cross-attention get none).
     enc_segment_ids are always those of enc_tokens (the prompt's are added here).
     With `return_hidden`, returns the decoder's final-normed hidden states (B, T, D) instead of logits.
+    `unroll` runs both layer scans as straight-line code (see `jaxft.models.llama.forward`).
     """
     from jaxft.peft import method
     spec = method.as_method(peft)
@@ -313,7 +314,7 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     else:
         if encoded is None:
             encoded = encode(cfg, base, enc_tokens, segment_ids=enc_segment_ids, trainable=trainable, peft=spec,
-                             rng=enc_rng, dtype=dtype, layout=layout)
+                             rng=enc_rng, dtype=dtype, layout=layout, unroll=unroll)
         if enc_segment_ids is not None:
             enc_segment_ids = encoder_segments(enc_segment_ids, trainable)
     if enc_segment_ids is None:
@@ -352,7 +353,8 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     train_layers = (trainable or {}).get("decoder", {}).get("layers", {})
     kv = None if cache is None else (cache["k"], cache["v"])
     cross = (cache["cross_k"], cache["cross_v"]) if cross_cached else None
-    x, (new_kv, new_cross) = jax.lax.scan(step, x, (base["decoder"]["layers"], train_layers, layer_rngs, kv, cross))
+    x, (new_kv, new_cross) = jax.lax.scan(step, x, (base["decoder"]["layers"], train_layers, layer_rngs, kv, cross),
+                                          unroll=unroll)
     x = rms_norm(x, params["decoder"]["final_norm"]["scale"], cfg.norm_eps)
 
     new_cache = None

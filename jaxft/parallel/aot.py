@@ -47,6 +47,7 @@ def compile_train_step(config, cfg, devices):
     """
     from jaxft import peft, quant
     from jaxft.models import llama
+    from jaxft.train.build import unroll_layers
     from jaxft.train.optim import make_optimizer
     from jaxft.train.step import init_state, make_train_step
 
@@ -75,6 +76,7 @@ def compile_train_step(config, cfg, devices):
     state = _with_shardings(jax.eval_shape(lambda t: init_state(t, optimizer, jax.random.PRNGKey(0)), trainable),
                             lambda a: state_shardings(a, trainable, layout))
     t = config.train
+    unroll = unroll_layers(config, dtype, devices[0].platform)
     shape = (t.grad_accum, t.batch_size // t.grad_accum, t.seq_len)
     batch_sharding = layout.sharding(MICRO_BATCH, shape, "batch (train.batch_size / grad_accum rows)")
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding)
@@ -83,7 +85,7 @@ def compile_train_step(config, cfg, devices):
     def forward(base_, trainable_, mb, rng):
         logits, _ = llama.forward(cfg, base_, mb["tokens"], trainable=trainable_, positions=mb["positions"],
                                   segment_ids=mb["segment_ids"], peft=static["spec"], rng=rng, dtype=dtype,
-                                  remat=t.remat, layout=layout)
+                                  remat=t.remat, unroll=unroll, layout=layout)
         return logits
 
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)

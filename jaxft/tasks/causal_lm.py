@@ -28,7 +28,7 @@ def forward(model: Model, base: dict, trainable, batch: dict, rng=None):
     logits, _ = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable,
                                      positions=batch["positions"], segment_ids=batch["segment_ids"],
                                      peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,
-                                     layout=model.layout)
+                                     unroll=model.unroll, layout=model.layout)
     return logits
 
 

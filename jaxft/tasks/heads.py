@@ -38,7 +38,7 @@ def hidden(model: Model, base: dict, trainable: dict | None, batch: dict, rng=No
     extra = {"token_types": batch["token_types"]} if "token_types" in batch else {}
     h, _ = f.forward(model.cfg, base, batch["tokens"], trainable=trainable, positions=batch.get("positions"),
                      segment_ids=batch["segment_ids"], peft=model.spec, rng=rng, dtype=model.dtype,
-                     remat=model.remat, return_hidden=True, layout=model.layout, **extra)
+                     remat=model.remat, unroll=model.unroll, return_hidden=True, layout=model.layout, **extra)
     return h
 
 

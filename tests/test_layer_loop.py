@@ -1,0 +1,93 @@
+"""train.layer_loop: the layers run unrolled (`forward(..., unroll=True)`) give the scan's logits and LoRA
+gradients on every family, the lowered program has no loop over the layers, and `auto` picks unrolling only for
+bfloat16 on the CPU backend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from jaxft.models import bert, llama, t5
+from jaxft.models.config import LlamaConfig
+from jaxft.peft import lora
+from jaxft.train.build import unroll_layers
+
+rs = np.random.RandomState(0)
+TOKENS = rs.randint(1, 64, (2, 7)).astype(np.int32)
+SEGMENTS = np.ones_like(TOKENS)
+SEGMENTS[1, 5:] = 0  # a padded row
+SPEC = lora.LoraSpec(rank=4, alpha=8.0)
+
+
+def _lora(base, key=1):
+    trainable = lora.init(jax.random.key(key), base, SPEC, lora.target_paths(base, "all-linear"))
+    return jax.tree.map(lambda x: x + 0.05, trainable)  # B non-zero: the adapter changes the outputs
+
+
+def _llama(unroll):
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48)
+    base = llama.init(jax.random.key(0), cfg)
+    return base, lambda b, t: llama.forward(cfg, b, TOKENS, trainable=t, segment_ids=SEGMENTS, lora=SPEC,
+                                            unroll=unroll)[0]
+
+
+def _bert(unroll):
+    cfg = bert.Config(vocab_size=64, dim=32, n_layers=3, n_heads=4, mlp_dim=48, mlm_head=True)
+    base = bert.init(jax.random.key(0), cfg)
+    return base, lambda b, t: bert.forward(cfg, b, TOKENS, trainable=t, segment_ids=SEGMENTS, lora=SPEC,
+                                           unroll=unroll)[0]
+
+
+def _t5(unroll):
+    cfg = t5.Config(vocab_size=64, dim=32, n_layers=2, n_decoder_layers=3, n_heads=4, head_dim=8, mlp_dim=48,
+                    gated=True, act="gelu_new")
+    base = t5.init(jax.random.key(0), cfg)
+    dec = np.concatenate([np.zeros((2, 1), np.int32), TOKENS[:, :4]], 1)
+    return base, lambda b, t: t5.forward(cfg, b, TOKENS, dec, enc_segment_ids=SEGMENTS, trainable=t, peft=SPEC,
+                                         unroll=unroll)[0]
+
+
+@pytest.mark.parametrize("family", [_llama, _bert, _t5], ids=["llama", "bert", "t5"])
+def test_unrolled_layers_equal_the_scan(family):
+    base, scanned = family(False)
+    _, unrolled = family(True)
+    trainable = _lora(base)
+
+    def loss(f):
+        return lambda t: jnp.sum(jnp.sin(f(base, t)))  # every logit's gradient differs
+
+    out_scan, out_unroll = scanned(base, trainable), unrolled(base, trainable)
+    np.testing.assert_allclose(out_unroll, out_scan, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(out_scan, scanned(base, None), atol=1e-3)  # the adapter is in play
+    g_scan, g_unroll = jax.grad(loss(scanned))(trainable), jax.grad(loss(unrolled))(trainable)
+    for path, a in jax.tree_util.tree_leaves_with_path(g_scan):
+        b = dict(jax.tree_util.tree_leaves_with_path(g_unroll))[path]
+        assert np.abs(a).max() > 0, path
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+    # The scan lowers to a loop over the layers; unrolled, the program is straight-line.
+    assert "while" in jax.jit(scanned).lower(base, trainable).as_text()
+    assert "while" not in jax.jit(unrolled).lower(base, trainable).as_text()
+
+
+def _config(loop=None):
+    c = ConfigDict({"train": {}})
+    if loop is not None:
+        c.train.layer_loop = loop
+    return c
+
+
+def test_auto_unrolls_only_bf16_on_cpu():
+    assert unroll_layers(_config("auto"), jnp.bfloat16, "cpu")
+    assert not unroll_layers(_config("auto"), jnp.float32, "cpu")
+    assert not unroll_layers(_config("auto"), jnp.bfloat16, "tpu")
+    assert not unroll_layers(_config("auto"), jnp.bfloat16, "gpu")
+    assert unroll_layers(_config("unroll"), jnp.float32, "tpu")
+    assert not unroll_layers(_config("scan"), jnp.bfloat16, "cpu")
+    assert unroll_layers(_config(), jnp.bfloat16, "cpu")  # a config from before the key: auto
+
+
+def test_unknown_layer_loop_is_named():
+    with pytest.raises(ValueError, match=r"train.layer_loop: 'rolled' is not one of auto, scan, unroll"):
+        unroll_layers(_config("rolled"), jnp.float32, "cpu")

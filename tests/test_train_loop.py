@@ -111,6 +111,12 @@ def test_config_errors_name_the_key(setup):
         _config(setup, "train.steps=ten")
 
 
+def test_bad_layer_loop_fails_before_anything_is_written(setup, tmp_path):
+    with pytest.raises(ValueError, match="train.layer_loop: 'rolled' is not one of auto, scan, unroll"):
+        train(_config(setup, "train.layer_loop=rolled"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_qlora_through_the_trainer_and_format_checked_on_resume(setup, tmp_path):
     qlora = ("quant.format=nf4", "quant.block_size=16", "train.steps=6", "train.eval_every=3")
     summary = train(_config(setup, *qlora), tmp_path)

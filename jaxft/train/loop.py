@@ -22,8 +22,8 @@ from jaxft.peft import io as adapter_io
 from jaxft.train.checkpoints import Checkpoints, ResumeError
 from jaxft.train.metrics import MetricsWriter
 from jaxft.tasks import heads
-from jaxft.train.build import (TASK_FILE, Evaluator, batch_shardings, load_model, put_batch, stack_micro, task_model,
-                               trainable_builder)
+from jaxft.train.build import (TASK_FILE, Evaluator, batch_shardings, dtype_of, load_model, put_batch, stack_micro,
+                               task_model, trainable_builder, unroll_layers)
 from jaxft.train.optim import make_optimizer
 from jaxft.train.step import init_state, make_train_step
 
@@ -41,6 +41,7 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
         from jaxft.train import features
         return features.train(config, workdir)
     _check_workdir(workdir, resume)
+    unroll_layers(config, dtype_of(config, "dtype"))  # a bad train.layer_loop or dtype fails before anything loads
     task_name = tasks.name_of(config)
     task = tasks.get(task_name)
     layout = parallel.from_config(config)  # the device mesh, and the rules from logical axes to its axes

@@ -91,7 +91,7 @@ def unroll_layers(config, dtype, backend: str | None = None) -> bool:
     whatever the depth; `unroll` compiles straight-line code (longer compilation, growing with the depth);
     `auto` unrolls where that is known to pay: bfloat16 compute on the CPU backend, where XLA converts each
     bf16 array that the scan slices (frozen weights, saved residuals) to float32 outside the loop and back
-    inside it, every step (bench/train_step.py: ~1.9x faster bf16 steps for the default model; float32 steps
+    inside it, every step (bench/train_step.py: 1.4-1.9x faster bf16 steps for the default model; float32 steps
     are faster scanned). Configs written before the key existed mean `auto`."""
     loop = config.train.get("layer_loop", "auto")
     if loop not in LAYER_LOOPS:

@@ -170,7 +170,8 @@ def main():
                "model_gflops_per_step": flops / 1e9}
     print(f"{'precision':<10} {'side':<13} {'s/step':>8} {'tok/s':>8} {'GFLOP/s':>8} {'% peak':>7} {'compile':>8}")
     for precision in ("f32", "bf16"):
-        auto = "unroll" if unroll_layers(ConfigDict({"train": {}}), DTYPES["bfloat16" if precision == "bf16" else "float32"], "cpu") else "scan"
+        dtype = DTYPES["bfloat16" if precision == "bf16" else "float32"]
+        auto = "unroll" if unroll_layers(ConfigDict({"train": {}}), dtype, "cpu") else "scan"  # the trainer's default
         other = "scan" if auto == "unroll" else "unroll"
         sides = {"jaxft": f"jaxft-{auto}", f"jaxft_{other}": f"jaxft-{other}", "peft": "peft"}
         measured = {}

@@ -1,6 +1,7 @@
-"""train.layer_loop: the layers run unrolled (`forward(..., unroll=True)`) give the scan's logits and LoRA
-gradients on every family, the lowered program has no loop over the layers, and `auto` picks unrolling only for
-bfloat16 on the CPU backend."""
+"""How the layers run. train.layer_loop: the layers run unrolled (`forward(..., unroll=True)`) give the scan's
+logits and LoRA gradients on every family, the lowered program has no loop over the layers, and `auto` picks
+unrolling only for bfloat16 on the CPU backend. train.remat: rematerialized layers give the same gradients on
+every family, and the backward pass recomputes them (a remat in the jaxpr)."""
 
 import jax
 import jax.numpy as jnp
@@ -25,33 +26,33 @@ def _lora(base, key=1):
     return jax.tree.map(lambda x: x + 0.05, trainable)  # B non-zero: the adapter changes the outputs
 
 
-def _llama(unroll):
+def _llama(unroll=False, remat=False):
     cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48)
     base = llama.init(jax.random.key(0), cfg)
     return base, lambda b, t: llama.forward(cfg, b, TOKENS, trainable=t, segment_ids=SEGMENTS, lora=SPEC,
-                                            unroll=unroll)[0]
+                                            unroll=unroll, remat=remat)[0]
 
 
-def _bert(unroll):
+def _bert(unroll=False, remat=False):
     cfg = bert.Config(vocab_size=64, dim=32, n_layers=3, n_heads=4, mlp_dim=48, mlm_head=True)
     base = bert.init(jax.random.key(0), cfg)
     return base, lambda b, t: bert.forward(cfg, b, TOKENS, trainable=t, segment_ids=SEGMENTS, lora=SPEC,
-                                           unroll=unroll)[0]
+                                           unroll=unroll, remat=remat)[0]
 
 
-def _t5(unroll):
+def _t5(unroll=False, remat=False):
     cfg = t5.Config(vocab_size=64, dim=32, n_layers=2, n_decoder_layers=3, n_heads=4, head_dim=8, mlp_dim=48,
                     gated=True, act="gelu_new")
     base = t5.init(jax.random.key(0), cfg)
     dec = np.concatenate([np.zeros((2, 1), np.int32), TOKENS[:, :4]], 1)
     return base, lambda b, t: t5.forward(cfg, b, TOKENS, dec, enc_segment_ids=SEGMENTS, trainable=t, peft=SPEC,
-                                         unroll=unroll)[0]
+                                         unroll=unroll, remat=remat)[0]
 
 
 @pytest.mark.parametrize("family", [_llama, _bert, _t5], ids=["llama", "bert", "t5"])
 def test_unrolled_layers_equal_the_scan(family):
-    base, scanned = family(False)
-    _, unrolled = family(True)
+    base, scanned = family()
+    _, unrolled = family(unroll=True)
     trainable = _lora(base)
 
     def loss(f):
@@ -69,6 +70,23 @@ def test_unrolled_layers_equal_the_scan(family):
     # The scan lowers to a loop over the layers; unrolled, the program is straight-line.
     assert "while" in jax.jit(scanned).lower(base, trainable).as_text()
     assert "while" not in jax.jit(unrolled).lower(base, trainable).as_text()
+
+
+@pytest.mark.parametrize("family", [_llama, _bert, _t5], ids=["llama", "bert", "t5"])
+def test_rematerialized_layers_give_the_same_gradients(family):
+    base, plain = family()
+    _, remat = family(remat=True)
+    trainable = _lora(base)
+
+    def loss(f):
+        return lambda t: jnp.sum(jnp.sin(f(base, t)))
+
+    g_plain, g_remat = jax.grad(loss(plain))(trainable), jax.grad(loss(remat))(trainable)
+    for path, a in jax.tree_util.tree_leaves_with_path(g_plain):
+        np.testing.assert_allclose(dict(jax.tree_util.tree_leaves_with_path(g_remat))[path], a, atol=1e-5, rtol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+    assert "remat" in str(jax.make_jaxpr(jax.grad(loss(remat)))(trainable))
+    assert "remat" not in str(jax.make_jaxpr(jax.grad(loss(plain)))(trainable))
 
 
 def _config(loop=None):

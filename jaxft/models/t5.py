@@ -241,7 +241,7 @@ def init_cache(cfg: Config, batch: int, length: int, dtype=jnp.float32) -> dict:
 
 
 def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict | None = None, peft=None,
-           rng=None, dtype=jnp.float32, layout=None, unroll: bool = False):
+           rng=None, dtype=jnp.float32, layout=None, unroll: bool = False, remat: bool = False):
     """tokens (B, S) int -> the encoder's final-normed hidden states (B, S, D) in `dtype`; with prompt tuning
     (B, P + S, D): the P soft-prompt positions first, which the decoder reads too (see `encoder_segments`).
 
@@ -264,6 +264,8 @@ def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict
     mask |= (segment_ids[:, :, None] < 0) & (segment_ids[:, None, :] != 0)  # the prompt sees the whole input
     bias = position_bias(params["encoder"]["rel_bias"]["w"], jnp.arange(s), jnp.arange(s), cfg, bidirectional=True)
     body = partial(_encoder_layer, cfg, spec, bias.astype(dtype), mask, layout=layout)
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
 
     def step(x, xs):
         base_l, train_l, rng_l = xs
@@ -288,7 +290,7 @@ def encoder_segments(segment_ids, trainable: dict | None):
 
 def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=None, dec_segment_ids=None,
             trainable: dict | None = None, peft=None, rng=None, dtype=jnp.float32, cache: dict | None = None,
-            encoded=None, return_hidden: bool = False, layout=None, unroll: bool = False):
+            encoded=None, return_hidden: bool = False, layout=None, unroll: bool = False, remat: bool = False):
     """enc_tokens (B, S), dec_tokens (B, T) int -> (logits (B, T, V) float32, updated cache or None).
 
     enc_segment_ids (B, S) / dec_segment_ids (B, T): 0 marks padding (default all ones). `encoded` (B, S, D),
@@ -301,7 +303,8 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     relative positions 0..P-1, the decoder text from P on; the encoder and cross-attention get none).
     enc_segment_ids are always those of enc_tokens (the prompt's are added here).
     With `return_hidden`, returns the decoder's final-normed hidden states (B, T, D) instead of logits.
-    `unroll` runs both layer scans as straight-line code (see `jaxft.models.llama.forward`).
+    `unroll` runs both layer scans as straight-line code (see `jaxft.models.llama.forward`); `remat`
+    rematerializes each layer of both stacks in the backward pass.
     """
     from jaxft.peft import method
     spec = method.as_method(peft)
@@ -314,7 +317,7 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     else:
         if encoded is None:
             encoded = encode(cfg, base, enc_tokens, segment_ids=enc_segment_ids, trainable=trainable, peft=spec,
-                             rng=enc_rng, dtype=dtype, layout=layout, unroll=unroll)
+                             rng=enc_rng, dtype=dtype, layout=layout, unroll=unroll, remat=remat)
         if enc_segment_ids is not None:
             enc_segment_ids = encoder_segments(enc_segment_ids, trainable)
     if enc_segment_ids is None:
@@ -344,6 +347,8 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
         bias = position_bias(params["decoder"]["rel_bias"]["w"], q_idx, k_idx, cfg, bidirectional=False)
     body = partial(_decoder_layer, cfg, spec, bias.astype(dtype), self_mask, cross_mask,
                    None if cache is None else index, dec_segment_ids, layout=layout)
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
 
     def step(x, xs):
         base_l, train_l, rng_l, kv, cross = xs

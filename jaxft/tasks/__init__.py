@@ -90,7 +90,7 @@ class Model:
     spec: Any = None  # the jaxft.peft.MethodSpec of the trainable tree, or None
     dtype: Any = jnp.float32  # compute dtype
     layout: Any = None  # a jaxft.parallel.Layout constraining activations, or None
-    remat: bool = False  # rematerialize each layer in the backward pass (decoders)
+    remat: bool = False  # rematerialize each layer in the backward pass
     unroll: bool = False  # run the layers as straight-line code instead of a scan (`jaxft.train.build.unroll_layers`)
     pad_id: int = 0  # the tokenizer's padding id (what padded rows hold)
     pool: str = "default"  # head.pool: how a sentence vector is read off the hidden states (jaxft.tasks.heads)

@@ -108,7 +108,7 @@ def forward(model: Model, base: dict, trainable: dict | None, batch: dict, rng=N
         logits, _ = f.forward(model.cfg, base, batch["tokens"], batch["dec_tokens"],
                               enc_segment_ids=batch["segment_ids"], dec_segment_ids=batch["dec_segment_ids"],
                               trainable=trainable, peft=model.spec, rng=rng, dtype=dtype, layout=model.layout,
-                              unroll=model.unroll)
+                              unroll=model.unroll, remat=model.remat)
     else:
         logits, _ = f.forward(model.cfg, base, batch["tokens"], trainable=trainable, positions=batch["positions"],
                               segment_ids=batch["segment_ids"], peft=model.spec, rng=rng, dtype=dtype,

@@ -49,23 +49,29 @@ def _t5(unroll=False, remat=False):
                                          unroll=unroll, remat=remat)[0]
 
 
+def _loss_grad(f, base):
+    """trainable -> the gradient of a loss in which every logit's gradient differs."""
+    return jax.grad(lambda t: jnp.sum(jnp.sin(f(base, t))))
+
+
+def _assert_grads_equal(expected, actual):
+    """Same tree, leaves equal (f32 tolerances), and every expected leaf non-zero (the check can fail)."""
+    got = dict(jax.tree_util.tree_leaves_with_path(actual))
+    for path, a in jax.tree_util.tree_leaves_with_path(expected):
+        assert np.abs(a).max() > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(got[path], a, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("family", [_llama, _bert, _t5], ids=["llama", "bert", "t5"])
 def test_unrolled_layers_equal_the_scan(family):
     base, scanned = family()
     _, unrolled = family(unroll=True)
     trainable = _lora(base)
 
-    def loss(f):
-        return lambda t: jnp.sum(jnp.sin(f(base, t)))  # every logit's gradient differs
-
     out_scan, out_unroll = scanned(base, trainable), unrolled(base, trainable)
     np.testing.assert_allclose(out_unroll, out_scan, atol=1e-5, rtol=1e-5)
     assert not np.allclose(out_scan, scanned(base, None), atol=1e-3)  # the adapter is in play
-    g_scan, g_unroll = jax.grad(loss(scanned))(trainable), jax.grad(loss(unrolled))(trainable)
-    for path, a in jax.tree_util.tree_leaves_with_path(g_scan):
-        b = dict(jax.tree_util.tree_leaves_with_path(g_unroll))[path]
-        assert np.abs(a).max() > 0, path
-        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    _assert_grads_equal(_loss_grad(scanned, base)(trainable), _loss_grad(unrolled, base)(trainable))
 
     # The scan lowers to a loop over the layers; unrolled, the program is straight-line.
     assert "while" in jax.jit(scanned).lower(base, trainable).as_text()
@@ -78,15 +84,9 @@ def test_rematerialized_layers_give_the_same_gradients(family):
     _, remat = family(remat=True)
     trainable = _lora(base)
 
-    def loss(f):
-        return lambda t: jnp.sum(jnp.sin(f(base, t)))
-
-    g_plain, g_remat = jax.grad(loss(plain))(trainable), jax.grad(loss(remat))(trainable)
-    for path, a in jax.tree_util.tree_leaves_with_path(g_plain):
-        np.testing.assert_allclose(dict(jax.tree_util.tree_leaves_with_path(g_remat))[path], a, atol=1e-5, rtol=1e-4,
-                                   err_msg=jax.tree_util.keystr(path))
-    assert "remat" in str(jax.make_jaxpr(jax.grad(loss(remat)))(trainable))
-    assert "remat" not in str(jax.make_jaxpr(jax.grad(loss(plain)))(trainable))
+    _assert_grads_equal(_loss_grad(plain, base)(trainable), _loss_grad(remat, base)(trainable))
+    assert "remat" in str(jax.make_jaxpr(_loss_grad(remat, base))(trainable))
+    assert "remat" not in str(jax.make_jaxpr(_loss_grad(plain, base))(trainable))
 
 
 def _config(loop=None):

@@ -44,7 +44,10 @@ def permute(x, n_heads):
     return x.reshape(n_heads, 2, x.shape[0] // n_heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def write_gguf(path, arch, types=None, tokenizer=True, tie=False, n_layers=2):
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+def write_gguf(path, arch, types=None, tokenizer=True, tie=False, n_layers=2, template=TEMPLATE):
     """Writes a tiny random model of `arch` as GGUF; returns (PyTorch model, {gguf name: type})."""
     torch.manual_seed(0)
     config_cls, model_cls = MODELS[arch]
@@ -70,7 +73,7 @@ def write_gguf(path, arch, types=None, tokenizer=True, tie=False, n_layers=2):
         w.add_token_merges(merges)
         w.add_bos_token_id(0)
         w.add_eos_token_id(1)
-        w.add_chat_template("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+        w.add_chat_template(template)
     cycle = itertools.cycle(CYCLE)
     written = {}
     for hf, x in model.state_dict().items():
@@ -117,6 +120,46 @@ def test_tiny_gguf_matches_transformers(tmp_path, arch, tie):
 
     text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "abc"}], tokenize=False)
     assert text == "<user>abc"
+
+
+def test_tokenizer_cache(tmp_path, monkeypatch):
+    """The converted tokenizer is cached by the file's metadata: read back equal, converted afresh for another
+    file, rebuilt when damaged, and skipped when the cache cannot be written."""
+    monkeypatch.setenv("JAXFT_CACHE", str(tmp_path / "cache"))
+    write_gguf(tmp_path / "a.gguf", "llama")
+    converted = checkpoint.load(tmp_path / "a.gguf").tokenizer
+    entries = list((tmp_path / "cache" / "tokenizers").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
+
+    convert = transformers.AutoTokenizer.from_pretrained
+
+    def no_conversion(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "converted again instead of reading the cache"
+        return convert(*args, **kwargs)
+
+    texts = ["abcdef xyz", "hello, world!", "{}[]~ 0123"]
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "abc"}]
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoTokenizer, "from_pretrained", no_conversion)
+        cached = checkpoint.load(tmp_path / "a.gguf").tokenizer
+    assert [cached(t)["input_ids"] for t in texts] == [converted(t)["input_ids"] for t in texts]
+    assert len(set(map(len, [cached(t)["input_ids"] for t in texts]))) > 1  # real tokenization, not empty
+    assert cached.apply_chat_template(chat, tokenize=False) == converted.apply_chat_template(chat, tokenize=False)
+    assert (cached.bos_token_id, cached.eos_token_id) == (converted.bos_token_id, converted.eos_token_id) == (0, 1)
+
+    # Another file (its chat template differs): another entry, its own template.
+    write_gguf(tmp_path / "b.gguf", "llama", template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert checkpoint.load(tmp_path / "b.gguf").tokenizer.apply_chat_template(chat, tokenize=False) == "[s][abc]"
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
+
+    # A damaged entry is converted again and replaced.
+    (entries[0] / "tokenizer.json").write_text("{not json")
+    assert checkpoint.load(tmp_path / "a.gguf").tokenizer(texts[0])["input_ids"] == converted(texts[0])["input_ids"]
+    assert (entries[0] / "tokenizer.json").read_text().startswith("{\n")
+    # A cache that cannot be written (a file where the directory should be) only costs the conversion.
+    (tmp_path / "blocked").write_text("")
+    monkeypatch.setenv("JAXFT_CACHE", str(tmp_path / "blocked"))
+    assert checkpoint.load(tmp_path / "a.gguf").tokenizer(texts[1])["input_ids"] == converted(texts[1])["input_ids"]
 
 
 def test_file_without_tokenizer(tmp_path):

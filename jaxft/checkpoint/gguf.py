@@ -10,6 +10,10 @@ are left for a native quantized path rather than silently widened.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import gguf
@@ -48,9 +52,9 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
                         f"(jaxft reads {', '.join(t.name for t in READABLE)})")
     # name -> (type, offset in the file, shape and dtype of the stored data)
     tensors = {t.name: (t.tensor_type, t.data_offset, t.data.shape, t.data.dtype) for t in reader.tensors}
-    has_tokenizer = "tokenizer.ggml.model" in reader.fields
+    has_tokenizer, metadata_end = "tokenizer.ggml.model" in reader.fields, reader.data_offset
     del reader
-    tok = _tokenizer(path) if has_tokenizer else None
+    tok = _tokenizer(path, metadata_end) if has_tokenizer else None
 
     names = gguf.get_tensor_name_map(ARCHS[cfg.model_type], cfg.n_layers)
     to_gguf = {}
@@ -143,13 +147,42 @@ def unpermute(x: np.ndarray, n_heads: int) -> np.ndarray:
 
 def tokenizer(path: Path, reader: gguf.GGUFReader):
     """The tokenizer (with its chat template) stored in the file, or None where it holds none."""
-    return _tokenizer(path) if "tokenizer.ggml.model" in reader.fields else None
+    return _tokenizer(path, reader.data_offset) if "tokenizer.ggml.model" in reader.fields else None
 
 
-def _tokenizer(path: Path):
+def _tokenizer(path: Path, metadata_end: int):
+    """The file's tokenizer, converted by transformers once and then read back from jaxft's cache.
+
+    Converting a GGUF vocabulary is slow (gguf-py parses it token by token: ~8 s of the default model's ~12 s
+    load). The converted tokenizer is saved under `$JAXFT_CACHE/tokenizers/`, keyed by a hash of the file's
+    metadata (everything before the tensor data: the vocabulary, merges, special tokens and chat template)
+    and the transformers version that converted it, so that an edited file or another transformers converts
+    afresh. A cache that cannot be written or read is skipped: the conversion is the fallback, never an error.
+    """
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    from jaxft.hub import cache_dir
+
+    digest = hashlib.sha256(f"transformers {transformers.__version__}\n".encode())
+    with open(path, "rb") as file:
+        digest.update(file.read(metadata_end))
+    cached = cache_dir() / "tokenizers" / digest.hexdigest()[:32]
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        except (OSError, ValueError):  # a damaged entry: convert again below, and replace it
+            shutil.rmtree(cached, ignore_errors=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    staged = None
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staged = tempfile.mkdtemp(prefix=".tokenizer-", dir=cached.parent)
+        tok.save_pretrained(staged)
+        os.rename(staged, cached)  # whole or not at all; fails if another process was first
+    except OSError:
+        if staged:
+            shutil.rmtree(staged, ignore_errors=True)
+    return tok
 
 
 def _field(reader: gguf.GGUFReader, key: str, file: str, default=_REQUIRED):

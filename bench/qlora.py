@@ -99,10 +99,11 @@ def _load(base: str, record=None):
     return checkpoint.load("default", leaf_fn=leaf_fn)
 
 
-def worker_load(base: str, tokenizer: bool = True, warm: bool = False) -> dict:
-    """(b): peak RSS while loading, above the RSS of the process with everything imported. Without `tokenizer`
-    the GGUF tokenizer is not built (the weights alone); with `warm` the quantizer's programs (one per weight
-    shape) are compiled before the baseline, to tell XLA's compilation from the loading itself."""
+def worker_load(base: str, tokenizer: str = "cached", warm: bool = False) -> dict:
+    """(b): peak RSS while loading, above the RSS of the process with everything imported. `tokenizer`: "none"
+    (the weights alone), "cached" (read from jaxft's cache, which part (b) fills first) or "converted" (from the
+    GGUF file, as on the first load); with `warm` the quantizer's programs (one per weight shape) are compiled
+    before the baseline, to tell XLA's compilation from the loading itself."""
     import jax
     import numpy as np
     import torch  # noqa: F401  (transformers' GGUF tokenizer imports both: imported before the baseline)
@@ -112,8 +113,11 @@ def worker_load(base: str, tokenizer: bool = True, warm: bool = False) -> dict:
     from jaxft.checkpoint import gguf
     from jaxft.checkpoint.assemble import Layers
 
-    if not tokenizer:
-        gguf._tokenizer = lambda path: None
+    if tokenizer == "none":
+        gguf._tokenizer = lambda path, metadata_end: None
+    elif tokenizer == "converted":  # what `_tokenizer` does when its cache holds no entry
+        gguf._tokenizer = lambda path, metadata_end: transformers.AutoTokenizer.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True)
     if warm:
         for shape in ((576, 576), (576, 192), (576, 1536), (1536, 576)):  # the default model's linear weights
             jax.block_until_ready(quant.quantize(np.zeros(shape, np.float32), base))
@@ -134,8 +138,9 @@ def worker_load(base: str, tokenizer: bool = True, warm: bool = False) -> dict:
             "largest_tensor": largest["path"], "load_s": time.perf_counter() - t}
 
 
-def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, loaded=None):
-    """(compiled train step, state, base params, batch) of LoRA r=16 on all linear layers, AdamW."""
+def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, loaded=None, layer_loop: str = "auto"):
+    """(compiled train step, state, base params, batch) of LoRA r=16 on all linear layers, AdamW; the layers
+    scanned or unrolled as the trainer's `train.layer_loop` decides (`jaxft.train.build.unroll_layers`)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -143,7 +148,10 @@ def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, load
 
     from jaxft import quant
     from jaxft.models import llama
+    from ml_collections import ConfigDict
+
     from jaxft.peft import lora
+    from jaxft.train.build import unroll_layers
     from jaxft.train.step import init_state, make_train_step
 
     model = loaded or _load(base)
@@ -152,13 +160,16 @@ def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, load
         params = (quant.quantize_params(params, base) if base in quant.FORMATS
                   else jax.tree.map(lambda x: x.astype(base), params))
     dtype = jnp.dtype(compute)
+    unroll = unroll_layers(ConfigDict({"train": {"layer_loop": layer_loop},
+                                       "quant": {"format": base if base in quant.FORMATS else "none"}}), dtype)
     spec = lora.LoraSpec(rank=16, alpha=32)
     trainable = lora.init(jax.random.PRNGKey(0), params, spec, lora.target_paths(params, "all-linear"))
     optimizer = optax.adamw(1e-4)
 
     def forward(b, t, mb, rng):
         return llama.forward(cfg, b, mb["tokens"], trainable=t, positions=mb["positions"],
-                             segment_ids=mb["segment_ids"], lora=spec, rng=rng, dtype=dtype, remat=remat)[0]
+                             segment_ids=mb["segment_ids"], lora=spec, rng=rng, dtype=dtype, remat=remat,
+                             unroll=unroll)[0]
 
     tok = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
     mb = {"tokens": tok[..., :-1], "targets": tok[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32),
@@ -169,11 +180,11 @@ def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, load
     return step, state, params, mb
 
 
-def worker_step(base: str, compute: str, remat: bool, batch: int, seq: int) -> dict:
+def worker_step(base: str, compute: str, remat: bool, batch: int, seq: int, layer_loop: str = "auto") -> dict:
     """(c): peak RSS of training steps (the high-water mark reset after loading and compiling)."""
     from jaxft import tree
 
-    step, state, params, mb = _step_setup(base, compute, remat, batch, seq)
+    step, state, params, mb = _step_setup(base, compute, remat, batch, seq, layer_loop=layer_loop)
     load_and_compile_peak = _peak_mb()
     before = _rss_mb()
     reset = _reset_peak()
@@ -187,12 +198,12 @@ def worker_step(base: str, compute: str, remat: bool, batch: int, seq: int) -> d
             "state_mb": tree.nbytes(state) / MB, "xla_temp_mb": mem.temp_size_in_bytes / MB, "losses": losses}
 
 
-def worker_time(batch: int, seq: int, reps: int) -> dict:
+def worker_time(batch: int, seq: int, reps: int, layer_loop: str = "auto") -> dict:
     """(d): bf16 LoRA and NF4 QLoRA steps in one process, repetitions interleaved; wall and CPU seconds."""
     import numpy as np
 
     loaded = _load("float32")
-    cases = {name: list(_step_setup(base, "bfloat16", False, batch, seq, loaded))
+    cases = {name: list(_step_setup(base, "bfloat16", False, batch, seq, loaded, layer_loop))
              for name, base in (("bf16", "bfloat16"), ("nf4", "nf4"))}
     wall = {name: [] for name in cases}
     cpu = {name: [] for name in cases}
@@ -288,19 +299,24 @@ def part_a(args) -> dict:
     return rows
 
 
-LOAD_CASES = {  # name -> (base, tokenizer built, quantizer compiled before the baseline)
-    "bf16, weights": ("bfloat16", False, False),
-    "NF4, weights": ("nf4", False, False),
-    "NF4, weights, compiled": ("nf4", False, True),
-    "bf16, whole load": ("bfloat16", True, False),
-    "NF4, whole load": ("nf4", True, False),
+LOAD_CASES = {  # name -> (base, tokenizer, quantizer compiled before the baseline)
+    "bf16, weights": ("bfloat16", "none", False),
+    "NF4, weights": ("nf4", "none", False),
+    "NF4, weights, compiled": ("nf4", "none", True),
+    "bf16, whole load": ("bfloat16", "cached", False),
+    "NF4, whole load": ("nf4", "cached", False),
+    "bf16, whole load, first": ("bfloat16", "converted", False),
 }
 
 
 def part_b(args) -> dict:
     print("(b) peak RSS while loading, MB (fresh process each; 'above': above the RSS with everything imported,"
           "\n    torch and transformers included; 'weights': without building the tokenizer; 'compiled': the "
-          "quantizer\n    compiled before the baseline; 'whole load': `checkpoint.load` with its tokenizer)")
+          "quantizer\n    compiled before the baseline; 'whole load': `checkpoint.load` with its tokenizer, read from jaxft's "
+          "cache\n    or, 'first', converted from the GGUF file as on the first load)")
+    from jaxft import checkpoint
+
+    checkpoint.load("default")  # fills the tokenizer cache, as any earlier load has
     load = {name: run_worker("load", base=b, tokenizer=t, warm=w) for name, (b, t, w) in LOAD_CASES.items()}
     print(f"{'':24} {'peak':>6} {'above':>6} {'RSS after':>10} {'params':>7} {'params + largest tensor':>24} "
           f"{'s':>5}")
@@ -314,21 +330,24 @@ def part_b(args) -> dict:
 
 def part_c(args) -> dict:
     print(f"(c) peak RSS of LoRA r=16 training steps, batch {args.step_batch} x {args.step_seq} (fresh process each)")
-    steps = {name: run_worker("step", base=b, compute=c, remat=r, batch=args.step_batch, seq=args.step_seq)
+    steps = {name: run_worker("step", base=b, compute=c, remat=r, batch=args.step_batch, seq=args.step_seq,
+                            layer_loop=args.layer_loop)
              for name, (b, c, r) in STEP_CASES.items()}
     print(f"{'':18} {'step peak':>10} {'process peak':>13} {'params':>8} {'LoRA+Adam':>10} {'XLA temp':>9}")
     for name, r in steps.items():
         peak = "n/a" if r["step_peak_mb"] is None else f"{r['step_peak_mb']:.0f}"
         print(f"{name:18} {peak:>10} {r['process_peak_mb']:13.0f} {r['params_mb']:8.0f} {r['state_mb']:10.1f} "
               f"{r['xla_temp_mb']:9.0f}")
-    return {"batch": args.step_batch, "seq": args.step_seq, **steps}
+    return {"batch": args.step_batch, "seq": args.step_seq, "layer_loop": args.layer_loop, **steps}
 
 
 def part_d(args) -> dict:
-    out = {"batch": args.step_batch}
+    out = {"batch": args.step_batch, "layer_loop": args.layer_loop}
     for seq in args.time_seqs:
-        print(f"(d) step time, batch {args.step_batch} x {seq}, medians of {args.reps} interleaved steps")
-        t = out[f"seq{seq}"] = run_worker("time", batch=args.step_batch, seq=seq, reps=args.reps)
+        print(f"(d) step time, batch {args.step_batch} x {seq}, medians of {args.reps} interleaved steps, "
+              f"layer loop {args.layer_loop}")
+        t = out[f"seq{seq}"] = run_worker("time", batch=args.step_batch, seq=seq, reps=args.reps,
+                                            layer_loop=args.layer_loop)
         print(f"{'':10} {'wall s':>8} {'CPU s':>8}")
         for name in ("bf16", "nf4"):
             print(f"{name:10} {t[f'wall_{name}_s']:8.2f} {t[f'cpu_{name}_s']:8.2f}")
@@ -455,6 +474,9 @@ def main():
     ap.add_argument("--time-seqs", type=lambda v: [int(x) for x in v.split(",")], default=[128, 256],
                     help="sequence lengths of the steps of (d), comma-separated")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per case in (d)")
+    ap.add_argument("--layer-loop", default="auto", choices=("auto", "scan", "unroll"),
+                    help="the layers of (c) and (d) scanned or unrolled, as train.layer_loop (auto: as the trainer "
+                    "decides: unrolled for a bf16 base with bf16 compute on the CPU, scanned for a quantized one)")
     ap.add_argument("--f-examples", type=int, default=48, help="records of the data scored in (f)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxft.checkpoint.mapping import Entry
 from jaxft.models.config import ConfigError
-from jaxft.models.layers import attend, dense, einsum
+from jaxft.models.layers import attend, dense, einsum, remat_layer
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -298,7 +298,7 @@ def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=No
     mask = encoder_mask(segment_ids)
     body = partial(_layer, cfg, spec, mask, segment_ids, layout=layout)
     if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+        body = remat_layer(body, unroll)
 
     def step(x, xs):
         base_l, train_l, rng_l = xs

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from jaxft.checkpoint.mapping import LLAMA as TABLE
 from jaxft.models.config import LlamaConfig
-from jaxft.models.layers import apply_rope, attend, attention_mask, dense, einsum, rms_norm, rope_frequencies
+from jaxft.models.layers import (apply_rope, attend, attention_mask, dense, einsum, remat_layer, rms_norm,
+                                 rope_frequencies)
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -145,7 +146,7 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     body = partial(_layer, cfg, spec, inv_freq, (segment_ids, positions, q_idx), keys_meta,
                    None if cache is None else cache["index"], layout=layout)
     if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+        body = remat_layer(body, unroll or isinstance(base["layers"], (list, tuple)))
 
     def step(x, xs):
         base_l, train_l, window, rng_l, kv = xs

@@ -40,7 +40,7 @@ import numpy as np
 
 from jaxft.checkpoint.mapping import Entry
 from jaxft.models.config import ConfigError
-from jaxft.models.layers import NEG_INF, attention_mask, dense, einsum, rms_norm
+from jaxft.models.layers import NEG_INF, attention_mask, dense, einsum, remat_layer, rms_norm
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -265,7 +265,7 @@ def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict
     bias = position_bias(params["encoder"]["rel_bias"]["w"], jnp.arange(s), jnp.arange(s), cfg, bidirectional=True)
     body = partial(_encoder_layer, cfg, spec, bias.astype(dtype), mask, layout=layout)
     if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+        body = remat_layer(body, unroll)
 
     def step(x, xs):
         base_l, train_l, rng_l = xs
@@ -348,7 +348,7 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     body = partial(_decoder_layer, cfg, spec, bias.astype(dtype), self_mask, cross_mask,
                    None if cache is None else index, dec_segment_ids, layout=layout)
     if remat:
-        body = jax.checkpoint(body, prevent_cse=False)
+        body = remat_layer(body, unroll)
 
     def step(x, xs):
         base_l, train_l, rng_l, kv, cross = xs

@@ -92,13 +92,16 @@ def unroll_layers(config, dtype, backend: str | None = None) -> bool:
     `auto` unrolls where that is known to pay: bfloat16 compute on the CPU backend, where XLA converts each
     bf16 array that the scan slices (frozen weights, saved residuals) to float32 outside the loop and back
     inside it, every step (bench/train_step.py: 1.4-1.9x faster bf16 steps for the default model; float32 steps
-    are faster scanned). Configs written before the key existed mean `auto`."""
+    are faster scanned), unless the base is quantized: QLoRA is there to save memory, and unrolled, XLA:CPU
+    keeps dequantized weights alive across the step (bench/qlora.py: NF4 step peak 2894 MB unrolled, above bf16
+    LoRA's 2391; 2170 MB scanned). Configs written before the key existed mean `auto`."""
     loop = config.train.get("layer_loop", "auto")
     if loop not in LAYER_LOOPS:
         raise ValueError(f"train.layer_loop: {loop!r} is not one of {', '.join(LAYER_LOOPS)}")
     if loop == "auto":
         backend = backend or jax.default_backend()
-        return backend == "cpu" and jnp.dtype(dtype) == jnp.bfloat16
+        quantized = config.get("quant", {}).get("format", "none") != "none"
+        return backend == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 and not quantized
     return loop == "unroll"
 
 

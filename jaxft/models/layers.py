@@ -104,10 +104,10 @@ _dense_quantized = jax.checkpoint(_dense, static_argnums=(2,))
 def remat_layer(body, unroll: bool):
     """`body` (one layer) rematerialized: the backward pass recomputes the layer from its inputs instead of
     keeping its activations. In a scan the loop orders the recomputation after the gradient of the layer's
-    output. Unrolled, `jax.checkpoint` cannot: its recomputation depends only on the layer's inputs, XLA:CPU
-    drops optimization barriers before scheduling, and its scheduler runs the recomputation as soon as the
-    inputs exist, during the forward pass, keeping what it recomputed until the backward pass (measured on the
-    default model: no memory saved at all). Unrolled, the layer is `recompute_after_grad`, waiting on its input."""
+    output. Unrolled, `jax.checkpoint` does not: its recomputation depends only on the layer's inputs, and
+    XLA:CPU's scheduler runs it early, keeping what it recomputed until the backward pass (measured on the
+    default model: no memory saved at all; an optimization barrier over the inputs and the gradient did not
+    change that either). Unrolled, the layer is `recompute_after_grad`, its input made to wait."""
     if not unroll:
         return jax.checkpoint(body, prevent_cse=False)
     return recompute_after_grad(body, lambda x, *rest: x)
@@ -117,7 +117,7 @@ def recompute_after_grad(body, waits=lambda *args: args):
     """`body` with its backward pass written out (`custom_vjp`): the forward pass keeps only the arguments; the
     backward pass recomputes `body` from them once the gradient of its output exists, through a data
     dependence that XLA keeps (the float leaves of `waits(*args)` plus 0 x one element of the gradient; XLA
-    does not fold x * 0 for floats). The arrays a `functools.partial` binds become arguments (custom_vjp cannot
+    does not fold x * 0 for floats, as NaN * 0 is NaN). The arrays a `functools.partial` binds become arguments (custom_vjp cannot
     close over traced values); its keywords and non-array arguments stay static."""
     func, bound, keywords = (body.func, body.args, body.keywords) if isinstance(body, partial) else (body, (), {})
     leaves, treedef = jax.tree.flatten(bound)

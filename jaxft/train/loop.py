@@ -64,8 +64,9 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
     if task_name != "causal_lm":  # (checkpoints of runs from before tasks have no such entry)
         meta["task"] = {"name": task_name, "labels": info.get("labels")}
     m = task_model(config, fam, cfg, spec, tokenizer, layout)
-    log.info("layers: %s (train.layer_loop=%s, %s compute on %s)", "unrolled" if m.unroll else "scanned",
-             config.train.get("layer_loop", "auto"), config.dtype, jax.default_backend())
+    log.info("layers: %s (train.layer_loop=%s, %s compute on %s%s)", "unrolled" if m.unroll else "scanned",
+             config.train.get("layer_loop", "auto"), config.dtype, jax.default_backend(),
+             "" if config.quant.format == "none" else f", {config.quant.format} base")
 
     def forward(base_, trainable_, mb, rng):
         return task.forward(m, base_, trainable_, mb, rng)

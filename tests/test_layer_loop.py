@@ -1,8 +1,8 @@
 """How the layers run. train.layer_loop: the layers run unrolled (`forward(..., unroll=True)`) give the scan's
 logits and LoRA gradients on every family, the lowered program has no loop over the layers, and `auto` picks
 unrolling only for bfloat16 on the CPU backend. train.remat: rematerialized layers give the same gradients on
-every family, scanned and unrolled, and the backward pass recomputes them: a remat in the jaxpr, and several
-times less memory for XLA's temporaries."""
+every family and every method, scanned and unrolled, and the backward pass recomputes them: a remat in the
+jaxpr, and several times less memory for XLA's temporaries."""
 
 import jax
 import jax.numpy as jnp
@@ -132,3 +132,41 @@ def test_auto_unrolls_only_bf16_on_cpu_without_quantization():
 def test_unknown_layer_loop_is_named():
     with pytest.raises(ValueError, match=r"train.layer_loop: 'rolled' is not one of auto, scan, unroll"):
         unroll_layers(_config("rolled"), jnp.float32, "cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    import tiny
+    from jaxft import checkpoint
+
+    return checkpoint.load(tiny.llama_dir(tmp_path_factory.mktemp("remat") / "model"))
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix", "prompt", "ia3", "full", "partial"])
+def test_unrolled_remat_keeps_every_methods_gradients(tiny_llama, method):
+    """Unrolled, remat is a custom VJP over each layer (the arrays it closes over turned into arguments):
+    every method's trainable tree, soft prompts and prefixes included, gets the plain gradients."""
+    import os
+
+    from jaxft import config as config_lib, peft
+
+    config = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "default_lora.py"),
+                             [f"peft.method={method}", "train.seq_len=32", "adapter.size=8", "prefix.length=4", "prompt.length=3",
+                              "partial.select=top1", "lora.rank=4", "prefix.init=random"])
+    cfg, base = tiny_llama.cfg, tiny_llama.params
+    trainable, spec = peft.build(jax.random.key(1), base, config, cfg, tiny_llama.tokenizer)
+    trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # zero-initialized parts (LoRA B) away from zero
+    tokens = np.random.RandomState(0).randint(4, 200, (2, 12)).astype(np.int32)
+
+    def grad(remat):
+        def loss(t):
+            logits = llama.forward(cfg, base, tokens, trainable=t, peft=spec, unroll=True, remat=remat)[0]
+            return jnp.sum(jnp.sin(logits))
+        return jax.jit(jax.grad(loss))(trainable)
+
+    plain, remat = grad(False), grad(True)
+    for path, a in jax.tree_util.tree_leaves_with_path(plain):
+        b = dict(jax.tree_util.tree_leaves_with_path(remat))[path]
+        np.testing.assert_allclose(b, a, atol=1e-3 * float(np.abs(a).max()) + 1e-6, rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+    assert max(float(np.abs(a).max()) for a in jax.tree.leaves(plain)) > 1.0

@@ -96,29 +96,29 @@ def _dense(x, p: dict, lora, rng):
 
 # Rematerialized: differentiated, the backward pass dequantizes the weight again instead of keeping its dense
 # copy as a residual, which inside the layer scan would stack a dense copy of every layer (a full bf16 copy of
-# the base) between the forward and the backward pass. (`recompute_after_grad` here, measured unrolled on the
-# default model, kept more memory than this: 1320 against 1029 MB of XLA temporaries.)
+# the base) between the forward and the backward pass. (A custom VJP that dequantizes only once the output's
+# gradient exists, tried unrolled on the default model, kept more memory: 1320 against 1029 MB of temporaries.)
 _dense_quantized = jax.checkpoint(_dense, static_argnums=(2,))
 
 
 def remat_layer(body, unroll: bool):
-    """`body` (one layer) rematerialized: the backward pass recomputes the layer from its inputs instead of
-    keeping its activations. In a scan the loop orders the recomputation after the gradient of the layer's
+    """`body(x, ...)` (one layer) rematerialized: the backward pass recomputes the layer from its inputs instead
+    of keeping its activations. In a scan the loop orders the recomputation after the gradient of the layer's
     output. Unrolled, `jax.checkpoint` does not: its recomputation depends only on the layer's inputs, and
     XLA:CPU's scheduler runs it early, keeping what it recomputed until the backward pass (measured on the
     default model: no memory saved at all; an optimization barrier over the inputs and the gradient did not
-    change that either). Unrolled, the layer is `recompute_after_grad`, its input made to wait."""
+    change that either). Unrolled, the layer is `_recompute_after_grad`."""
     if not unroll:
         return jax.checkpoint(body, prevent_cse=False)
-    return recompute_after_grad(body, lambda x, *rest: x)
+    return _recompute_after_grad(body)
 
 
-def recompute_after_grad(body, waits=lambda *args: args):
-    """`body` with its backward pass written out (`custom_vjp`): the forward pass keeps only the arguments; the
-    backward pass recomputes `body` from them once the gradient of its output exists, through a data
-    dependence that XLA keeps (the float leaves of `waits(*args)` plus 0 x one element of the gradient; XLA
-    does not fold x * 0 for floats, as NaN * 0 is NaN). The arrays a `functools.partial` binds become arguments (custom_vjp cannot
-    close over traced values); its keywords and non-array arguments stay static."""
+def _recompute_after_grad(body):
+    """`body(x, ...)` with its backward pass written out (`custom_vjp`): the forward pass keeps only the
+    arguments; the backward pass recomputes `body` once the gradient of its output exists, from x plus 0 x one
+    element of that gradient, a data dependence XLA keeps (it does not fold x * 0 for floats: NaN * 0 is NaN).
+    The arrays a `functools.partial` binds (masks, positions) become arguments, as custom_vjp cannot close over
+    traced values; its keywords and other arguments stay static."""
     func, bound, keywords = (body.func, body.args, body.keywords) if isinstance(body, partial) else (body, (), {})
     leaves, treedef = jax.tree.flatten(bound)
     traced = [isinstance(leaf, jax.Array) for leaf in leaves]
@@ -129,19 +129,16 @@ def recompute_after_grad(body, waits=lambda *args: args):
         return func(*bound, *args, **keywords)
 
     @jax.custom_vjp
-    def recomputed(arrays, *args):
-        return call(arrays, *args)
+    def recomputed(arrays, x, *rest):
+        return call(arrays, x, *rest)
 
-    def forward(arrays, *args):
-        return call(arrays, *args), (arrays, args)
+    def forward(arrays, x, *rest):
+        return call(arrays, x, *rest), (arrays, x, rest)
 
     def backward(saved, grad):
-        arrays, args = saved
-        zero = jax.tree.leaves(grad)[0].reshape(-1)[0].astype(jnp.float32) * 0
-        waiting = {id(leaf) for leaf in jax.tree.leaves(waits(*args))}
-        args = jax.tree.map(lambda a: a + zero.astype(a.dtype)
-                            if id(a) in waiting and jnp.issubdtype(a.dtype, jnp.floating) else a, args)
-        return jax.vjp(call, arrays, *args)[1](grad)
+        arrays, x, rest = saved
+        zero = jax.tree.leaves(grad)[0].reshape(-1)[0].astype(x.dtype) * 0
+        return jax.vjp(call, arrays, x + zero, *rest)[1](grad)
 
     recomputed.defvjp(forward, backward)
     return lambda *args: recomputed([leaf for leaf, t in zip(leaves, traced) if t], *args)

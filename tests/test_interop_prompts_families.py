@@ -220,3 +220,21 @@ def test_unequal_pairs_are_refused(bases, tmp_path, capsys):
         with pytest.raises(AdapterError) as e:
             load_adapter(native, t.cfg)
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_bert_prefix_export_refused_where_peft_cannot_load_it(bases, tmp_path, capsys, monkeypatch):
+    """PEFT gives a BERT prefix to BertModel as past_key_values; transformers 5.24 dropped that parameter, and
+    PEFT then rejects the adapter. The test extra pins transformers<5.24 so that the export test above can load
+    the file in PEFT; under a newer transformers the export is one line naming the versions that can, and writes
+    nothing."""
+    from jaxft.peft import hf_prompts
+    monkeypatch.setattr(hf_prompts, "transformers_version", lambda: "5.25.0")
+    b = bases["bert"]
+    trainable, spec = _adapter(b, "prefix", "classification")
+    workdir = _workdir(tmp_path / "run", b, trainable, spec, "classification")
+    capsys.readouterr()
+    assert cli.main(["export", "--workdir", str(workdir), "--peft", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "past_key_values, which transformers 5.25.0 no longer takes" in err and "<=5.23" in err, err
+    assert not (tmp_path / "out").exists()

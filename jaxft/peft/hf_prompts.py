@@ -32,9 +32,11 @@ does (`jaxft.peft.finalize`): both settings read and write the same tensor, and 
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from packaging.version import Version
 
 from jaxft import tree
 from jaxft.checkpoint.mapping import PeftClass, peft_classes
@@ -44,6 +46,8 @@ from jaxft.peft import prefix as prefix_lib
 from jaxft.peft.hf_format import refuse_unknown
 from jaxft.peft.method import AdapterError, MethodSpec
 
+# The first transformers release whose BertModel.forward has no past_key_values, where PEFT puts a prefix.
+_NO_BERT_PAST = Version("5.24.0.dev0")
 _COMMON = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"}
 # Fields read, or that matter only when PEFT initializes a new adapter.
 _FIELDS = {"PREFIX_TUNING": _COMMON | {"encoder_hidden_size", "prefix_projection", "init_weights"},
@@ -151,6 +155,11 @@ def load(conf: dict, arrays: dict, cfg: LlamaConfig, source: str, file: Path) ->
             MethodSpec("prefix", virtual_tokens=n))
 
 
+def transformers_version() -> str:
+    """The installed transformers release (the one PEFT would load an exported adapter with here)."""
+    return metadata.version("transformers")
+
+
 def _unequal(cfg, method: str, task_type: str | None) -> str | None:
     """Why PEFT, wrapping the class of `task_type`, would apply a `method` adapter otherwise than jaxft's model
     and task heads (None where it computes the same)."""
@@ -160,6 +169,10 @@ def _unequal(cfg, method: str, task_type: str | None) -> str | None:
                 "plain PeftModel would load the adapter and ignore it")
     if task_type not in _TASKS[kind]:
         return f"jaxft reads prefix and prompt tuning of {cfg.model_type} as {' or '.join(_TASKS[kind])} only"
+    if kind == "encoder" and method == "prefix" and Version(transformers_version()) >= _NO_BERT_PAST:
+        return (f"PEFT hands the prefix to BertModel as past_key_values, which transformers "
+                f"{transformers_version()} no longer takes (5.24 removed it); PEFT loads it with "
+                f"transformers>=5.0,<=5.23 (the version locks/ pins)")
     if kind == "encoder" and method == "prompt" and task_type == "SEQ_CLS":
         return ("PEFT puts the soft prompt before [CLS], so BertForSequenceClassification pools the first virtual "
                 "token, where jaxft's classification head pools the text's [CLS]: the logits would differ")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 import jax
@@ -95,6 +97,25 @@ def compile_train_step(config, cfg, devices):
     return step.lower(state, base, batch).compile()
 
 
+# How XLA's TPU compiler says that a program does not fit: "the total memory required for HLO temporaries
+# (28.00G) exceeds available HBM (15.75G)" (libtpu 0.0.42) or "Used 20.81G of 15.48G hbm" (older releases).
+_OUT_OF_MEMORY = (re.compile(r"required for .*?\(([\d.]+)([KMGT])\) exceeds available \w+ \(([\d.]+)([KMGT])\)"),
+                  re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) \w+"))
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory(message: str) -> tuple[int, int] | None:
+    """(bytes needed, bytes available) per device from a compiler's out-of-memory error, None for other errors."""
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+    for pattern in _OUT_OF_MEMORY:
+        m = pattern.search(message)
+        if m:
+            need, need_unit, have, have_unit = m.groups()
+            return int(float(need) * _UNITS[need_unit]), int(float(have) * _UNITS[have_unit])
+    return None
+
+
 def _with_shardings(abstract, shardings_fn):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                         shardings_fn(abstract))
@@ -113,7 +134,15 @@ def main(argv=None) -> int:
     model = Path(args.model)
     cfg = read_config(model if model.is_dir() else model.parent)
     devices = topology_devices(args.topology)
-    compiled = compile_train_step(config, cfg, devices)
+    try:
+        compiled = compile_train_step(config, cfg, devices)
+    except jax.errors.JaxRuntimeError as e:
+        sizes = out_of_memory(str(e))
+        if sizes is None:
+            raise
+        print(f"jaxft aot: the train step does not fit {args.topology}: needs {sizes[0] / 2**30:.2f} GiB per "
+              f"device, has {sizes[1] / 2**30:.2f} GiB", file=sys.stderr)
+        return 1
     mem = compiled.memory_analysis()
     report = {"topology": args.topology, "devices": len(devices), "device_kind": devices[0].device_kind,
               "processes": len({d.process_index for d in devices}),

@@ -91,6 +91,15 @@ def test_write_makes_whole_pngs_atomically(tmp_path):
     assert {p.parent for p in out} == {tmp_path / "elsewhere"}
 
 
+def test_plot_command(tmp_path, capsys):
+    _workdir(tmp_path / "a", seed=1)
+    _workdir(tmp_path / "b", seed=2)
+    assert cli.main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(tmp_path / "cmp" / name) for name in os.listdir(tmp_path / "cmp"))
+    assert len(printed) == 6
+
+
 def test_a_step_written_twice_plots_its_last_row(tmp_path):
     rows = _workdir(tmp_path / "r", steps=4, planned=8)
     again = {"step": 3, "loss": 0.5, "learning_rate": 1e-5, "tokens_per_s": 1.0, "grad_norm": 1.0}
@@ -121,6 +130,13 @@ def test_bad_workdirs_are_one_line_errors(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("jaxft plot: error: ") and "empty/metrics.jsonl" in err
     assert cli.main(["runs", str(tmp_path / "empty")]) == 1
     assert "no runs found" in capsys.readouterr().err
+    # One unreadable run among others: its line on stderr, the others in the table, exit code 1.
+    _workdir(tmp_path / "good")
+    (tmp_path / "bad" / "summary.json").write_text('{"status": ')
+    assert cli.main(["runs", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "bad/summary.json: not valid JSON" in err
+    assert [line.split()[0] for line in out.splitlines()] == ["run", "good"]
 
 
 def test_a_failed_plot_never_fails_the_run(tmp_path, caplog):

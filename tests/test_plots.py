@@ -204,7 +204,8 @@ def test_a_real_run_leaves_plots_and_a_row(tmp_path, capsys):
     assert sorted(os.listdir(workdir / "plots")) == ["eval_perplexity.png", "grad_norm.png", "learning_rate.png",
                                                      "loss.png", "overview.png", "tokens_per_s.png"]
     figs = plots.figures([runs.read(workdir)], ["lora"])
-    assert _lines(figs["loss.png"]) == {"lora (train)": _series(rows, "loss"), "lora (eval)": _series(rows, "eval_loss")}
+    assert _lines(figs["loss.png"]) == {"lora (train)": _series(rows, "loss"),
+                                        "lora (eval)": _series(rows, "eval_loss")}
     assert _lines(figs["tokens_per_s.png"]) == {"lora": _series(rows, "tokens_per_s")}
     summary = json.loads((workdir / "summary.json").read_text())
     [row] = [runs.describe(runs.read(p), p.name) for p in runs.find(tmp_path / "runs")]

@@ -24,6 +24,21 @@ PANELS = (("loss", "loss", (("loss", "train"), ("eval_loss", "eval"))),
           ("learning_rate", "learning rate", (("learning_rate", None),)),
           ("grad_norm", "gradient norm", (("grad_norm", None),)),
           ("tokens_per_s", "tokens / s", (("tokens_per_s", None),)))
+# A training loss logged at this many steps or more is also drawn smoothed (moving average with this weight).
+SMOOTH_FROM, SMOOTHING = 50, 0.9
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """An exponential moving average, debiased as TensorBoard's (the first values are not pulled towards 0); a
+    non-finite value is kept as it is and left out of the average."""
+    out, average, n = [], 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        average, n = weight * average + (1 - weight) * v, n + 1
+        out.append(average / (1 - weight ** n))
+    return out
 
 
 def panels(runs: list[runs_lib.Run]) -> list[tuple]:
@@ -45,9 +60,12 @@ def draw(ax, runs: list[runs_lib.Run], names: list[str], panel: tuple, legend: b
             if not steps:
                 continue
             evaluated = key.startswith("eval_")
+            label = f"{name} ({which})" if which else name
+            if key == "loss" and len(values) >= SMOOTH_FROM:  # noisy: faint as logged, and a smoothed line
+                ax.plot(steps, values, color=f"C{i % 10}", alpha=0.25, linewidth=0.8, label=f"_{label}, raw")
+                values, label = smooth(values), f"{name} (train, smoothed)"
             ax.plot(steps, values, color=f"C{i % 10}", linestyle="--" if evaluated and which else "-",
-                    marker="o" if evaluated or len(steps) == 1 else None, markersize=3,
-                    label=f"{name} ({which})" if which else name)
+                    marker="o" if evaluated or len(steps) == 1 else None, markersize=3, label=label)
     ys = [y for line in ax.get_lines() for y in line.get_ydata()]
     if panel[0] == "grad_norm" and ys and min(ys) > 0 and max(ys) > 100 * min(ys):
         ax.set_yscale("log")  # methods' gradient norms differ by orders of magnitude (IA3 vs LoRA vs full)

@@ -77,6 +77,25 @@ def test_figures_plot_each_runs_metrics(tmp_path):
         "loss", "learning rate", "gradient norm", "tokens / s", "accuracy (eval)", "f1 (eval)", "perplexity (eval)"]
 
 
+def test_a_long_training_loss_is_also_drawn_smoothed(tmp_path):
+    rows = _workdir(tmp_path / "long", steps=60, eval_every=30)
+    steps, loss = _series(rows, "loss")
+    loss[7] = float("nan")  # kept where it is, left out of the average
+    (tmp_path / "long" / "metrics.jsonl").write_text("".join(
+        json.dumps({**r, "loss": loss[r["step"] - 1]} if "loss" in r else r) + "\n" for r in rows))
+    expected, average, n = [], 0.0, 0
+    for x in loss:
+        if x == x:
+            average, n = 0.9 * average + 0.1 * x, n + 1
+        expected.append(average / (1 - 0.9 ** n) if x == x else x)
+    lines = _lines(plots.figures([runs.read(tmp_path / "long")], ["long"])["loss.png"])
+    assert set(lines) == {"_long (train), raw", "long (train, smoothed)", "long (eval)"}
+    np.testing.assert_array_equal(lines["_long (train), raw"][1], loss)
+    assert lines["long (train, smoothed)"][0] == steps
+    np.testing.assert_allclose(lines["long (train, smoothed)"][1], expected, rtol=1e-12)
+    assert expected[0] == pytest.approx(loss[0]) and np.isnan(expected[7])
+
+
 def test_write_makes_whole_pngs_atomically(tmp_path):
     _workdir(tmp_path / "a", seed=1)
     _workdir(tmp_path / "b", method="ia3", seed=2)

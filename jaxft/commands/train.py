@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from jaxft import plots
 from jaxft.commands import CommandError
 
 HELP = """Fine-tune a model as CONFIG describes, writing checkpoints, metrics and the adapter into WORKDIR.
@@ -41,4 +42,5 @@ def run(args) -> int:
         raise CommandError(str(e)) from None
     print(f"{summary['status']} at step {summary['step']}; eval loss {summary['eval_loss']}; "
           f"adapter: {summary['adapter']}")
+    plots.after_run(args.workdir)  # WORKDIR/plots/*.png; a failure to plot is logged, never raised
     return 0

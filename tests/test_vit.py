@@ -1,0 +1,193 @@
+"""Vision towers and connectors against transformers: tiny random CLIP and SigLIP towers give the hidden states of
+CLIPVisionModel / SiglipVisionModel (selected layer, last, multi-layer) on images preprocessed by transformers' own
+image processors; LLaVA's projector and Idefics3's pixel-shuffle connector equal transformers' modules; the name
+tables load and export both ways and name what is missing or unexpected."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from jaxft.checkpoint import LoadError
+from jaxft.models import connectors, vit
+from jaxft.models.config import ConfigError
+
+QUICK = {"xla_backend_optimization_level": 0}  # numbers, not speed
+TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+             patch_size=8)
+TEXT = dict(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+def _images():
+    """Two RGB images of other sizes than the tower's, so that the processors resize (and CLIP's crops)."""
+    rs = np.random.RandomState(0)
+    grad = np.linspace(0, 255, 52)[None, :, None] * np.ones((40, 1, 3))
+    one = Image.fromarray((0.5 * grad + 0.5 * 255 * rs.rand(40, 52, 3)).astype(np.uint8))
+    two = Image.fromarray((255 * rs.rand(61, 45, 3)).astype(np.uint8))
+    return [one, two]
+
+
+def _pixels(processor):
+    return processor(images=_images(), return_tensors="np")["pixel_values"]
+
+
+def _perturbed(model, seed=0):
+    """Non-trivial biases, norms and class token (transformers initializes biases at 0 and norms at 1)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "class_embedding" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _state(model) -> dict:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "post_norm"), compiler_options=QUICK)
+def _forward(cfg, params, pixels, layer, post_norm=False):
+    return vit.forward(cfg, params, pixels, layer=layer, post_norm=post_norm)
+
+
+def _close(ours, theirs, atol=1e-4):
+    np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    model = _perturbed(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TOWER)))
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, _pixels(processor)
+
+
+@pytest.fixture(scope="module")
+def siglip():
+    torch.manual_seed(1)
+    model = _perturbed(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TOWER)), seed=1)
+    processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
+    return model, _pixels(processor)
+
+
+def test_clip_hidden_states_equal_transformers(clip):
+    model, pixels = clip
+    cfg = vit.Config.from_hf(model.config.to_dict())
+    assert (cfg.model_type, cfg.act, cfg.class_token) == ("clip_vision_model", "quick_gelu", True)
+    params = vit.from_state_dict(cfg, _state(model))
+    with torch.no_grad():
+        out = model(torch.tensor(pixels), output_hidden_states=True)
+    assert pixels.shape == (2, 3, 32, 32) and out.hidden_states[-2].shape == (2, 17, 32)
+    _close(_forward(cfg, params, pixels, -2), out.hidden_states[-2])  # LLaVA's choice
+    last = _forward(cfg, params, pixels, -1)
+    _close(last, out.last_hidden_state)
+    _close(_forward(cfg, params, pixels, 0), out.hidden_states[0])  # embeddings after the pre-norm
+    _close(_forward(cfg, params, pixels, (1, -1)), torch.cat([out.hidden_states[1], out.hidden_states[-1]], -1))
+    # CLIP's post-norm is what its pooler applies to the class token
+    pooled = vit.layer_norm(last[:, 0], params["post_norm"], cfg.norm_eps)
+    _close(pooled, out.pooler_output)
+
+
+def test_siglip_hidden_states_equal_transformers(siglip):
+    model, pixels = siglip
+    cfg = vit.Config.from_hf(model.config.to_dict())
+    assert (cfg.model_type, cfg.act, cfg.class_token, cfg.patch_bias) == ("siglip_vision_model",
+                                                                          "gelu_pytorch_tanh", False, True)
+    params = vit.from_state_dict(cfg, _state(model))  # the attention-pooling head (`head.*`) is not read
+    with torch.no_grad():
+        out = model(torch.tensor(pixels), output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 16, 32)
+    _close(_forward(cfg, params, pixels, -2), out.hidden_states[-2])
+    _close(_forward(cfg, params, pixels, -1), out.hidden_states[-1])
+    _close(_forward(cfg, params, pixels, -1, post_norm=True), out.last_hidden_state)
+
+
+def test_tables_both_ways(clip, siglip):
+    """Export gives back exactly the state dict (less what is not read); a LLaVA-style `vision_model.` inner
+    prefix (checkpoints saved before transformers 5) loads the same."""
+    for model, _ in (clip, siglip):
+        cfg = vit.Config.from_hf(model.config.to_dict())
+        state = _state(model)
+        params = vit.from_state_dict(cfg, state)
+        back = vit.to_state_dict(cfg, params, prefix="vision_tower.")
+        kept = {k: v for k, v in state.items() if not k.startswith("head.")}
+        assert set(back) == {"vision_tower." + k for k in kept}
+        for k, v in kept.items():
+            np.testing.assert_array_equal(back["vision_tower." + k], v)
+        old = {"vision_tower.vision_model." + k: v for k, v in state.items()} | {"lm_head.weight": np.zeros(2)}
+        again = vit.from_state_dict(cfg, old, prefix="vision_tower.")
+        jax.tree.map(np.testing.assert_array_equal, again, params)
+
+
+def test_missing_unexpected_and_misshapen_tensors_are_named(clip):
+    model, _ = clip
+    cfg = vit.Config.from_hf(model.config.to_dict())
+    state = _state(model)
+    bad = {k: v for k, v in state.items() if "layers.1.mlp.fc1" not in k} | {"encoder.layers.0.extra.weight": 0}
+    with pytest.raises(LoadError, match=r"towers\.safetensors: missing tensors encoder\.layers\.1\.mlp\.fc1\.weight, "
+                                        r"encoder\.layers\.1\.mlp\.fc1\.bias; unexpected tensors "
+                                        r"encoder\.layers\.0\.extra\.weight \(for a clip_vision_model with 3 layers"):
+        vit.from_state_dict(cfg, bad, source="towers.safetensors")
+    wrong = dict(state, **{"embeddings.patch_embedding.weight": np.zeros((32, 3, 4, 4), np.float32)})
+    with pytest.raises(LoadError, match=r"embeddings\.patch_embedding\.weight has shape \(32, 3, 4, 4\), expected "
+                                        r"\(32, 3, 8, 8\)"):
+        vit.from_state_dict(cfg, wrong)
+    with pytest.raises(ConfigError, match="x.json: model_type 'vit' is not a vision tower"):
+        vit.Config.from_hf({"model_type": "vit"}, source="x.json")
+    with pytest.raises(ValueError, match=r"pixel_values have shape \(1, 3, 16, 16\), expected \(batch, 3, 32, 32\)"):
+        vit.patches(cfg, jnp.zeros((1, 3, 16, 16)))
+
+
+def _llava(vision_config):
+    torch.manual_seed(2)
+    cfg = transformers.LlavaConfig(vision_config=vision_config.to_dict(),
+                                   text_config=transformers.LlamaConfig(**TEXT).to_dict(), image_token_id=63)
+    return _perturbed(transformers.LlavaForConditionalGeneration(cfg), seed=2)
+
+
+def test_llava_image_features_equal_transformers(clip):
+    """The tower (layer -2, class token dropped) and the 2-layer GELU projector, both read from the LLaVA state
+    dict, give LlavaModel.get_image_features."""
+    _, pixels = clip
+    model = _llava(transformers.CLIPVisionConfig(**TOWER))
+    hf = model.config.to_dict()
+    state = _state(model)
+    tower_cfg = vit.Config.from_hf(hf["vision_config"])
+    tower = vit.from_state_dict(tower_cfg, state, prefix="model.vision_tower.")
+    proj_cfg = connectors.LlavaProjector.from_hf(hf)
+    assert proj_cfg == connectors.LlavaProjector(vision_dim=32, text_dim=24, act="gelu", bias=True)
+    proj = connectors.from_state_dict(proj_cfg, state)
+    features = _forward(tower_cfg, tower, pixels, hf["vision_feature_layer"])[:, 1:]  # strategy "default"
+    ours = connectors.project(proj_cfg, proj, features)
+    with torch.no_grad():
+        theirs = model.model.get_image_features(torch.tensor(pixels), vision_feature_layer=-2,
+                                                vision_feature_select_strategy="default").pooler_output
+    _close(ours, torch.stack(list(theirs)))
+    back = connectors.to_state_dict(proj_cfg, proj)
+    assert set(back) == {k for k in state if k.startswith("model.multi_modal_projector.")}
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, state[k])
+
+
+def test_idefics3_connector_equals_transformers():
+    """The pixel shuffle (scale 2 on a 4x4 patch grid) and the linear map give Idefics3Connector's output."""
+    torch.manual_seed(3)
+    cfg = transformers.Idefics3Config(vision_config=dict(TOWER), text_config=transformers.LlamaConfig(**TEXT).to_dict(),
+                                      scale_factor=2)
+    model = transformers.Idefics3Model(cfg).eval()
+    ours_cfg = connectors.Idefics3Connector.from_hf(cfg.to_dict())
+    assert ours_cfg == connectors.Idefics3Connector(vision_dim=32, text_dim=24, scale=2)
+    params = connectors.from_state_dict(ours_cfg, {"model." + k: v for k, v in _state(model).items()})
+    features = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        theirs = model.connector(features)
+    assert theirs.shape == (2, 4, 24)
+    _close(connectors.project(ours_cfg, params, jnp.asarray(features.numpy())), theirs)
+    with pytest.raises(ValueError, match="square grid of patches whose side is a multiple of 2, got 9 patches"):
+        connectors.pixel_shuffle(jnp.zeros((1, 9, 4)), 2)

@@ -13,9 +13,10 @@ import torch
 import transformers
 from PIL import Image
 
-from jaxft.checkpoint import LoadError
-from jaxft.models import connectors, vit
-from jaxft.models.config import ConfigError
+from jaxft import tree
+from jaxft.checkpoint import LoadError, mapping
+from jaxft.models import connectors, llama, tables, vit
+from jaxft.models.config import ConfigError, LlamaConfig
 
 QUICK = {"xla_backend_optimization_level": 0}  # numbers, not speed
 TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -191,3 +192,43 @@ def test_idefics3_connector_equals_transformers():
     _close(connectors.project(ours_cfg, params, jnp.asarray(features.numpy())), theirs)
     with pytest.raises(ValueError, match="square grid of patches whose side is a multiple of 2, got 9 patches"):
         connectors.pixel_shuffle(jnp.zeros((1, 9, 4)), 2)
+
+
+def test_llava_logits_equal_transformers(clip):
+    """Tower, projector and merge feeding jaxft's llama.forward(embeddings=...) give the logits of
+    LlavaForConditionalGeneration: row 0 holds two images, row 1 one (three images in all, in order)."""
+    _, pixels = clip
+    pixels = np.concatenate([pixels, pixels[:1, :, ::-1]])  # a third image: the first upside down
+    model = _llava(transformers.CLIPVisionConfig(**TOWER))
+    hf, state = model.config.to_dict(), _state(model)
+    image = hf["image_token_index"]  # config.json's name of LlavaConfig.image_token_id
+    n = 16  # image tokens per image: the 4 x 4 patches, class token dropped
+    rs = np.random.RandomState(4)
+    text = lambda k: list(rs.randint(1, image, k))  # noqa: E731
+    tokens = np.array([text(3) + [image] * n + text(2) + [image] * n + text(3),
+                       text(5) + [image] * n + text(19)])
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(tokens), pixel_values=torch.tensor(pixels)).logits
+
+    tower_cfg = vit.Config.from_hf(hf["vision_config"])
+    tower = vit.from_state_dict(tower_cfg, state, prefix="model.vision_tower.")
+    proj_cfg = connectors.LlavaProjector.from_hf(hf)
+    proj = connectors.from_state_dict(proj_cfg, state)
+    lm_cfg = LlamaConfig.from_hf(hf["text_config"])
+    lm_state = {k.replace("model.language_model.", "model."): v for k, v in state.items()
+                if k.startswith(("model.language_model.", "lm_head."))}
+    lm_shapes = {p: x.shape for p, x in tree.items(jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), lm_cfg)))}
+    lm = tables.from_state_dict(mapping.LLAMA, lm_shapes, lm_state, what="llama")
+
+    @functools.partial(jax.jit, compiler_options=QUICK)
+    def logits(tower, proj, lm, pixels, tokens, embeds):
+        features = vit.forward(tower_cfg, tower, pixels, layer=hf["vision_feature_layer"])[:, 1:]
+        merged = connectors.merge_images(embeds, tokens, connectors.project(proj_cfg, proj, features), image)
+        return llama.forward(lm_cfg, lm, tokens, embeddings=merged)[0]
+
+    embeds = lm["embed"]["w"][tokens]
+    connectors.merge_images(embeds, tokens, jnp.zeros((3, n, 24)), image)  # counts agree outside jit
+    _close(logits(tower, proj, lm, pixels, tokens, embeds), theirs)
+    with pytest.raises(ValueError, match=r"the tokens hold 48 image tokens \(id 63\) but there are 2 images of 16 "
+                                         r"embeddings each \(32 rows\)"):
+        connectors.merge_images(embeds, tokens, jnp.zeros((2, n, 24)), image)

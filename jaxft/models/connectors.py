@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxft.checkpoint.mapping import Entry
 from jaxft.models import tables
@@ -134,3 +135,24 @@ def pixel_shuffle(x, scale: int):
     x = x.reshape(b, g, scale, g, scale, d)  # (B, block row, row in block, block column, column in block, D)
     x = x.transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, g * g, scale * scale * d)
+
+
+def merge_images(text_embeds, tokens, image_embeds, image_token_id: int):
+    """LLaVA's merge: text_embeds (B, T, E), tokens (B, T), image_embeds (I, P', E) -> (B, T, E) where the k-th
+    `image_token_id` token (in row-major order over the batch) takes the k-th row of the I * P' image embeddings,
+    as `LlavaModel` does with `masked_scatter`; a prompt with several images holds P' tokens for each, in order.
+
+    Raises ValueError naming both counts where the tokens are concrete (outside jit) and their number of image
+    tokens is not I * P'. Inside jit the caller checks: extra image tokens would repeat the last row.
+    """
+    b, t, e = text_embeds.shape
+    rows = image_embeds.reshape(-1, e)
+    mask = tokens == image_token_id
+    if not isinstance(tokens, jax.core.Tracer):
+        n = int(np.sum(np.asarray(mask)))
+        if n != rows.shape[0]:
+            raise ValueError(f"the tokens hold {n} image tokens (id {image_token_id}) but there are "
+                             f"{image_embeds.shape[0]} images of {image_embeds.shape[1]} embeddings each "
+                             f"({rows.shape[0]} rows)")
+    index = jnp.clip(jnp.cumsum(mask.reshape(-1)) - 1, 0, rows.shape[0] - 1).reshape(b, t)
+    return jnp.where(mask[..., None], rows[index].astype(text_embeds.dtype), text_embeds)

@@ -145,51 +145,67 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(clip):
         vit.patches(cfg, jnp.zeros((1, 3, 16, 16)))
 
 
-def _llava(vision_config):
+def _llava(vision_config, **kw):
     torch.manual_seed(2)
     cfg = transformers.LlavaConfig(vision_config=vision_config.to_dict(),
-                                   text_config=transformers.LlamaConfig(**TEXT).to_dict(), image_token_id=63)
+                                   text_config=transformers.LlamaConfig(**TEXT).to_dict(), image_token_id=63, **kw)
     return _perturbed(transformers.LlavaForConditionalGeneration(cfg), seed=2)
 
 
-def test_llava_image_features_equal_transformers(clip):
-    """The tower (layer -2, class token dropped) and the 2-layer GELU projector, both read from the LLaVA state
-    dict, give LlavaModel.get_image_features."""
-    _, pixels = clip
-    model = _llava(transformers.CLIPVisionConfig(**TOWER))
-    hf = model.config.to_dict()
-    state = _state(model)
-    tower_cfg = vit.Config.from_hf(hf["vision_config"])
-    tower = vit.from_state_dict(tower_cfg, state, prefix="model.vision_tower.")
-    proj_cfg = connectors.LlavaProjector.from_hf(hf)
-    assert proj_cfg == connectors.LlavaProjector(vision_dim=32, text_dim=24, act="gelu", bias=True)
-    proj = connectors.from_state_dict(proj_cfg, state)
-    features = _forward(tower_cfg, tower, pixels, hf["vision_feature_layer"])[:, 1:]  # strategy "default"
-    ours = connectors.project(proj_cfg, proj, features)
-    with torch.no_grad():
-        theirs = model.model.get_image_features(torch.tensor(pixels), vision_feature_layer=-2,
-                                                vision_feature_select_strategy="default").pooler_output
-    _close(ours, torch.stack(list(theirs)))
-    back = connectors.to_state_dict(proj_cfg, proj)
-    assert set(back) == {k for k in state if k.startswith("model.multi_modal_projector.")}
-    for k, v in back.items():
-        np.testing.assert_array_equal(v, state[k])
+def test_llava_image_features_equal_transformers(clip, siglip):
+    """The tower and the 2-layer GELU projector, both read from the LLaVA state dict, give
+    LlavaModel.get_image_features: a CLIP tower with LLaVA's defaults (layer -2, class token dropped), and a SigLIP
+    tower with two feature layers concatenated, strategy "full" and a projector without biases."""
+    multi = dict(vision_feature_layer=[-3, -1], multimodal_projector_bias=False, vision_feature_select_strategy="full")
+    cases = ((transformers.CLIPVisionConfig, clip[1], {}, 32), (transformers.SiglipVisionConfig, siglip[1], multi, 64))
+    for config_class, pixels, kw, width in cases:
+        model = _llava(config_class(**TOWER), **kw)
+        hf, state = model.config.to_dict(), _state(model)
+        tower_cfg = vit.Config.from_hf(hf["vision_config"])
+        tower = vit.from_state_dict(tower_cfg, state, prefix="model.vision_tower.")
+        proj_cfg = connectors.LlavaProjector.from_hf(hf)
+        assert proj_cfg == connectors.LlavaProjector(vision_dim=width, text_dim=24, act="gelu", bias=not kw)
+        proj = connectors.from_state_dict(proj_cfg, state)
+        layer = hf["vision_feature_layer"]
+        features = _forward(tower_cfg, tower, pixels, layer if isinstance(layer, int) else tuple(layer))
+        if hf["vision_feature_select_strategy"] == "default":
+            features = features[:, 1:]
+        ours = connectors.project(proj_cfg, proj, features)
+        with torch.no_grad():
+            theirs = model.model.get_image_features(torch.tensor(pixels), vision_feature_layer=layer,
+                                                    vision_feature_select_strategy=hf["vision_feature_select_strategy"])
+        _close(ours, torch.stack(list(theirs.pooler_output)))
+        back = connectors.to_state_dict(proj_cfg, proj)
+        assert set(back) == {k for k in state if k.startswith("model.multi_modal_projector.")}
+        for k, v in back.items():
+            np.testing.assert_array_equal(v, state[k])
 
 
-def test_idefics3_connector_equals_transformers():
-    """The pixel shuffle (scale 2 on a 4x4 patch grid) and the linear map give Idefics3Connector's output."""
+def test_idefics3_tower_and_connector_equal_transformers(siglip):
+    """Idefics3's SigLIP-like tower (read from the Idefics3 state dict, final LayerNorm applied), the pixel
+    shuffle (scale 2 on the 4 x 4 patch grid) and the linear map give Idefics3Model.get_image_features, for
+    full-size tiles (no padded pixels: jaxft has no patch attention mask)."""
+    _, pixels = siglip
     torch.manual_seed(3)
     cfg = transformers.Idefics3Config(vision_config=dict(TOWER), text_config=transformers.LlamaConfig(**TEXT).to_dict(),
                                       scale_factor=2)
-    model = transformers.Idefics3Model(cfg).eval()
-    ours_cfg = connectors.Idefics3Connector.from_hf(cfg.to_dict())
+    model = _perturbed(transformers.Idefics3ForConditionalGeneration(cfg), seed=3)
+    hf, state = cfg.to_dict(), _state(model)
+    tower_cfg = vit.Config.from_hf(hf["vision_config"])
+    assert (tower_cfg.model_type, tower_cfg.class_token, tower_cfg.act) == ("idefics3_vision", False,
+                                                                            "gelu_pytorch_tanh")
+    tower = vit.from_state_dict(tower_cfg, state, prefix="model.vision_model.")
+    ours_cfg = connectors.Idefics3Connector.from_hf(hf)
     assert ours_cfg == connectors.Idefics3Connector(vision_dim=32, text_dim=24, scale=2)
-    params = connectors.from_state_dict(ours_cfg, {"model." + k: v for k, v in _state(model).items()})
-    features = torch.randn(2, 16, 32)
-    with torch.no_grad():
-        theirs = model.connector(features)
-    assert theirs.shape == (2, 4, 24)
-    _close(connectors.project(ours_cfg, params, jnp.asarray(features.numpy())), theirs)
+    params = connectors.from_state_dict(ours_cfg, state)
+    ours = connectors.project(ours_cfg, params, _forward(tower_cfg, tower, pixels, -1, post_norm=True))
+    with torch.no_grad():  # one prompt with two images
+        theirs = model.model.get_image_features(torch.tensor(pixels)[None]).pooler_output[0]
+    assert theirs.shape == (2 * 4, 24)
+    _close(ours.reshape(-1, 24), theirs)
+    np.testing.assert_array_equal(connectors.to_state_dict(ours_cfg, params)["model.connector.modality_projection"
+                                                                               ".proj.weight"],
+                                  state["model.connector.modality_projection.proj.weight"])
     with pytest.raises(ValueError, match="square grid of patches whose side is a multiple of 2, got 9 patches"):
         connectors.pixel_shuffle(jnp.zeros((1, 9, 4)), 2)
 

@@ -4,6 +4,7 @@ image processors; LLaVA's projector and Idefics3's pixel-shuffle connector equal
 tables load and export both ways and name what is missing or unexpected."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from jaxft import tree
 from jaxft.checkpoint import LoadError, mapping
 from jaxft.models import connectors, llama, tables, vit
 from jaxft.models.config import ConfigError, LlamaConfig
+from jaxft.peft.lora import LoraSpec
 
 QUICK = {"xla_backend_optimization_level": 0}  # numbers, not speed
 TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -248,3 +250,43 @@ def test_llava_logits_equal_transformers(clip):
     with pytest.raises(ValueError, match=r"the tokens hold 48 image tokens \(id 63\) but there are 2 images of 16 "
                                          r"embeddings each \(32 rows\)"):
         connectors.merge_images(embeds, tokens, jnp.zeros((2, n, 24)), image)
+
+
+def test_trainable_overlay_lora_and_remat(siglip):
+    """LoRA leaves beside the stacked q/v weights (the trainable tree, overlaid layer by layer) give the tower with
+    the merged weights w + s * A @ B, scanned or unrolled, with or without remat."""
+    model, pixels = siglip
+    cfg = vit.Config.from_hf(model.config.to_dict())
+    base = vit.from_state_dict(cfg, _state(model))
+    spec = LoraSpec(rank=2, alpha=4.0)
+    keys = iter(jax.random.split(jax.random.PRNGKey(5), 4))
+    lora = {name: {"lora_a": 0.3 * jax.random.normal(next(keys), (3, 32, 2)),
+                   "lora_b": 0.3 * jax.random.normal(next(keys), (3, 2, 32))} for name in ("q_proj", "v_proj")}
+    merged = jax.tree.map(lambda x: x, base)
+    for name, p in lora.items():
+        w = base["layers"]["attn"][name]["w"]
+        merged["layers"]["attn"][name]["w"] = w + spec.scaling * p["lora_a"] @ p["lora_b"]
+    want = _forward(cfg, merged, pixels, -1)
+    assert float(jnp.max(jnp.abs(want - _forward(cfg, base, pixels, -1)))) > 1e-2  # the adapter matters
+
+    @functools.partial(jax.jit, static_argnames=("remat", "unroll"), compiler_options=QUICK)
+    def adapted(trainable, remat, unroll):
+        return vit.forward(cfg, base, pixels, trainable=trainable, lora=spec, remat=remat, unroll=unroll)
+
+    for remat, unroll in ((False, False), (True, False), (True, True)):
+        np.testing.assert_allclose(adapted({"layers": {"attn": lora}}, remat, unroll), want, atol=1e-5, rtol=0)
+
+
+def test_param_axes_cover_every_leaf():
+    """Each parameter's first matching PARAM_AXES rule names one logical axis per dimension (for sharding)."""
+    towers = [vit.Config(dim=32, n_layers=2, n_heads=4, mlp_dim=48, image_size=32, patch_size=8, model_type=t)
+              for t in ("clip_vision_model", "siglip_vision_model")]
+    parts = [(vit, c, vit.shapes(c)) for c in towers]
+    parts += [(connectors, c, c.shapes())
+              for c in (connectors.LlavaProjector(64, 24), connectors.Idefics3Connector(32, 24))]
+    for module, cfg, shapes in parts:
+        made = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), cfg))  # noqa: B023 (called at once)
+        assert {p: x.shape for p, x in tree.items(made)} == shapes
+        for path, shape in shapes.items():
+            axes = next((a for pattern, a in module.PARAM_AXES if re.fullmatch(pattern, path)), None)
+            assert axes is not None and len(axes) == len(shape), (path, shape, axes)

@@ -11,7 +11,7 @@ Axis letters as in `jaxft.models.vit`; E is the language model's width. Paramete
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,8 @@ PARAM_AXES = (
 
 @dataclasses.dataclass(frozen=True)
 class LlavaProjector:
+    TABLE: ClassVar = LLAVA_TABLE
+    PREFIX: ClassVar = "model.multi_modal_projector."  # where transformers 5 saves it in a LLaVA checkpoint
     vision_dim: int  # D * k: the tower's width times the number of feature layers
     text_dim: int  # E
     act: str = "gelu"
@@ -68,6 +70,8 @@ class LlavaProjector:
 
 @dataclasses.dataclass(frozen=True)
 class Idefics3Connector:
+    TABLE: ClassVar = IDEFICS3_TABLE
+    PREFIX: ClassVar = "model.connector."
     vision_dim: int  # D
     text_dim: int  # E
     scale: int = 2  # s: s x s neighbouring patches become one token
@@ -85,10 +89,6 @@ class Idefics3Connector:
         return {"proj/w": (self.vision_dim * self.scale ** 2, self.text_dim)}
 
 
-def _table(cfg):
-    return LLAVA_TABLE if isinstance(cfg, LlavaProjector) else IDEFICS3_TABLE
-
-
 def init(key, cfg: LlavaProjector | Idefics3Connector, dtype=jnp.float32) -> dict:
     """Random weights (normal, std 0.02) and zero biases."""
     flat = {path: jnp.zeros(shape, dtype) if path.endswith("/b") else (0.02 * jax.random.normal(k, shape)).astype(dtype)
@@ -98,20 +98,15 @@ def init(key, cfg: LlavaProjector | Idefics3Connector, dtype=jnp.float32) -> dic
 
 def from_state_dict(cfg, tensors: Mapping, *, prefix: str | None = None, source: str = "state dict",
                     dtype=jnp.float32) -> dict:
-    """The connector's parameters from a safetensors state dict. prefix: where it sits in the file (default
-    "model.multi_modal_projector." for LLaVA, "model.connector." for Idefics3: transformers 5's names).
-    Raises LoadError listing missing, unexpected and misshapen tensors."""
-    if prefix is None:
-        prefix = "model.multi_modal_projector." if isinstance(cfg, LlavaProjector) else "model.connector."
-    return tables.from_state_dict(_table(cfg), cfg.shapes(), tensors, prefix=prefix, source=source,
-                                  what=type(cfg).__name__, dtype=dtype)
+    """The connector's parameters from a safetensors state dict (HF name -> array). prefix: where it sits in the
+    file (default `cfg.PREFIX`). Raises LoadError listing missing, unexpected and misshapen tensors."""
+    return tables.from_state_dict(cfg.TABLE, cfg.shapes(), tensors, prefix=cfg.PREFIX if prefix is None else prefix,
+                                  source=source, what=type(cfg).__name__, dtype=dtype)
 
 
 def to_state_dict(cfg, params: dict, *, prefix: str | None = None) -> dict:
     """The inverse of `from_state_dict`."""
-    if prefix is None:
-        prefix = "model.multi_modal_projector." if isinstance(cfg, LlavaProjector) else "model.connector."
-    return tables.to_state_dict(_table(cfg), params, prefix=prefix)
+    return tables.to_state_dict(cfg.TABLE, params, prefix=cfg.PREFIX if prefix is None else prefix)
 
 
 def project(cfg, base: dict, features, *, trainable: dict | None = None, lora=None):

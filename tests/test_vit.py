@@ -168,14 +168,13 @@ def test_llava_image_features_equal_transformers(clip, siglip):
         proj_cfg = connectors.LlavaProjector.from_hf(hf)
         assert proj_cfg == connectors.LlavaProjector(vision_dim=width, text_dim=24, act="gelu", bias=not kw)
         proj = connectors.from_state_dict(proj_cfg, state)
-        layer = hf["vision_feature_layer"]
-        features = _forward(tower_cfg, tower, pixels, layer if isinstance(layer, int) else tuple(layer))
-        if hf["vision_feature_select_strategy"] == "default":
-            features = features[:, 1:]
+        layer, strategy = hf["vision_feature_layer"], hf["vision_feature_select_strategy"]
+        layer = layer if isinstance(layer, int) else tuple(layer)
+        features = connectors.llava_features(tower_cfg, tower, pixels, layer=layer, strategy=strategy)
         ours = connectors.project(proj_cfg, proj, features)
         with torch.no_grad():
             theirs = model.model.get_image_features(torch.tensor(pixels), vision_feature_layer=layer,
-                                                    vision_feature_select_strategy=hf["vision_feature_select_strategy"])
+                                                    vision_feature_select_strategy=strategy)
         _close(ours, torch.stack(list(theirs.pooler_output)))
         back = connectors.to_state_dict(proj_cfg, proj)
         assert set(back) == {k for k in state if k.startswith("model.multi_modal_projector.")}
@@ -240,7 +239,7 @@ def test_llava_logits_equal_transformers(clip):
 
     @functools.partial(jax.jit, compiler_options=QUICK)
     def logits(tower, proj, lm, pixels, tokens, embeds):
-        features = vit.forward(tower_cfg, tower, pixels, layer=hf["vision_feature_layer"])[:, 1:]
+        features = connectors.llava_features(tower_cfg, tower, pixels, layer=hf["vision_feature_layer"])
         merged = connectors.merge_images(embeds, tokens, connectors.project(proj_cfg, proj, features), image)
         return llama.forward(lm_cfg, lm, tokens, embeddings=merged)[0]
 

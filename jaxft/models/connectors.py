@@ -21,6 +21,7 @@ from jaxft.checkpoint.mapping import Entry
 from jaxft.models import tables
 from jaxft.models.config import ConfigError
 from jaxft.models.layers import dense
+from jaxft.models import vit
 from jaxft.models.vit import ACTIVATIONS
 from jaxft.tree import overlay, unflatten
 
@@ -116,6 +117,18 @@ def project(cfg, base: dict, features, *, trainable: dict | None = None, lora=No
     if isinstance(cfg, LlavaProjector):
         return dense(ACTIVATIONS[cfg.act](dense(features, p["in_proj"], lora)), p["out_proj"], lora)
     return dense(pixel_shuffle(features, cfg.scale), p["proj"], lora)
+
+
+def llava_features(tower_cfg: vit.Config, tower: dict, pixel_values, *, layer: int | tuple[int, ...] = -2,
+                   strategy: str = "default", **forward_kw):
+    """pixel_values (I, C, H, W) -> the image features LLaVA projects, (I, P, D*k): the hidden states of `layer`
+    (LLaVA's `vision_feature_layer`; a tuple concatenates k layers), without the first token where `strategy`
+    (`vision_feature_select_strategy`) is "default" (CLIP's class token; transformers drops it whatever the
+    tower), all tokens where it is "full". `forward_kw` go to `vit.forward` (trainable, lora, dtype, remat, ...)."""
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported (expected 'default' or 'full')")
+    features = vit.forward(tower_cfg, tower, pixel_values, layer=layer, **forward_kw)
+    return features[:, 1:] if strategy == "default" else features
 
 
 def pixel_shuffle(x, scale: int):

@@ -242,7 +242,8 @@ def forward(cfg: Config, base: dict, pixel_values, *, layer: int | tuple[int, ..
 
     A tuple of layers gives their hidden states concatenated on the last axis, (B, P, len * D) (LLaVA's
     multi-layer features). post_norm: apply the final LayerNorm. `trainable` (adapter or replaced leaves at the
-    paths of `base`) is overlaid layer by layer; `lora` is its static LoRA spec, passed to `layers.dense`.
+    paths of `base`) is overlaid layer by layer; `lora` is its static LoRA spec, passed to `layers.dense`, and
+    `rng` its dropout key. Images must have the tower's size (no interpolation of the positions).
     """
     layers = (layer,) if isinstance(layer, int) else tuple(layer)
     for k in layers:
@@ -260,7 +261,7 @@ def forward(cfg: Config, base: dict, pixel_values, *, layer: int | tuple[int, ..
     def step(x, xs):
         base_l, train_l, rng_l = xs
         x = body(x, overlay(base_l, train_l), rng_l)
-        return x, (x if len(wanted) > 1 else None)
+        return x, (x if len(wanted) > 1 else None)  # several layers: every block's output, up to the deepest
 
     def first(tree):
         return jax.tree.map(lambda a: a[:depth], tree)

@@ -1,5 +1,5 @@
-"""The 8-device worker of tests/test_vit.py::test_sharded_tower_equals_one_device (run with
---xla_force_host_platform_device_count=8; prints 'sharded==unsharded' when the features agree)."""
+"""The 4-device worker of tests/test_vit.py::test_sharded_tower_equals_one_device (run with
+--xla_force_host_platform_device_count=4; prints 'sharded==unsharded' when the features agree)."""
 
 import jax
 import numpy as np
@@ -9,7 +9,7 @@ from jaxft.models import connectors, vit
 
 
 def main():
-    assert jax.device_count() == 8
+    assert jax.device_count() == 4
     rules = (("batch", ("data", "fsdp")), ("seq", ()), ("embed", ("fsdp",)), ("heads", ("tensor",)),
              ("kv_heads", ("tensor",)), ("head_dim", ()), ("mlp", ("tensor",)), ("vocab", ("tensor",)),
              ("layers", ()), ("lora_rank", ()))
@@ -25,7 +25,7 @@ def main():
         return connectors.project(proj_cfg, proj, hidden)
 
     want = jax.jit(features, static_argnums=3)(tower, proj, pixels, None)
-    layout = parallel.Layout(parallel.make_mesh((2, 2, 2)), rules)
+    layout = parallel.Layout(parallel.make_mesh((1, 2, 2)), rules)
     tower_s = jax.device_put(tower, parallel.base_shardings(tower, layout, vit.PARAM_AXES))
     proj_s = jax.device_put(proj, parallel.base_shardings(proj, layout, connectors.PARAM_AXES))
     spec = tower_s["layers"]["attn"]["q_proj"]["w"].sharding.spec

@@ -150,3 +150,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, flags, messa
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("jaxft upcycle: error: ")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_gguf_model_upcycles_with_its_tokenizer(tmp_path):
+    # A tiny GGUF in every readable tensor type, quantized ones included: jaxft dequantizes it as transformers'
+    # GGUF loader does, and the float32 upcycled model's logits equal the dense GGUF model's.
+    from test_gguf import TOKENS as GGUF_TOKENS, write_gguf
+
+    write_gguf(tmp_path / "tiny.gguf", "llama", tie=True)
+    upcycle(tmp_path / "tiny.gguf", tmp_path / "moe", experts=4, top_k=2, dtype=jnp.float32, router_noise=0.1)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+    moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    with torch.no_grad():
+        want, got = dense.eval()(torch.tensor(GGUF_TOKENS)).logits, moe.eval()(torch.tensor(GGUF_TOKENS)).logits
+    assert want.abs().max() > 1.0
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "moe")
+    assert tok.apply_chat_template([{"role": "user", "content": "abc"}], tokenize=False) == "<user>abc"
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["eos_token_id"] == 1  # the GGUF's

@@ -13,7 +13,7 @@ import sys
 from jaxft.commands import CommandError
 
 # modules of jaxft/commands/, in the order `jaxft --help` lists them
-COMMANDS = ("train", "eval", "demo", "generate", "export", "plot", "runs")
+COMMANDS = ("train", "eval", "demo", "generate", "export", "upcycle", "plot", "runs")
 
 
 class Parser(argparse.ArgumentParser):

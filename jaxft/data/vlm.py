@@ -7,8 +7,8 @@ Two record formats, told apart per record (a JSON array in a .json file, or one 
   messages: {"images": ["a.png", ...], "messages": [{"role": "user", "content": [{"type": "image"},
             {"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}]}
 
-Image paths are relative to the data file. A `{"type": "image"}` part becomes the marker (followed by a newline
-where text follows, as llava-hf's chat template puts it); the k-th marker is the k-th image. A conversation
+Image paths are relative to the data file. A message's parts are joined in order, each `{"type": "image"}` part
+becoming the marker; the k-th marker is the k-th image. A conversation
 with images and no marker gets them at the start of its first user message (transformers' convention); any
 other disagreement between markers and images is an error naming the record. The conversation is then rendered
 and tokenized as `format="messages"` records are (`jaxft.data.formats`: chat template, loss on the assistant's
@@ -216,7 +216,7 @@ def _parts(parts: list, where: str) -> str:
         if kind == "image":
             text += MARKER
         elif kind == "text" and isinstance(part.get("text"), str):
-            text += ("\n" if text.endswith(MARKER) else "") + part["text"]
+            text += part["text"]
         else:
             raise DataError(f"{where} content[{j}] must be {{'type': 'image'}} or {{'type': 'text', 'text': ...}}")
     return text

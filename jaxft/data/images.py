@@ -56,7 +56,8 @@ def image_token_count(vision_config: dict, strategy: str = "default") -> int:
 
 def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The image at `path`, decoded and in RGB. Raises ImageError ("<path>: <why>") for a missing or
-    unreadable file (not an image, truncated, corrupt), a mode PIL cannot convert to RGB, or more than `max_pixels` pixels (checked from the header, before decoding)."""
+    unreadable file (not an image, truncated, corrupt), a mode PIL cannot convert to RGB, or more than
+    `max_pixels` pixels (checked from the header, before decoding)."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")

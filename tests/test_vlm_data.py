@@ -6,6 +6,7 @@ projector, merge and decoder equals the unpacked one's and the per-example loss 
 import functools
 import json
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -218,3 +219,37 @@ def test_packed_loss_equals_unpacked_and_transformers(tmp_path, tok):
     assert count == int(plain["loss_mask"].sum()) == int(packed["loss_mask"].sum())
     assert abs(got_packed - got_plain) <= 1e-5, (got_packed, got_plain)
     assert abs(got_plain - total / count) <= 1e-5, (got_plain, total / count)
+
+
+def test_train_stream_covers_each_example_once_per_epoch(tmp_path, tok):
+    """One epoch of the shuffled stream: every example's targets once, each batch's valid images as many as its
+    image tokens / N and equal to the processor's pixels of the images in token order; the same seed, the same
+    batches."""
+    _write_images(tmp_path)
+    names = ["rgb", "rgba", "grey"]
+    records = [_llava("<image>\nq" if i % 3 else "q <image> <image>", f"answer {i}",
+                      f"img/{names[i % 3]}.png" if i % 3 else ["img/grey.png", "img/rgb.png"]) for i in range(8)]
+    proc = images.image_processor(CLIP)
+    vex = vlm.tokenize_vlm(vlm.read_vlm(_write(tmp_path / "d.json", records)), tok, 100, 16)
+    rows = vlm_batches.layout(vex, 100, order=np.random.default_rng(1).permutation(len(vex)))
+    stream, m = vlm_batches.train_stream(vex, proc, 100, 2, seed=1, num_epochs=1)
+    batches = list(stream)
+    assert len(batches) == len(rows) // 2 and m == vlm_batches.max_images(vex, rows, 2)
+    targets = sum(int(b["loss_mask"].sum()) for b in batches)
+    dropped = len(rows) % 2  # a last partial batch is dropped
+    assert targets == vex.examples.target_tokens() if not dropped else targets < vex.examples.target_tokens()
+    by_pixels = {n: images.pixel_values(proc, [images.open_image(tmp_path / "img" / f"{n}.png")])[0] for n in names}
+    for b in batches:
+        want = []  # the images of each row's examples in order, the example known by its "answer i"
+        for r in range(2):
+            for seg in range(1, int(b["segment_ids"][r].max()) + 1):
+                i = int(re.search(r"answer (\d)", tok.decode(b["tokens"][r][b["segment_ids"][r] == seg]))[1])
+                want += [by_pixels[names[i % 3]]] if i % 3 else [by_pixels["grey"], by_pixels["rgb"]]
+        assert b["pixel_values"].shape == (m, 3, 32, 32) and int(b["image_mask"].sum()) == len(want)
+        assert (b["tokens"] == vlm.marker_id(tok)).sum() == 16 * len(want)
+        np.testing.assert_array_equal(b["pixel_values"][:len(want)], np.stack(want))
+        assert not b["pixel_values"][len(want):].any()
+    again = list(vlm_batches.train_stream(vex, proc, 100, 2, seed=1, num_epochs=1)[0])
+    for x, y in zip(batches, again):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])

@@ -73,9 +73,12 @@ def test_tokens_and_pixels_equal_llava_processor(tmp_path, tok):
                                                 {"type": "text", "text": " right "}, {"type": "image"},
                                                 {"type": "text", "text": "\nSame?"}]},
                    {"role": "assistant", "content": [{"type": "text", "text": "no"}]}]},
-               _llava("What is it?", "a red circle", "img/rgb.png")]
+               _llava("What is it?", "a red circle", "img/rgb.png"),
+               {"messages": [{"role": "user", "content": [{"type": "image", "image": "img/rgb.png"},
+                                                          {"type": "text", "text": "\nWhat is it?"}]},
+                             {"role": "assistant", "content": "a red circle"}]}]
     recs = vlm.read_vlm(_write(tmp_path / "train.json", records))
-    assert [len(r.images) for r in recs] == [1, 2, 2, 1]
+    assert [len(r.images) for r in recs] == [1, 2, 2, 1, 1] and recs[4].images == recs[0].images
     assert recs[2].messages[0]["content"] == "Left <image> right <image>\nSame?"  # the parts joined in order
     assert recs[3].messages[0]["content"] == "<image>\nWhat is it?"
     for config, strategy, extra, n in ((CLIP, "default", 1, 16), (SIGLIP, "full", 0, 16)):
@@ -97,25 +100,37 @@ def test_tokens_and_pixels_equal_llava_processor(tmp_path, tok):
             counted = tok.decode(ids[ex.loss[ex.starts[e]:ex.starts[e + 1]]])
             assert counted == r.messages[1]["content"] + "<|im_end|>\n<|endoftext|>"
         piece = lambda e: ex.ids[ex.starts[e]:ex.starts[e + 1]].tolist()  # noqa: E731
-        assert piece(2) == piece(1) and piece(3) == piece(0)
+        assert piece(2) == piece(1) and piece(3) == piece(0) == piece(4)
 
 
 def test_markers_that_disagree_with_images_are_named(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     bad = [[_llava("<image> <image> two?", "x", "a.png")], [_llava("<image>", "x", ["a.png", "a.png"])],
            [{"messages": [{"role": "user", "content": [{"type": "image"}]}]}],
-           [{"image": 3, "conversations": []}], [{"text": "x"}]]
+           [{"image": 3, "conversations": []}], [{"text": "x"}],
+           [{"images": ["a.png"], "messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]}]}]]
     messages = [r"train.json record 0: 2 '<image>' marker\(s\) in the conversation but 1 image\(s\)",
                 r"train.json record 0: 1 '<image>' marker\(s\) in the conversation but 2 image\(s\)",
                 r"train.json record 0: 1 '<image>' marker\(s\) in the conversation but 0 image\(s\)",
                 r"train.json record 0: field 'image' must be an image path or a list of paths",
-                r"train.json record 0: expected field 'conversations' \(LLaVA\) or 'messages', the record has: text"]
+                r"train.json record 0: expected field 'conversations' \(LLaVA\) or 'messages', the record has: text",
+                r"train.json record 0: image paths both in field 'images' and in image parts"]
     for records, message in zip(bad, messages):
         with pytest.raises(DataError, match=message):
-            vlm.read_vlm(_write(tmp_path / "train.json", [_llava("hi", "x")] * 0 + records))
+            vlm.read_vlm(_write(tmp_path / "train.json", records))
     (tmp_path / "train.jsonl").write_text(json.dumps(_llava("hi", "x")) + "\n{oops\n")
     with pytest.raises(DataError, match=r"train\.jsonl:2: malformed JSON"):
         vlm.read_vlm(tmp_path / "train.jsonl")
+
+
+def test_conversation_without_a_target_is_named(tmp_path, tok):
+    """An empty answer followed by a user turn leaves nothing to predict under the plain template."""
+    quiet = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""},
+                               {"from": "human", "value": "bye"}]}
+    recs = vlm.read_vlm(_write(tmp_path / "t.json", [_llava("hi", "x"), quiet]))
+    with pytest.raises(DataError, match=r"t\.json record 1: the conversation has no assistant token to train on"):
+        vlm.tokenize_vlm(recs, tok, 256, 16, chat_template=False)
+    assert len(vlm.tokenize_vlm(recs[:1], tok, 256, 16, chat_template=False)) == 1
 
 
 def test_bad_images_are_counted_skipped_and_named(tmp_path, tok, caplog):

@@ -6,11 +6,11 @@ Two record formats, told apart per record (a JSON array in a .json file, or one 
             "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
   messages: {"images": ["a.png", ...], "messages": [{"role": "user", "content": [{"type": "image"},
             {"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}]}
+            (or the path in each image part, {"type": "image", "image": "a.png"}, and no "images")
 
 Image paths are relative to the data file. A message's parts are joined in order, each `{"type": "image"}` part
-becoming the marker; the k-th marker is the k-th image. A conversation
-with images and no marker gets them at the start of its first user message (transformers' convention); any
-other disagreement between markers and images is an error naming the record. The conversation is then rendered
+becoming the marker; the k-th marker is the k-th image. A conversation with images and no marker gets them at the
+start of its first user message (transformers' convention); any other disagreement between markers and images is an error naming the record. The conversation is then rendered
 and tokenized as `format="messages"` records are (`jaxft.data.formats`: chat template, loss on the assistant's
 tokens only), and each marker token (one token of the tokenizer) is repeated to the image's token count, as
 `LlavaProcessor` expands it, with no loss on them. Records with an image that cannot be used are skipped,
@@ -159,7 +159,11 @@ def _record(obj, where: str, root: Path) -> VlmRecord:
     if "conversations" in obj:
         images, messages = _paths(obj, "image", where), _llava_messages(obj["conversations"], where)
     elif "messages" in obj:
-        images, messages = _paths(obj, "images", where), _hf_messages(obj["messages"], where)
+        inline: list[str] = []
+        images, messages = _paths(obj, "images", where), _hf_messages(obj["messages"], where, inline)
+        if inline and images:
+            raise DataError(f"{where}: image paths both in field 'images' and in image parts; give one or the other")
+        images = images or inline
     else:
         raise DataError(f"{where}: expected field 'conversations' (LLaVA) or 'messages', the record has: "
                         f"{', '.join(obj) or 'nothing'}")
@@ -194,7 +198,8 @@ def _llava_messages(turns, where: str) -> list[dict]:
     return out
 
 
-def _hf_messages(messages, where: str) -> list[dict]:
+def _hf_messages(messages, where: str, inline: list[str]) -> list[dict]:
+    """Messages with string contents; the paths of image parts that name their file are appended to `inline`."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field 'messages' must be a non-empty list of messages")
     out = []
@@ -204,17 +209,22 @@ def _hf_messages(messages, where: str) -> list[dict]:
             raise DataError(f"{where}: messages[{k}] must be {{'role': system | user | assistant, 'content': text "
                             "or a list of parts}")
         if isinstance(content, list):
-            content = _parts(content, f"{where}: messages[{k}]")
+            content = _parts(content, f"{where}: messages[{k}]", inline)
         out.append({"role": _FROM[m["role"]], "content": content})
     return out
 
 
-def _parts(parts: list, where: str) -> str:
+def _parts(parts: list, where: str, inline: list[str]) -> str:
     text = ""
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image":
             text += MARKER
+            path = part.get("image", part.get("path"))
+            if path is not None:
+                if not isinstance(path, str) or not path:
+                    raise DataError(f"{where} content[{j}]: an image part's 'image' must be a file path")
+                inline.append(path)
         elif kind == "text" and isinstance(part.get("text"), str):
             text += part["text"]
         else:

@@ -160,6 +160,8 @@ def test_bad_images_are_counted_skipped_and_named(tmp_path, tok, caplog):
                                       want)
     with pytest.raises(DataError, match=r"d\.json: no record left: all 2 record\(s\) have an image that cannot"):
         vlm.tokenize_vlm(recs[1:3], tok, 256, 16)
+    with pytest.raises(DataError, match=r"d\.json: no record left: all are longer than seq_len=20 with their image"):
+        vlm.tokenize_vlm(recs[:1], tok, 20, 16)
     with pytest.raises(ValueError, match="the tokenizer splits the image marker '<image>' into"):
         vlm.tokenize_vlm(recs, tiny.tokenizer(), 256, 16)
 

@@ -40,7 +40,8 @@ _UNBOUNDED = 1 << 30  # tokenize whole conversations; length is checked after th
 class VlmRecord:
     messages: list[dict]  # {"role": "system" | "user" | "assistant", "content": str with one MARKER per image}
     images: tuple[Path, ...]  # resolved paths, in the order of the markers
-    where: str  # "train.json record 3": for messages
+    where: str  # "train.json record 3" or "train.jsonl:4": for messages
+    file: str  # the data file, as given to read_vlm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,7 @@ def read_vlm(path: str | Path) -> list[VlmRecord]:
         objects = [(f"{path.name} record {i}", obj) for i, obj in enumerate(data)]
     if not objects:
         raise DataError(f"{path}: the data set is empty")
-    return [_record(obj, where, path.parent) for where, obj in objects]
+    return [_record(obj, where, path) for where, obj in objects]
 
 
 def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens: int, *, system_prompt: str = "",
@@ -94,8 +95,8 @@ def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens
             log.warning("skipped %s: %s", r.where, e)
             bad += 1
     if not good:
-        raise DataError(f"{records[0].where.split()[0] if records else 'data'}: no record left: all {bad} "
-                        "record(s) have an image that cannot be used")
+        files = ", ".join(dict.fromkeys(r.file for r in records)) or "the data"
+        raise DataError(f"{files}: no record left: all {bad} record(s) have an image that cannot be used")
     pieces = _tokenized(good, tokenizer, system_prompt, chat_template)
     ids_out, loss_out, images, too_long = [], [], [], []
     for r, (ids, loss) in zip(good, pieces):
@@ -115,7 +116,8 @@ def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens
         log.warning("skipped %d record(s) longer than seq_len=%d with their image tokens, e.g. %s", len(too_long),
                     seq_len, ", ".join(too_long[:5]))
     if not ids_out:
-        raise DataError(f"{good[0].where.split()[0]}: no record left: all are longer than seq_len={seq_len}")
+        files = ", ".join(dict.fromkeys(r.file for r in good))
+        raise DataError(f"{files}: no record left: all are longer than seq_len={seq_len} with their image tokens")
     lengths = np.array([len(x) for x in ids_out], np.int64)
     examples = Examples(ids=np.concatenate(ids_out), loss=np.concatenate(loss_out),
                         starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
@@ -153,7 +155,7 @@ def _loads(path: Path, text: str, at: str):
         raise DataError(f"{path}{line}: malformed JSON ({e.msg} at column {e.colno})") from None
 
 
-def _record(obj, where: str, root: Path) -> VlmRecord:
+def _record(obj, where: str, file: Path) -> VlmRecord:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "conversations" in obj:
@@ -176,7 +178,7 @@ def _record(obj, where: str, root: Path) -> VlmRecord:
         messages[first] = dict(m, content=MARKER * len(images) + "\n" + m["content"])
     elif markers != len(images):
         raise DataError(f"{where}: {markers} {MARKER!r} marker(s) in the conversation but {len(images)} image(s)")
-    return VlmRecord(messages, tuple(root / p for p in images), where)
+    return VlmRecord(messages, tuple(file.parent / p for p in images), where, str(file))
 
 
 def _paths(obj: dict, field: str, where: str) -> list[str]:

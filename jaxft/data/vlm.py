@@ -10,11 +10,12 @@ Two record formats, told apart per record (a JSON array in a .json file, or one 
 
 Image paths are relative to the data file. A message's parts are joined in order, each `{"type": "image"}` part
 becoming the marker; the k-th marker is the k-th image. A conversation with images and no marker gets them at the
-start of its first user message (transformers' convention); any other disagreement between markers and images is an error naming the record. The conversation is then rendered
-and tokenized as `format="messages"` records are (`jaxft.data.formats`: chat template, loss on the assistant's
-tokens only), and each marker token (one token of the tokenizer) is repeated to the image's token count, as
-`LlavaProcessor` expands it, with no loss on them. Records with an image that cannot be used are skipped,
-counted and named in one log line each.
+start of its first user message (transformers' convention); any other disagreement between markers and images
+is an error naming the record. The conversation is then rendered and tokenized as `format="messages"` records
+are (`jaxft.data.formats`: chat template, loss on the assistant's tokens only), and each marker token (one
+token of the tokenizer) is repeated to the image's token count, as `LlavaProcessor` expands it, with no loss on
+them. Records with an image that cannot be used are skipped, counted and named in one log line each; an example
+longer than seq_len + 1 tokens is skipped and counted (cutting it could cut an image).
 """
 
 from __future__ import annotations
@@ -79,12 +80,12 @@ def read_vlm(path: str | Path) -> list[VlmRecord]:
 
 
 def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens: int, *, system_prompt: str = "",
-                 chat_template: bool = True, marker: str = MARKER, max_pixels: int = MAX_PIXELS) -> VlmExamples:
+                 chat_template: bool = True, max_pixels: int = MAX_PIXELS) -> VlmExamples:
     """Checks every image (`jaxft.data.images.open_image`; records with a bad one are skipped and logged), then
     tokenizes the rest with each marker expanded to `image_tokens` tokens (`image_token_count`). Examples longer
     than seq_len + 1 tokens are skipped and counted (an image cannot be cut). Raises DataError when no record is
-    left, ValueError when `marker` is not one token of `tokenizer`."""
-    image_id = marker_id(tokenizer, marker)
+    left, ValueError when MARKER is not one token of `tokenizer`."""
+    image_id = marker_id(tokenizer)
     good, bad = [], 0
     for r in records:
         try:
@@ -103,7 +104,7 @@ def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens
         at = ids == image_id
         if int(at.sum()) != len(r.images):
             raise DataError(f"{r.where}: the rendered conversation holds {int(at.sum())} image token(s) for "
-                            f"{len(r.images)} image(s) (does the system prompt or template hold {marker!r}?)")
+                            f"{len(r.images)} image(s) (does the system prompt or template hold {MARKER!r}?)")
         repeat = np.where(at, image_tokens, 1)
         ids, loss = np.repeat(ids, repeat), np.repeat(loss & ~at, repeat)
         if len(ids) > seq_len + 1:

@@ -1,0 +1,235 @@
+"""Image + text records to token sequences with a loss mask, each image's marker expanded to its image tokens.
+
+Two record formats, told apart per record (a JSON array in a .json file, or one object per line in .jsonl):
+
+  LLaVA:    {"image": "rel/path.png" or ["a.png", ...] (or none), "conversations": [{"from": "human",
+            "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
+  messages: {"images": ["a.png", ...], "messages": [{"role": "user", "content": [{"type": "image"},
+            {"type": "text", "text": "..."}]}, {"role": "assistant", "content": "..."}]}
+            (or the path in each image part, {"type": "image", "image": "a.png"}, and no "images")
+
+Image paths are relative to the data file. A message's parts are joined in order, each `{"type": "image"}` part
+becoming the marker; the k-th marker is the k-th image. A conversation with images and no marker gets them at the
+start of its first user message (transformers' convention); any other disagreement between markers and images
+is an error naming the record. The conversation is then rendered and tokenized as `format="messages"` records
+are (`jaxft.data.formats`: chat template, loss on the assistant's tokens only), and each marker token (one
+token of the tokenizer) is repeated to the image's token count, as `LlavaProcessor` expands it, with no loss on
+them. Records with an image that cannot be used are skipped, counted and named in one log line each; an example
+longer than seq_len + 1 tokens is skipped and counted (cutting it could cut an image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from jaxft.data.formats import Examples, tokenize_records
+from jaxft.data.images import MAX_PIXELS, ImageError, open_image
+from jaxft.data.sources import DataError, Record
+
+log = logging.getLogger(__name__)
+MARKER = "<image>"
+_FROM = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_UNBOUNDED = 1 << 30  # tokenize whole conversations; length is checked after the image tokens are in
+
+
+@dataclasses.dataclass(frozen=True)
+class VlmRecord:
+    messages: list[dict]  # {"role": "system" | "user" | "assistant", "content": str with one MARKER per image}
+    images: tuple[Path, ...]  # resolved paths, in the order of the markers
+    where: str  # "train.json record 3" or "train.jsonl:4": for messages
+    file: str  # the data file, as given to read_vlm
+
+
+@dataclasses.dataclass(frozen=True)
+class VlmExamples:
+    """Tokenized examples (image tokens expanded) and the image files of each, in the order of their tokens."""
+
+    examples: Examples
+    images: list[tuple[Path, ...]]  # (E,) one tuple per example
+    skipped_images: int  # records skipped for an image that could not be used
+    skipped_too_long: int  # records longer than seq_len + 1 tokens once their images are expanded
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def read_vlm(path: str | Path) -> list[VlmRecord]:
+    """The records of a .json (array of objects) or .jsonl file, in order, validated (module docstring).
+    Raises DataError naming the file and record for malformed JSON, a missing or mistyped field, or markers
+    that disagree with the images."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".jsonl":
+        lines = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        objects = [(f"{path.name}:{n}", _loads(path, line, f":{n}")) for n, line in lines]
+    else:
+        data = _loads(path, text, "")
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+        objects = [(f"{path.name} record {i}", obj) for i, obj in enumerate(data)]
+    if not objects:
+        raise DataError(f"{path}: the data set is empty")
+    return [_record(obj, where, path) for where, obj in objects]
+
+
+def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens: int, *, system_prompt: str = "",
+                 chat_template: bool = True, max_pixels: int = MAX_PIXELS) -> VlmExamples:
+    """Checks every image (`jaxft.data.images.open_image`; records with a bad one are skipped and logged), then
+    tokenizes the rest with each marker expanded to `image_tokens` tokens (`image_token_count`). Examples longer
+    than seq_len + 1 tokens are skipped and counted (an image cannot be cut). Raises DataError when no record is
+    left, ValueError when MARKER is not one token of `tokenizer`."""
+    image_id = marker_id(tokenizer)
+    good, bad = [], 0
+    for r in records:
+        try:
+            for p in r.images:
+                open_image(p, max_pixels)
+            good.append(r)
+        except ImageError as e:
+            log.warning("skipped %s: %s", r.where, e)
+            bad += 1
+    if not good:
+        files = ", ".join(dict.fromkeys(r.file for r in records)) or "the data"
+        raise DataError(f"{files}: no record left: all {bad} record(s) have an image that cannot be used")
+    pieces = _tokenized(good, tokenizer, system_prompt, chat_template)
+    ids_out, loss_out, images, too_long = [], [], [], []
+    for r, (ids, loss) in zip(good, pieces):
+        at = ids == image_id
+        if int(at.sum()) != len(r.images):
+            raise DataError(f"{r.where}: the rendered conversation holds {int(at.sum())} image token(s) for "
+                            f"{len(r.images)} image(s) (does the system prompt or template hold {MARKER!r}?)")
+        repeat = np.where(at, image_tokens, 1)
+        ids, loss = np.repeat(ids, repeat), np.repeat(loss & ~at, repeat)
+        if len(ids) > seq_len + 1:
+            too_long.append(r.where)
+            continue
+        ids_out.append(ids.astype(np.int32))
+        loss_out.append(loss)
+        images.append(r.images)
+    if too_long:
+        log.warning("skipped %d record(s) longer than seq_len=%d with their image tokens, e.g. %s", len(too_long),
+                    seq_len, ", ".join(too_long[:5]))
+    if not ids_out:
+        files = ", ".join(dict.fromkeys(r.file for r in good))
+        raise DataError(f"{files}: no record left: all are longer than seq_len={seq_len} with their image tokens")
+    lengths = np.array([len(x) for x in ids_out], np.int64)
+    examples = Examples(ids=np.concatenate(ids_out), loss=np.concatenate(loss_out),
+                        starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                        skipped_too_long=len(too_long), skipped_empty=0)
+    return VlmExamples(examples, images, skipped_images=bad, skipped_too_long=len(too_long))
+
+
+def marker_id(tokenizer, marker: str = MARKER) -> int:
+    """The token id of the image marker; ValueError unless the tokenizer keeps it as one token."""
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer splits the image marker {marker!r} into {len(ids)} tokens; add it as one "
+                         f"(tokenizer.add_special_tokens({{'additional_special_tokens': [{marker!r}]}}))")
+    return ids[0]
+
+
+def _tokenized(records: list[VlmRecord], tokenizer, system_prompt: str, chat_template: bool):
+    """(ids, loss) per record, through formats.tokenize_records (batched); record by record where it dropped one
+    (a conversation with nothing to predict), so that the DataError names it."""
+    kw = dict(system_prompt=system_prompt, chat_template=chat_template)
+    as_records = [Record({"messages": r.messages}, r.where) for r in records]
+    ex = tokenize_records(as_records, "messages", tokenizer, _UNBOUNDED, **kw)
+    if len(ex) != len(records):
+        for r in as_records:
+            if len(tokenize_records([r], "messages", tokenizer, _UNBOUNDED, **kw)) == 0:
+                raise DataError(f"{r.where}: the conversation has no assistant token to train on")
+    return [(ex.ids[a:z], ex.loss[a:z]) for a, z in zip(ex.starts[:-1], ex.starts[1:])]
+
+
+def _loads(path: Path, text: str, at: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = f":{e.lineno}" if not at else at
+        raise DataError(f"{path}{line}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+def _record(obj, where: str, file: Path) -> VlmRecord:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj:
+        images, messages = _paths(obj, "image", where), _llava_messages(obj["conversations"], where)
+    elif "messages" in obj:
+        inline: list[str] = []
+        images, messages = _paths(obj, "images", where), _hf_messages(obj["messages"], where, inline)
+        if inline and images:
+            raise DataError(f"{where}: image paths both in field 'images' and in image parts; give one or the other")
+        images = images or inline
+    else:
+        raise DataError(f"{where}: expected field 'conversations' (LLaVA) or 'messages', the record has: "
+                        f"{', '.join(obj) or 'nothing'}")
+    markers = sum(m["content"].count(MARKER) for m in messages)
+    if markers == 0 and images:
+        first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if first is None:
+            raise DataError(f"{where}: {len(images)} image(s) but no user message to put them in")
+        m = messages[first]
+        messages[first] = dict(m, content=MARKER * len(images) + "\n" + m["content"])
+    elif markers != len(images):
+        raise DataError(f"{where}: {markers} {MARKER!r} marker(s) in the conversation but {len(images)} image(s)")
+    return VlmRecord(messages, tuple(file.parent / p for p in images), where, str(file))
+
+
+def _paths(obj: dict, field: str, where: str) -> list[str]:
+    value = obj.get(field)
+    value = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise DataError(f"{where}: field '{field}' must be an image path or a list of paths")
+    return value
+
+
+def _llava_messages(turns, where: str) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list of turns")
+    out = []
+    for k, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("from") not in _FROM or not isinstance(t.get("value"), str):
+            raise DataError(f"{where}: conversations[{k}] must be {{'from': human | gpt | system, 'value': text}}")
+        out.append({"role": _FROM[t["from"]], "content": t["value"]})
+    return out
+
+
+def _hf_messages(messages, where: str, inline: list[str]) -> list[dict]:
+    """Messages with string contents; the paths of image parts that name their file are appended to `inline`."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of messages")
+    out = []
+    for k, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or m.get("role") not in _FROM or not isinstance(content, (str, list)):
+            raise DataError(f"{where}: messages[{k}] must be {{'role': system | user | assistant, 'content': text "
+                            "or a list of parts}")
+        if isinstance(content, list):
+            content = _parts(content, f"{where}: messages[{k}]", inline)
+        out.append({"role": _FROM[m["role"]], "content": content})
+    return out
+
+
+def _parts(parts: list, where: str, inline: list[str]) -> str:
+    text = ""
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            text += MARKER
+            path = part.get("image", part.get("path"))
+            if path is not None:
+                if not isinstance(path, str) or not path:
+                    raise DataError(f"{where} content[{j}]: an image part's 'image' must be a file path")
+                inline.append(path)
+        elif kind == "text" and isinstance(part.get("text"), str):
+            text += part["text"]
+        else:
+            raise DataError(f"{where} content[{j}] must be {{'type': 'image'}} or {{'type': 'text', 'text': ...}}")
+    return text

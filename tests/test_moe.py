@@ -43,6 +43,9 @@ def _linear_from_hf(layer) -> dict:
     return {"w": jnp.asarray(layer.weight.detach().numpy().T)}
 
 
+_block = jax.jit(moe.moe_block, static_argnames=("top_k", "normalize", "capacity_factor", "lora_scale"))
+
+
 def _x(seed=1, b=2, t=7):
     return np.random.default_rng(seed).normal(size=(b, t, D)).astype(np.float32)
 
@@ -55,7 +58,7 @@ def test_mixtral_block_equals_transformers():
         want = block(torch.from_numpy(x)).numpy()
         want_logits = block.gate(torch.from_numpy(x).reshape(-1, D))[0].numpy()
     p = {"router": _linear_from_hf(block.gate), "experts": _experts_from_hf(block.experts)}
-    got, aux = moe.moe_block(jnp.asarray(x), p, top_k=K, normalize=True)
+    got, aux = _block(jnp.asarray(x), p, top_k=K, normalize=True)
     np.testing.assert_allclose(np.asarray(aux["router_logits"]).reshape(-1, E), want_logits, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
     assert int(aux["dropped"]) == 0
@@ -74,7 +77,7 @@ def test_qwen2_moe_block_with_shared_expert_equals_transformers(norm_topk_prob):
     p = {"router": _linear_from_hf(block.gate), "experts": _experts_from_hf(block.experts),
          "shared": {n: _linear_from_hf(getattr(s, n)) for n in ("gate_proj", "up_proj", "down_proj")},
          "shared_gate": _linear_from_hf(block.shared_expert_gate)}
-    got, aux = moe.moe_block(jnp.asarray(x), p, top_k=K, normalize=norm_topk_prob)
+    got, aux = _block(jnp.asarray(x), p, top_k=K, normalize=norm_topk_prob)
     np.testing.assert_allclose(np.asarray(aux["router_logits"]).reshape(-1, E), want_logits, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
@@ -157,9 +160,9 @@ def test_lora_on_experts_equals_materialized_deltas_with_gradients():
     factors = {n: (p["experts"][n]["lora_a"], p["experts"][n]["lora_b"]) for n in p["experts"]}
     grouped = lambda q: moe.moe_block(x, q, top_k=K, normalize=False, lora_scale=scale)[0]
     reference = lambda q: _all_experts_reference(x, q, K, False, scale)
-    np.testing.assert_allclose(np.asarray(grouped(p)), np.asarray(reference(p)), atol=1e-5, rtol=1e-5)
-    got = jax.grad(loss)(factors, grouped)
-    want = jax.grad(loss)(factors, reference)
+    outputs = jax.jit(lambda: (grouped(p), reference(p)))()
+    np.testing.assert_allclose(np.asarray(outputs[0]), np.asarray(outputs[1]), atol=1e-5, rtol=1e-5)
+    got, want = jax.jit(lambda f: (jax.grad(loss)(f, grouped), jax.grad(loss)(f, reference)))(factors)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert float(jnp.abs(w).max()) > 1e-3  # a gradient that is there to compare
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-5)
@@ -172,7 +175,7 @@ def test_capacity_factor_drops_what_it_says(factor):
     n = 18
     cap = moe.capacity(n, E, K, factor)
     assert cap == math.ceil(factor * n * K / E)
-    got, aux = moe.moe_block(x, p, top_k=K, normalize=True, capacity_factor=factor)
+    got, aux = _block(x, p, top_k=K, normalize=True, capacity_factor=factor)
     # Choice-major priority: every first choice, token by token, then every second choice.
     logits = np.asarray(x).reshape(n, D) @ np.asarray(p["router"]["w"])
     chosen = np.argsort(-logits, axis=-1)[:, :K]
@@ -184,7 +187,7 @@ def test_capacity_factor_drops_what_it_says(factor):
     assert int(aux["dropped"]) == int((keep == 0).sum())
     if factor == 0.5:
         assert int(aux["dropped"]) > 0
-    want = _all_experts_reference(x, p, K, True, keep=jnp.asarray(keep))
+    want = jax.jit(_all_experts_reference, static_argnums=(2, 3))(x, p, K, True, keep=jnp.asarray(keep))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
@@ -222,25 +225,26 @@ def test_nf4_experts_dequantized_inside_the_grouped_product():
     p = _random_block(12, d=32, f=64, r=4)
     x = jax.random.normal(jax.random.PRNGKey(13), (2, 5, 32))
     q = jax.tree.map(lambda a: a, p)
+    dequantized = jax.tree.map(lambda a: a, p)
     for name in ("gate_proj", "up_proj", "down_proj"):
         q["experts"][name]["w"] = quantize(np.asarray(p["experts"][name]["w"]), "nf4", block_size=16)
-    dequantized = jax.tree.map(lambda a: a, q)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        w = q["experts"][name]["w"]
-        assert w.shape == p["experts"][name]["w"].shape
-        dequantized["experts"][name]["w"] = as_dense(w, jnp.float32)
-    run = jax.jit(lambda params: moe.moe_block(x, params, top_k=K, normalize=True, lora_scale=0.5)[0])
-    np.testing.assert_allclose(np.asarray(run(q)), np.asarray(run(dequantized)), atol=1e-5)
-    assert float(jnp.abs(run(q) - run(p)).max()) > 1e-3  # the 4-bit weights are really in use
+        assert q["experts"][name]["w"].shape == p["experts"][name]["w"].shape  # (E, in, out), E leading
+        dequantized["experts"][name]["w"] = as_dense(q["experts"][name]["w"], jnp.float32)
+        assert float(jnp.abs(dequantized["experts"][name]["w"] - p["experts"][name]["w"]).max()) > 1e-3
 
-    def loss(a, params):
-        params = jax.tree.map(lambda v: v, params)
-        params["experts"]["down_proj"]["lora_a"] = a
-        return jnp.sum(moe.moe_block(x, params, top_k=K, normalize=True, lora_scale=0.5)[0] ** 2)
+    @jax.jit
+    def output_and_grad(a, params):  # the block's output and the gradient w.r.t. one LoRA factor
+        def loss(a):
+            inner = jax.tree.map(lambda v: v, params)
+            inner["experts"]["down_proj"]["lora_a"] = a
+            y = moe.moe_block(x, inner, top_k=K, normalize=True, lora_scale=0.5)[0]
+            return jnp.sum(y ** 2), y
+        return jax.grad(loss, has_aux=True)(a)
 
     a = p["experts"]["down_proj"]["lora_a"]
-    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(loss))(a, q)),
-                               np.asarray(jax.jit(jax.grad(loss))(a, dequantized)), atol=1e-4, rtol=1e-5)
+    got, want = output_and_grad(a, q), output_and_grad(a, dequantized)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-4, rtol=1e-5)
 
 
 def test_upcycled_block_equals_the_dense_mlp():
@@ -253,12 +257,15 @@ def test_upcycled_block_equals_the_dense_mlp():
     stacked = moe.upcycle(mlp, n_experts=8)
     assert stacked["experts"]["down_proj"]["w"].shape == (layers, 8, F, D)
     noisy = moe.upcycle(mlp, n_experts=8, router_std=0.5, key=keys[3])
+
+    @jax.jit
+    def both(one, m):
+        want = (jax.nn.silu(x @ m["gate_proj"]["w"]) * (x @ m["up_proj"]["w"])) @ m["down_proj"]["w"]
+        return moe.moe_block(x, one, top_k=2, normalize=True)[0], want
+
     for params in (stacked, noisy):
         for layer in range(layers):
-            one = jax.tree.map(lambda a: a[layer], params)
-            m = {n: v["w"][layer] for n, v in mlp.items()}
-            want = (jax.nn.silu(x @ m["gate_proj"]) * (x @ m["up_proj"])) @ m["down_proj"]
-            got, _ = moe.moe_block(x, one, top_k=2, normalize=True)
+            got, want = both(*jax.tree.map(lambda a: a[layer], (params, mlp)))
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 

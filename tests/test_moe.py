@@ -3,6 +3,7 @@ Qwen2-MoE blocks and load_balancing_loss_func, and against plain all-experts imp
 FLOPs, quantized experts, upcycling). Tiny random models, float32."""
 
 import math
+from functools import partial
 
 import jax
 import jax.extend
@@ -16,6 +17,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 from transformers.models.switch_transformers.modeling_switch_transformers import router_z_loss_func
 
 from jaxft.models import moe
+from jaxft.models.grouped import grouped_matmul
 from jaxft.models.moe_losses import expert_share, load_balancing_loss, router_z_loss
 from jaxft.quant import as_dense, quantize
 
@@ -43,14 +45,16 @@ def _linear_from_hf(layer) -> dict:
     return {"w": jnp.asarray(layer.weight.detach().numpy().T)}
 
 
-_block = jax.jit(moe.moe_block, static_argnames=("top_k", "normalize", "capacity_factor", "lora_scale"))
+_block = jax.jit(moe.moe_block, static_argnames=("top_k", "normalize", "capacity_factor", "lora_scale",
+                                                   "grouped"))
 
 
 def _x(seed=1, b=2, t=7):
     return np.random.default_rng(seed).normal(size=(b, t, D)).astype(np.float32)
 
 
-def test_mixtral_block_equals_transformers():
+@pytest.mark.parametrize("grouped", ["tiled", "ragged_dot"])
+def test_mixtral_block_equals_transformers(grouped):
     cfg = transformers.MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K)
     block = _randomized(MixtralSparseMoeBlock(cfg))
     x = _x()
@@ -58,7 +62,7 @@ def test_mixtral_block_equals_transformers():
         want = block(torch.from_numpy(x)).numpy()
         want_logits = block.gate(torch.from_numpy(x).reshape(-1, D))[0].numpy()
     p = {"router": _linear_from_hf(block.gate), "experts": _experts_from_hf(block.experts)}
-    got, aux = _block(jnp.asarray(x), p, top_k=K, normalize=True)
+    got, aux = _block(jnp.asarray(x), p, top_k=K, normalize=True, grouped=grouped)
     np.testing.assert_allclose(np.asarray(aux["router_logits"]).reshape(-1, E), want_logits, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
     assert int(aux["dropped"]) == 0
@@ -144,7 +148,8 @@ def _all_experts_reference(x, p, top_k, normalize, scale=1.0, keep=None):
     return jnp.einsum("ne,end->nd", combine, out).reshape(x.shape)
 
 
-def test_lora_on_experts_equals_materialized_deltas_with_gradients():
+@pytest.mark.parametrize("grouped", ["tiled", "ragged_dot"])
+def test_lora_on_experts_equals_materialized_deltas_with_gradients(grouped):
     r = 4
     p = _random_block(5, r=r)
     x = jnp.asarray(_x(seed=6))
@@ -158,11 +163,11 @@ def test_lora_on_experts_equals_materialized_deltas_with_gradients():
         return jnp.sum(fn(q) * cotangent)
 
     factors = {n: (p["experts"][n]["lora_a"], p["experts"][n]["lora_b"]) for n in p["experts"]}
-    grouped = lambda q: moe.moe_block(x, q, top_k=K, normalize=False, lora_scale=scale)[0]
+    block = lambda q: moe.moe_block(x, q, top_k=K, normalize=False, lora_scale=scale, grouped=grouped)[0]
     reference = lambda q: _all_experts_reference(x, q, K, False, scale)
-    outputs = jax.jit(lambda: (grouped(p), reference(p)))()
+    outputs = jax.jit(lambda: (block(p), reference(p)))()
     np.testing.assert_allclose(np.asarray(outputs[0]), np.asarray(outputs[1]), atol=1e-5, rtol=1e-5)
-    got, want = jax.jit(lambda f: (jax.grad(loss)(f, grouped), jax.grad(loss)(f, reference)))(factors)
+    got, want = jax.jit(lambda f: (jax.grad(loss)(f, block), jax.grad(loss)(f, reference)))(factors)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert float(jnp.abs(w).max()) > 1e-3  # a gradient that is there to compare
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-5)
@@ -192,8 +197,9 @@ def test_capacity_factor_drops_what_it_says(factor):
 
 
 def _matmul_flops(jaxpr) -> int:
-    """2 x multiply-adds of every dot_general and ragged_dot_general in a jaxpr (sub-jaxprs included), counted
-    from the operands' shapes: a ragged product multiplies each row by one group's weight."""
+    """2 x multiply-adds of every dot_general and ragged_dot_general in a jaxpr (sub-jaxprs included, a scan's
+    body times its length), counted from the operands' shapes: a ragged product multiplies each row by one
+    group's weight."""
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -205,7 +211,7 @@ def _matmul_flops(jaxpr) -> int:
             (m, kd), n_out = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape[-1]
             total += 2 * m * kd * n_out
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            total += _matmul_flops(sub)
+            total += _matmul_flops(sub) * (eqn.params["length"] if name == "scan" else 1)
     return total
 
 
@@ -213,12 +219,43 @@ def test_grouped_flops_are_top_k_over_experts_of_dense():
     e, k, f = 8, 2, 32
     p = _random_block(10, f=f, e=e)
     x = jnp.asarray(_x(seed=11, b=4, t=8))
-    grouped = _matmul_flops(jax.make_jaxpr(lambda x: moe.moe_block(x, p, top_k=k, normalize=True)[0])(x).jaxpr)
-    dense = _matmul_flops(jax.make_jaxpr(lambda x: _all_experts_reference(x, p, k, True))(x).jaxpr)
-    n = 32
-    # the router, the three grouped products and the weighted sum of each token's k outputs
-    assert grouped == 2 * n * D * e + 3 * 2 * n * k * D * f + 2 * n * k * D
-    assert grouped <= 1.2 * (k / e) * dense
+    n, m = 32, 64
+    flops = lambda fn: _matmul_flops(jax.make_jaxpr(fn)(x).jaxpr)
+    dense = flops(lambda x: _all_experts_reference(x, p, k, True))
+    ragged = flops(lambda x: moe.moe_block(x, p, top_k=k, normalize=True, grouped="ragged_dot")[0])
+    router, combine = 2 * n * D * e, 2 * m * D
+    assert ragged == router + 3 * 2 * m * D * f + combine  # each routed row through one expert's three matrices
+    assert ragged <= 1.2 * (k / e) * dense
+    # Tiled: ceil(m / 64) + e - 1 tiles of 64 rows (the docstring's bound; it pays off where m >> 64 * e).
+    tiled = flops(lambda x: moe.moe_block(x, p, top_k=k, normalize=True, grouped="tiled")[0])
+    assert tiled == router + 3 * 2 * (1 + e - 1) * 64 * D * f + combine
+
+
+def test_tiled_grouped_matmul_equals_ragged_dot():
+    m, i, o = 45, 16, 12
+    keys = jax.random.split(jax.random.PRNGKey(16), 3)
+    x, w = jax.random.normal(keys[0], (m, i)), jax.random.normal(keys[1], (5, i, o))
+    sizes = jnp.array([10, 0, 17, 3, 9], jnp.int32)  # an empty group; the last 6 rows in none
+    cotangent = jax.random.normal(keys[2], (m, o))
+    q = quantize(np.asarray(w), "nf4", block_size=8)
+
+    @partial(jax.jit, static_argnums=(2,))
+    def value_and_grads(x, w, impl):
+        fn = lambda x, w: jnp.sum(grouped_matmul(x, w, sizes, impl, block=8) * cotangent)
+        return grouped_matmul(x, w, sizes, impl, block=8), jax.grad(fn, argnums=(0, 1))(x, w)
+
+    want, got = value_and_grads(x, w, "ragged_dot"), value_and_grads(x, w, "tiled")
+    assert float(jnp.abs(got[0][39:]).max()) == 0.0 and float(jnp.abs(want[1][1]).max()) > 1.0
+    for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(v), atol=2e-5, rtol=1e-5)
+    # A quantized weight, one expert dequantized per tile: equal to the product with the dequantized weight.
+    tiled_q = jax.jit(lambda x: jax.grad(lambda x: jnp.sum(grouped_matmul(x, q, sizes, "tiled", 8) * cotangent))(x))
+    dense_q = value_and_grads(x, as_dense(q, jnp.float32), "ragged_dot")
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: grouped_matmul(x, q, sizes, "tiled", 8))(x)),
+                               np.asarray(dense_q[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(tiled_q(x)), np.asarray(dense_q[1][0]), atol=1e-5)
+    with pytest.raises(ValueError, match="grouped matmul implementation 'megablox'"):
+        grouped_matmul(x, w, sizes, "megablox")
 
 
 def test_nf4_experts_dequantized_inside_the_grouped_product():

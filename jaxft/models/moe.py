@@ -22,8 +22,9 @@ Cost of one block, forward, tokens N, width D, expert width F, LoRA rank R (a mu
 Memory: weights 3 E D F (4-bit with QLoRA: ~0.5 byte each; dequantized one matrix at a time, E D F in the compute
 dtype, and again in the backward pass instead of being kept); activations kept for the backward pass about
 M (2 D + 3 F) (sorted inputs, gate, up, their product, outputs), LoRA adds 3 M R; router logits N E.
-`jax.lax.ragged_dot` is a grouped GEMM on GPU and TPU. XLA:CPU has no grouped kernel: JAX lowers it there as a
-dense product over a masked (E, M, ...) copy of the input, which costs E times the FLOPs above (correct, slower).
+The grouped products are `jaxft.models.grouped.grouped_matmul`: `jax.lax.ragged_dot` (XLA's grouped GEMM on GPU
+and TPU; on CPU JAX lowers it to E times the FLOPs above) or, by default on CPU, a scan over row tiles
+(at most (1 + (E - 1) * 64 / M) times the FLOPs above).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxft.models.grouped import grouped_matmul, impl_for
 from jaxft.quant import as_dense
 
 
@@ -87,50 +89,53 @@ def dispatch(experts, n_experts: int, capacity_rows: int | None = None):
     return order[:min(m, n_experts * capacity_rows)], group_sizes, m - jnp.sum(group_sizes)
 
 
-def grouped_linear(x, p: dict, group_sizes, lora_scale: float = 1.0):
+def grouped_linear(x, p: dict, group_sizes, lora_scale: float = 1.0, impl: str = "ragged_dot"):
     """x (M, in), rows sorted by expert (group_sizes (E,)) -> (M, out) float32: row m times its expert's weight.
 
     p["w"] (E, in, out), dense or quantized; with p["lora_a"] (E, in, R) and p["lora_b"] (E, R, out) adds
     lora_scale * (x @ A_e) @ B_e, both as grouped products of rank R (the caller's scale: alpha / r, or
-    alpha / sqrt(r) for rsLoRA). Rows past sum(group_sizes) give zeros.
+    alpha / sqrt(r) for rsLoRA). Rows past sum(group_sizes) give zeros. `impl`: see `jaxft.models.grouped`.
     """
-    if hasattr(p["w"], "dequantize"):
-        return _grouped_quantized(x, p, group_sizes, lora_scale)
-    return _grouped(x, p, group_sizes, lora_scale)
+    if hasattr(p["w"], "dequantize") and impl == "ragged_dot":
+        return _grouped_quantized(x, p, group_sizes, lora_scale, impl)
+    return _grouped(x, p, group_sizes, lora_scale, impl)
 
 
-def _grouped(x, p, group_sizes, lora_scale):
+def _grouped(x, p, group_sizes, lora_scale, impl):
     dtype = x.dtype
-    y = jax.lax.ragged_dot(x, as_dense(p["w"], dtype), group_sizes, preferred_element_type=jnp.float32)
+    y = grouped_matmul(x, p["w"], group_sizes, impl)
     if "lora_a" in p:
-        h = jax.lax.ragged_dot(x, p["lora_a"].astype(dtype), group_sizes, preferred_element_type=jnp.float32)
-        y = y + lora_scale * jax.lax.ragged_dot(h.astype(dtype), p["lora_b"].astype(dtype), group_sizes,
-                                                preferred_element_type=jnp.float32)
+        h = grouped_matmul(x, p["lora_a"].astype(dtype), group_sizes, impl)
+        y = y + lora_scale * grouped_matmul(h.astype(dtype), p["lora_b"].astype(dtype), group_sizes, impl)
     return y
 
 
 # Rematerialized, as `jaxft.models.layers.dense` does for a quantized weight: the backward pass dequantizes the
-# (E, in, out) weight again instead of keeping its dense copy between the passes.
-_grouped_quantized = jax.checkpoint(_grouped, static_argnums=(3,))
+# (E, in, out) weight again instead of keeping its dense copy between the passes. (The tiled product
+# dequantizes one expert at a time in both passes by itself.)
+_grouped_quantized = jax.checkpoint(_grouped, static_argnums=(3, 4))
 
 
-def experts_mlp(x, p: dict, group_sizes, lora_scale: float = 1.0, act: Callable = jax.nn.silu):
+def experts_mlp(x, p: dict, group_sizes, lora_scale: float = 1.0, act: Callable = jax.nn.silu,
+                impl: str = "ragged_dot"):
     """The gated MLP of each row's expert: x (M, D) sorted by expert -> (M, D) float32.
     p: gate_proj, up_proj (E, D, F), down_proj (E, F, D) as `grouped_linear` takes them."""
-    gate = grouped_linear(x, p["gate_proj"], group_sizes, lora_scale)
-    up = grouped_linear(x, p["up_proj"], group_sizes, lora_scale)
+    gate = grouped_linear(x, p["gate_proj"], group_sizes, lora_scale, impl)
+    up = grouped_linear(x, p["up_proj"], group_sizes, lora_scale, impl)
     h = (act(gate) * up).astype(x.dtype)
-    return grouped_linear(h, p["down_proj"], group_sizes, lora_scale)
+    return grouped_linear(h, p["down_proj"], group_sizes, lora_scale, impl)
 
 
 def moe_block(x, p: dict, *, top_k: int, normalize: bool, capacity_factor: float | None = None,
-              lora_scale: float = 1.0, act: Callable = jax.nn.silu, dense: Callable = linear):
+              lora_scale: float = 1.0, act: Callable = jax.nn.silu, dense: Callable = linear,
+              grouped: str | None = None):
     """The sparse MoE MLP: x (B, T, D) -> (y (B, T, D), aux).
 
     Each token goes to its top-k experts (`route`); their outputs are summed with the routing weights. Dropless
     unless `capacity_factor` is set (then each expert takes `capacity(...)` rows and the rest contribute
     nothing). With p["shared"], adds the shared expert, gated by sigmoid(x @ shared_gate) when that is present
     (Qwen2-MoE). `dense(x, p)` computes the router and the shared expert (the model's adapter-aware linear).
+    `grouped` names the grouped-matmul implementation (`jaxft.models.grouped`); None: the default backend's.
     aux: router_logits (B, T, E) float32, for the losses of `jaxft.models.moe_losses`; dropped () int32.
     """
     b, t, d = x.shape
@@ -141,7 +146,8 @@ def moe_block(x, p: dict, *, top_k: int, normalize: bool, capacity_factor: float
     weights, experts = route(logits, top_k, normalize)
     cap = None if capacity_factor is None else capacity(n, n_experts, top_k, capacity_factor)
     rows, group_sizes, dropped = dispatch(experts, n_experts, cap)
-    out = experts_mlp(flat[rows % n], p["experts"], group_sizes, lora_scale, act)  # (M', D)
+    impl = grouped or impl_for(jax.default_backend())
+    out = experts_mlp(flat[rows % n], p["experts"], group_sizes, lora_scale, act, impl)  # (M', D)
 
     # Back to assignment order by a gather through the inverse permutation (its gradient is a gather too).
     m = n * top_k

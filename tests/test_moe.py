@@ -180,7 +180,7 @@ def test_capacity_factor_drops_what_it_says(factor):
     n = 18
     cap = moe.capacity(n, E, K, factor)
     assert cap == math.ceil(factor * n * K / E)
-    got, aux = _block(x, p, top_k=K, normalize=True, capacity_factor=factor)
+    got, aux = _block(x, p, top_k=K, normalize=True, capacity_factor=factor, grouped="ragged_dot")
     # Choice-major priority: every first choice, token by token, then every second choice.
     logits = np.asarray(x).reshape(n, D) @ np.asarray(p["router"]["w"])
     chosen = np.argsort(-logits, axis=-1)[:, :K]
@@ -269,17 +269,17 @@ def test_nf4_experts_dequantized_inside_the_grouped_product():
         dequantized["experts"][name]["w"] = as_dense(q["experts"][name]["w"], jnp.float32)
         assert float(jnp.abs(dequantized["experts"][name]["w"] - p["experts"][name]["w"]).max()) > 1e-3
 
-    @jax.jit
-    def output_and_grad(a, params):  # the block's output and the gradient w.r.t. one LoRA factor
+    @partial(jax.jit, static_argnums=(2,))
+    def output_and_grad(a, params, grouped):  # the block's output and the gradient w.r.t. one LoRA factor
         def loss(a):
             inner = jax.tree.map(lambda v: v, params)
             inner["experts"]["down_proj"]["lora_a"] = a
-            y = moe.moe_block(x, inner, top_k=K, normalize=True, lora_scale=0.5)[0]
+            y = moe.moe_block(x, inner, top_k=K, normalize=True, lora_scale=0.5, grouped=grouped)[0]
             return jnp.sum(y ** 2), y
         return jax.grad(loss, has_aux=True)(a)
 
     a = p["experts"]["down_proj"]["lora_a"]
-    got, want = output_and_grad(a, q), output_and_grad(a, dequantized)
+    got, want = output_and_grad(a, q, "tiled"), output_and_grad(a, dequantized, "ragged_dot")
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-4, rtol=1e-5)
 
@@ -298,7 +298,7 @@ def test_upcycled_block_equals_the_dense_mlp():
     @jax.jit
     def both(one, m):
         want = (jax.nn.silu(x @ m["gate_proj"]["w"]) * (x @ m["up_proj"]["w"])) @ m["down_proj"]["w"]
-        return moe.moe_block(x, one, top_k=2, normalize=True)[0], want
+        return moe.moe_block(x, one, top_k=2, normalize=True, grouped="ragged_dot")[0], want
 
     for params in (stacked, noisy):
         for layer in range(layers):

@@ -18,10 +18,13 @@ Cost of one block, forward, tokens N, width D, expert width F, LoRA rank R (a mu
   LoRA on the experts    3 x 2 M R (D + F) = 6 N k R (D + F)      (never an (E, D, F) delta: 0 extra weight bytes)
   shared expert          6 N D Fs
   sort / gather          O(M log M) integer work; moving M*D inputs in and M*D outputs back
-  backward               about 2x the forward matmuls (the weights' gradient is a ragged product per expert)
-Memory: weights 3 E D F (4-bit with QLoRA: ~0.5 byte each; dequantized one matrix at a time, E D F in the compute
-dtype, and again in the backward pass instead of being kept); activations kept for the backward pass about
-M (2 D + 3 F) (sorted inputs, gate, up, their product, outputs), LoRA adds 3 M R; router logits N E.
+  backward               the inputs' gradient: the same grouped products against the transposed weights (1x);
+                         the weights' gradient (another 1x) only where trained: with LoRA on a frozen base, only
+                         the rank-R factors' (XLA drops the unused one)
+Memory: weights 3 E D F (NF4 / int4: about 0.53 byte each with double quantization), dequantized inside the
+product (ragged_dot: one (E, D, F) matrix at a time, recomputed in the backward pass rather than kept; tiled:
+one expert's (D, F) per tile); activations kept for the backward pass about M (2 D + 3 F) values (sorted inputs,
+gate, up, their product, outputs), LoRA adds 3 M R; router logits N E. Nothing of size N E D or N E F.
 The grouped products are `jaxft.models.grouped.grouped_matmul`: `jax.lax.ragged_dot` (XLA's grouped GEMM on GPU
 and TPU; on CPU JAX lowers it to E times the FLOPs above) or, by default on CPU, a scan over row tiles
 (at most (1 + (E - 1) * 64 / M) times the FLOPs above).

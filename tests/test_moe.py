@@ -68,6 +68,25 @@ def test_mixtral_block_equals_transformers(grouped):
     assert int(aux["dropped"]) == 0
 
 
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+def test_olmoe_and_qwen3_moe_blocks_equal_transformers(family):
+    if family == "olmoe":  # norm_topk_prob False by default
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as Block
+        cfg = transformers.OlmoeConfig(hidden_size=D, intermediate_size=F, num_experts=E, num_experts_per_tok=K)
+        assert not cfg.norm_topk_prob
+    else:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
+        cfg = transformers.Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=F, num_experts=E,
+                                          num_experts_per_tok=K, norm_topk_prob=True)
+    block = _randomized(Block(cfg), seed=17)
+    x = _x(seed=18)
+    with torch.no_grad():
+        want = block(torch.from_numpy(x)).numpy()
+    p = {"router": _linear_from_hf(block.gate), "experts": _experts_from_hf(block.experts)}
+    got, _ = _block(jnp.asarray(x), p, top_k=K, normalize=cfg.norm_topk_prob)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 def test_qwen2_moe_block_with_shared_expert_equals_transformers(norm_topk_prob):
     cfg = transformers.Qwen2MoeConfig(hidden_size=D, moe_intermediate_size=F, shared_expert_intermediate_size=20,
@@ -156,18 +175,20 @@ def test_lora_on_experts_equals_materialized_deltas_with_gradients(grouped):
     scale = 8.0 / math.sqrt(r)  # rsLoRA's alpha / sqrt(r), the caller's choice
     cotangent = jax.random.normal(jax.random.PRNGKey(7), x.shape)
 
-    def loss(factors, fn):
+    def loss(trained, fn):  # LoRA factors, a trainable router, and the block's input
         q = jax.tree.map(lambda a: a, p)
-        for name, (a, b) in factors.items():
+        for name, (a, b) in trained["lora"].items():
             q["experts"][name].update(lora_a=a, lora_b=b)
-        return jnp.sum(fn(q) * cotangent)
+        q["router"]["w"] = trained["router"]
+        return jnp.sum(fn(q, trained["x"]) * cotangent)
 
-    factors = {n: (p["experts"][n]["lora_a"], p["experts"][n]["lora_b"]) for n in p["experts"]}
-    block = lambda q: moe.moe_block(x, q, top_k=K, normalize=False, lora_scale=scale, grouped=grouped)[0]
-    reference = lambda q: _all_experts_reference(x, q, K, False, scale)
-    outputs = jax.jit(lambda: (block(p), reference(p)))()
+    trained = {"lora": {n: (p["experts"][n]["lora_a"], p["experts"][n]["lora_b"]) for n in p["experts"]},
+               "router": p["router"]["w"], "x": x}
+    block = lambda q, x: moe.moe_block(x, q, top_k=K, normalize=False, lora_scale=scale, grouped=grouped)[0]
+    reference = lambda q, x: _all_experts_reference(x, q, K, False, scale)
+    outputs = jax.jit(lambda: (block(p, x), reference(p, x)))()
     np.testing.assert_allclose(np.asarray(outputs[0]), np.asarray(outputs[1]), atol=1e-5, rtol=1e-5)
-    got, want = jax.jit(lambda f: (jax.grad(loss)(f, block), jax.grad(loss)(f, reference)))(factors)
+    got, want = jax.jit(lambda t: (jax.grad(loss)(t, block), jax.grad(loss)(t, reference)))(trained)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert float(jnp.abs(w).max()) > 1e-3  # a gradient that is there to compare
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-5)

@@ -247,6 +247,13 @@ def test_grouped_flops_are_top_k_over_experts_of_dense():
     router, combine = 2 * n * D * e, 2 * m * D
     assert ragged == router + 3 * 2 * m * D * f + combine  # each routed row through one expert's three matrices
     assert ragged <= 1.2 * (k / e) * dense
+    assert moe.block_flops(n, D, f, e, k) == {"grouped": ragged, "all_experts": dense}
+    full = _random_block(10, f=f, e=e, r=4)  # + LoRA on the experts and a gated shared expert of width 20
+    full["shared"] = {"gate_proj": {"w": jnp.ones((D, 20))}, "up_proj": {"w": jnp.ones((D, 20))},
+                      "down_proj": {"w": jnp.ones((20, D))}}
+    full["shared_gate"] = {"w": jnp.ones((D, 1))}
+    counted = flops(lambda x: moe.moe_block(x, full, top_k=k, normalize=True, grouped="ragged_dot")[0])
+    assert counted == moe.block_flops(n, D, f, e, k, rank=4, shared_dim=20)["grouped"]
     # Tiled: ceil(m / 64) + e - 1 tiles of 64 rows (the docstring's bound; it pays off where m >> 64 * e).
     tiled = flops(lambda x: moe.moe_block(x, p, top_k=k, normalize=True, grouped="tiled")[0])
     assert tiled == router + 3 * 2 * (1 + e - 1) * 64 * D * f + combine
@@ -335,6 +342,10 @@ def test_bad_input_one_line_errors():
     bad = jax.tree.map(lambda a: a, p)
     bad["experts"]["up_proj"]["w"] = bad["experts"]["up_proj"]["w"][:4]
     with pytest.raises(ValueError, match="experts/up_proj/w has 4 experts but router/w routes to 6"):
+        moe.moe_block(x, bad, top_k=2, normalize=True)
+    bad = _random_block(15, r=2)
+    bad["experts"]["down_proj"]["lora_b"] = bad["experts"]["down_proj"]["lora_b"][:5]
+    with pytest.raises(ValueError, match="experts/down_proj/lora_b has 5 experts"):
         moe.moe_block(x, bad, top_k=2, normalize=True)
     with pytest.raises(ValueError, match=r"attention mask of shape \(2, 3\)"):
         load_balancing_loss(jnp.zeros((1, 2, 7, E)), K, jnp.ones((2, 3)))

@@ -168,13 +168,28 @@ def moe_block(x, p: dict, *, top_k: int, normalize: bool, capacity_factor: float
     return y.astype(x.dtype).reshape(b, t, d), {"router_logits": logits.reshape(b, t, n_experts), "dropped": dropped}
 
 
+def block_flops(n_tokens: int, dim: int, mlp_dim: int, n_experts: int, top_k: int, rank: int = 0,
+                shared_dim: int = 0) -> dict:
+    """Forward matmul FLOPs of one block (the module docstring's count): `grouped`, as `moe_block` computes it
+    (with ragged_dot; the tiled product adds its edge tiles), and `all_experts`, every expert on every token."""
+    router = 2 * n_tokens * dim * n_experts
+    shared = 6 * n_tokens * dim * shared_dim + (2 * n_tokens * dim if shared_dim else 0)
+    combine = 2 * n_tokens * top_k * dim
+    per_row = 6 * dim * mlp_dim + 6 * rank * (dim + mlp_dim)
+    return {"grouped": router + n_tokens * top_k * per_row + combine + shared,
+            # + a dense (N, E) combine matrix from the top-k (GShard's one-hot einsum) and the sum it weights
+            "all_experts": router + n_tokens * n_experts * per_row + 2 * n_tokens * n_experts * (top_k + dim)
+            + shared}
+
+
 def _check(p: dict, top_k: int) -> int:
     """The expert count E, after a one-line ValueError for a router and experts that disagree or a bad top-k."""
     n_experts = p["router"]["w"].shape[-1]
     for name in ("gate_proj", "up_proj", "down_proj"):
-        got = p["experts"][name]["w"].shape[0]
-        if got != n_experts:
-            raise ValueError(f"experts/{name}/w has {got} experts but router/w routes to {n_experts}")
+        for leaf in ("w", "lora_a", "lora_b"):
+            if leaf in p["experts"][name] and p["experts"][name][leaf].shape[0] != n_experts:
+                raise ValueError(f"experts/{name}/{leaf} has {p['experts'][name][leaf].shape[0]} experts but "
+                                 f"router/w routes to {n_experts}")
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k={top_k}: expected 1 <= top_k <= the {n_experts} experts")
     return n_experts

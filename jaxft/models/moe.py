@@ -152,7 +152,7 @@ def moe_block(x, p: dict, *, top_k: int, normalize: bool, capacity_factor: float
     impl = grouped or impl_for(jax.default_backend())
     out = experts_mlp(flat[rows % n], p["experts"], group_sizes, lora_scale, act, impl)  # (M', D)
 
-    # Back to assignment order by a gather through the inverse permutation (its gradient is a gather too).
+    # Back to assignment order: a gather through the inverse permutation (dropped assignments give zeros).
     m = n * top_k
     inverse = jnp.zeros((m,), jnp.int32).at[rows].set(jnp.arange(rows.shape[0], dtype=jnp.int32),
                                                       mode="drop", unique_indices=True)
@@ -199,10 +199,11 @@ def upcycle(mlp: dict, n_experts: int, router_std: float = 0.0, key=None) -> dic
     """Sparse upcycling (Komatsuzaki et al. 2022): a dense gated MLP {gate,up,down}_proj/w ((..., D, F),
     (..., F, D), leading axes such as L kept) -> MoE block params with E copies of it as the experts.
 
-    The router is zero by default: every expert equally likely, top-k picks k of them with weights 1/E, which
-    renormalization (`normalize=True`, Mixtral's routing) makes 1/k; k identical outputs then sum to the
-    dense MLP's output exactly. `router_std` > 0 draws it from a normal (symmetry broken, outputs still equal
-    as long as the experts are identical and routing is renormalized).
+    With identical experts and renormalized top-k weights (`normalize=True`, Mixtral's routing) the block's
+    output is the dense MLP's whatever the router: the k weights sum to one. `router_std` > 0 draws the router
+    from a normal (key needed), as Komatsuzaki et al. do; use that to train. The default zero router sends
+    every token to experts 0..k-1 (top-k breaks the ties by index), and no router starts with a gradient: while
+    the chosen experts are identical, the renormalized weights do not change the output.
     """
     w = {name: _weight(mlp[name]["w"]) for name in ("gate_proj", "up_proj", "down_proj")}
     lead, d = w["gate_proj"].shape[:-2], w["gate_proj"].shape[-2]

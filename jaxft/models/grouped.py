@@ -6,8 +6,7 @@
 
 Two implementations behind one seam, chosen by backend (`impl_for`):
   ragged_dot  `jax.lax.ragged_dot`: XLA's grouped GEMM on GPU and TPU. On CPU, JAX lowers it to a dense product
-              over a masked (G, M, in) copy of x: G times the FLOPs (measured 7.6x the time of one (M, in) x
-              (in, out) product for G = 8, D 576, F 1536, M 2048).
+              over a masked (G, M, in) copy of x: G times the FLOPs (bench/moe_grouped.py has the times).
   tiled       a `lax.scan` over tiles (a block of `block` consecutive rows, one group present in it); each tile
               is one (block, in) x (in, out) product with the rows of other groups masked. Tiles: at most
               ceil(M / block) + G - 1, so (1 + (G - 1) * block / M) times the FLOPs of the grouped product.
@@ -27,7 +26,7 @@ import numpy as np
 from jaxft.quant import as_dense
 
 IMPLS = ("ragged_dot", "tiled")
-BLOCK = 64  # rows per tile: an efficient CPU matmul (64 and 128 measured alike), little waste at group edges
+BLOCK = 64  # rows per tile: enough for an efficient CPU matmul, little waste at group edges
 
 
 def impl_for(backend: str) -> str:

@@ -116,7 +116,7 @@ def _grouped(x, p, group_sizes, lora_scale, impl):
 # Rematerialized, as `jaxft.models.layers.dense` does for a quantized weight: the backward pass dequantizes the
 # (E, in, out) weight again instead of keeping its dense copy between the passes. (The tiled product
 # dequantizes one expert at a time in both passes by itself.)
-_grouped_quantized = jax.checkpoint(_grouped, static_argnums=(3, 4))
+_grouped_quantized = jax.checkpoint(_grouped, static_argnums=(4,))
 
 
 def experts_mlp(x, p: dict, group_sizes, lora_scale: float = 1.0, act: Callable = jax.nn.silu,

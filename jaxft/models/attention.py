@@ -88,7 +88,8 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
         ("a traced window", not static_window),
         ("shared soft-prompt segments", segments and segment_kind == "shared"),
         ("padding-only segment ids", impl == "cudnn" and segments and segment_kind == "padding"),
-        ("a window without causality", static_window and not causal and window > 0)) if present]
+        ("a window without causality", impl == "cudnn" and static_window and not causal and window > 0))
+        if present]
     if impl == "cudnn" and segments and segment_kind == "packed":
         raise AttentionError("attention.impl=cudnn cannot keep packed examples apart (segment ids); use "
                              "attention.impl=chunked or splash")

@@ -1,7 +1,8 @@
 """Blockwise attention in pure JAX (FlashAttention-2's algorithm, written with `lax.map` and `lax.scan`).
 
 The forward pass walks over query blocks and, inside each, over key blocks with an online softmax; it keeps
-only the output and the per-row log-sum-exp. The backward pass (a custom VJP) recomputes each block's scores
+only the output and the per-row log-sum-exp. Under causality, a block whose keys all come after its queries'
+slots is skipped (`lax.cond`), which halves the work of causal self-attention. The backward pass (a custom VJP) recomputes each block's scores
 twice, once per query block for dq (and the bias gradient) and once per key block for dk and dv. No array
 holds more than (B, N, block_q, block_k) scores, so memory grows with T x block, not T x S.
 
@@ -49,6 +50,18 @@ def _bias_block(bias, i, bq, j, bk):
     return None if bias is None else _slice(_slice(bias, i * bq, bq, 3), j * bk, bk, 4)
 
 
+def _skip(causal, q_slots, k_slots, j, bk, update, carry, x):
+    """update(carry, x) -> (carry, y), or (carry, zeros like y) where causality hides key block j (of the
+    (B, S) k_slots) from every query slot of q_slots (B, bq): its first key comes after the last query in every
+    row. A skipped block would add exactly nothing to a row that sees some key, as every key a row sees sits at
+    or before its own slot: the block's scores are NEG_INF below a maximum that key sets."""
+    if not causal:
+        return update(carry, x)
+    hidden = jnp.all(_slice(k_slots, j * bk, bk, 1).min(1) > q_slots.max(1))
+    nothing = lambda c: (c, jax.tree.map(jnp.zeros_like, jax.eval_shape(update, c, x)[1]))
+    return jax.lax.cond(hidden, nothing, lambda c: update(c, x), carry)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _flash(q, k, v, bias, q_meta, k_meta, window, causal, scale, bq, bk):
     return _forward(q, k, v, bias, q_meta, k_meta, window, causal, scale, bq, bk)[0]
@@ -62,7 +75,7 @@ def _forward(q, k, v, bias, q_meta, k_meta, window, causal, scale, bq, bk):
         qb = _slice(q, i * bq, bq, 1)
         qm = tuple(_slice(m, i * bq, bq, 1) for m in q_meta)
 
-        def key_block(carry, j):
+        def update(carry, j):
             m, l, acc = carry
             kb, vb = _slice(k, j * bk, bk, 1), _slice(v, j * bk, bk, 1)
             km = tuple(_slice(x, j * bk, bk, 1) for x in k_meta)
@@ -72,7 +85,10 @@ def _forward(q, k, v, bias, q_meta, k_meta, window, causal, scale, bq, bk):
             corr = jnp.exp(m - m_new)
             acc = acc * corr[..., None] + jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), vb,
                                                      preferred_element_type=F32)
-            return (m_new, l * corr + p.sum(-1), acc), None
+            return m_new, l * corr + p.sum(-1), acc
+
+        def key_block(carry, j):
+            return _skip(causal, qm[2], k_meta[2], j, bk, lambda c, j: (update(c, j), None), carry, j)
 
         init = (jnp.full((b, n_kv, g, bq), NEG_INF, F32), jnp.zeros((b, n_kv, g, bq), F32),
                 jnp.zeros((b, n_kv, g, bq, h), F32))
@@ -116,7 +132,8 @@ def _backward(causal, scale, bq, bk, res, do):
             dq = dq + jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(k.dtype), kb, preferred_element_type=F32)
             return dq, (None if bias is None else ds)
 
-        dq, ds = jax.lax.scan(step, jnp.zeros(qb.shape, F32), jnp.arange(nk))
+        dq, ds = jax.lax.scan(lambda dq, j: _skip(causal, qm[2], k_meta[2], j, bk, step, dq, j),
+                              jnp.zeros(qb.shape, F32), jnp.arange(nk))
         return dq * scale, ds
 
     dq, ds = jax.lax.map(dq_block, jnp.arange(nq))  # (nq, B, bq, K, G, H), (nq, nk, B, K, G, bq, bk)
@@ -129,13 +146,17 @@ def _backward(causal, scale, bq, bk, res, do):
     def dkv_block(j):
         kb, vb, km = cols(j)
 
-        def step(carry, i):
+        def update(carry, i):
             dk, dv = carry
             qb, dob, qm, lse_b, delta_b = rows(i)
             p, ds = grads_of_scores(i, j, qb, dob, qm, lse_b, delta_b, kb, vb, km)
             dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do.dtype), dob, preferred_element_type=F32)
             dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(q.dtype), qb, preferred_element_type=F32)
-            return (dk, dv), None
+            return dk, dv
+
+        def step(carry, i):
+            return _skip(causal, _slice(q_meta[2], i * bq, bq, 1), km[2], 0, bk,
+                         lambda c, i: (update(c, i), None), carry, i)
 
         zero = jnp.zeros(kb.shape, F32)
         (dk, dv), _ = jax.lax.scan(step, (zero, zero), jnp.arange(nq))

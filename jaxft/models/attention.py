@@ -49,7 +49,7 @@ class AttentionError(ValueError):
 def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_positions=None, q_index=None,
               k_index=None, window=0, causal: bool = True, bias=None, prefix=None, scale: float | None = None,
               segment_kind: str = "shared", impl: str = "xla", block_q: int = 512, block_k: int = 512,
-              interpret: bool = False):
+              interpret: bool = False, backend: str | None = None):
     """q (B, T, N, H), k/v (B, S, K, H) -> (B, T, N, H) in q's dtype; N a multiple of K (grouped-query).
 
     q_segments / k_segments (B, T) / (B, S) int: 0 is padding (sees and is seen by nothing), equal ids see each
@@ -62,6 +62,8 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
     sees, outside causality and windows (prefix tuning).
     scale: of the scores, default 1/sqrt(H). block_q / block_k: of chunked and splash (capped at T / S; must
     divide them). interpret: run splash in Pallas interpret mode and cudnn's call through XLA (tests on CPUs).
+    backend: the platform the call is compiled for ('cpu', 'gpu', 'tpu'), default `jax.default_backend()`;
+    an ahead-of-time compile for a TPU topology from a CPU host passes 'tpu'.
     Rows that see no key (padding queries) hold an implementation-defined average of values.
     """
     b, t, n, h = q.shape
@@ -72,9 +74,9 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
         raise AttentionError(f"attention segment_kind={segment_kind!r} is not one of {', '.join(SEGMENT_KINDS)}")
     if n % k.shape[2]:
         raise AttentionError(f"attention: {n} query heads are not a multiple of {k.shape[2]} key/value heads")
-    impl = _choose(impl, s, interpret)
+    chosen, impl = impl, _choose(impl, s, interpret, backend or jax.default_backend())
     block_q, block_k = min(block_q, t), min(block_k, s)
-    if impl in ("chunked", "splash"):
+    if chosen in ("chunked", "splash"):
         for name, block, length in (("block_q", block_q, t), ("block_k", block_k, s)):
             if length % block:
                 raise AttentionError(f"attention.{name}={block} does not divide the sequence length {length}")
@@ -101,6 +103,8 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
     if impl == "cudnn":
         return _cudnn(q, k, v, int(window), causal, scale, interpret)
 
+    if impl == "chunked" and chosen != "chunked":  # the caller's blocks were not for chunked: the nearest that fit
+        block_q, block_k = _divisor(t, block_q), _divisor(s, block_k)
     q_meta, k_meta = _meta(b, t, q_segments, q_positions, q_index), _meta(b, s, k_segments, k_positions, k_index)
     if prefix is not None:
         k, v, k_meta = _with_prefix(k, v, k_meta, prefix, block_k if impl == "chunked" else 1)
@@ -119,8 +123,7 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
     return out.reshape(b, t, n, h)
 
 
-def _choose(impl: str, s: int, interpret: bool) -> str:
-    backend = jax.default_backend()
+def _choose(impl: str, s: int, interpret: bool, backend: str) -> str:
     if impl == "auto":
         return {"tpu": "splash", "gpu": "cudnn"}.get(backend, "chunked" if s >= AUTO_CHUNKED_KEYS else "xla")
     if impl == "splash" and backend != "tpu" and not interpret:
@@ -129,6 +132,10 @@ def _choose(impl: str, s: int, interpret: bool) -> str:
     if impl == "cudnn" and backend != "gpu" and not interpret:
         raise AttentionError(f"attention.impl=cudnn needs an NVIDIA GPU (the backend is {backend})")
     return impl
+
+
+def _divisor(length: int, block: int) -> int:
+    return max(d for d in range(1, block + 1) if length % d == 0)
 
 
 def _report(message: str):
@@ -180,7 +187,7 @@ def _xla(q, k, v, mask, bias, scale):
 def _splash_kernel(t: int, s: int, g: int, window: int, causal: bool, block_q: int, block_k: int,
                    interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas TPU: imported when used
-    if window:  # attention_mask's window: q - k < window, i.e. at most window - 1 slots back
+    if window > 0:  # attention_mask's window: q - k < window, i.e. at most window - 1 slots back
         mask = sa.LocalMask((t, s), (window - 1, 0 if causal else None), offset=0)
     else:
         mask = sa.CausalMask((t, s)) if causal else sa.FullMask((t, s))
@@ -213,7 +220,7 @@ def _splash(q, k, v, q_segments, k_segments, window, causal, scale, block_q, blo
 
 def _cudnn(q, k, v, window, causal, scale, interpret):
     """cuDNN's fused attention; `interpret` runs the same call through XLA (the argument mapping, on CPUs)."""
-    local = (window - 1, 0) if window else None
+    local = (window - 1, 0) if window > 0 else None
     out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, local_window_size=local,
                                        implementation="xla" if interpret else "cudnn")
     return out.astype(q.dtype)

@@ -194,7 +194,9 @@ def _splash_kernel(t: int, s: int, g: int, window: int, causal: bool, block_q: i
     sizes = sa.BlockSizes(block_q=block_q, block_kv=block_k, block_kv_compute=block_k, block_q_dkv=block_q,
                           block_kv_dkv=block_k, block_kv_dkv_compute=block_k, block_q_dq=block_q,
                           block_kv_dq=block_k)
-    return sa.make_splash_mqa_single_device(sa.MultiHeadMask([mask] * g), block_sizes=sizes, interpret=interpret)
+    with jax.ensure_compile_time_eval():  # the kernel's mask tables: concrete arrays, not a trace's (cached)
+        return sa.make_splash_mqa_single_device(sa.MultiHeadMask([mask] * g), block_sizes=sizes,
+                                                interpret=interpret)
 
 
 def _splash(q, k, v, q_segments, k_segments, window, causal, scale, block_q, block_k, interpret):

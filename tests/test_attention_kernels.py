@@ -202,3 +202,21 @@ def test_chunked_backward_does_not_hold_the_scores():
     scores = 4 * 4096 * 4096 * 4
     assert temp_bytes("xla") >= scores
     assert temp_bytes("chunked") < scores / 8
+
+
+def test_cudnn_padding_falls_back_and_auto_picks_by_backend(caplog):
+    """cudnn cannot place padding anywhere in a row (only lengths): chunked runs instead. `auto` on a CPU runs
+    the plain attention below AUTO_CHUNKED_KEYS keys."""
+    q, k, v = _qkv(32, 32)
+    seg = jnp.asarray(np.r_[[0] * 5, [1] * 27])[None].repeat(B, 0)  # left padding
+    idx = jnp.broadcast_to(jnp.arange(32), (B, 32))
+    mask = attention_mask(seg, idx, idx, seg, idx, idx, 0)
+    valid = (seg != 0)[..., None, None]
+    attention_lib._reported.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxft.models.attention"):
+        out = attention(q, k, v, q_segments=seg, k_segments=seg, segment_kind="padding", impl="cudnn", interpret=True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "attention.impl=cudnn cannot express padding-only segment ids: using chunked"]
+    np.testing.assert_allclose(out * valid, _plain(q, k, v, mask) * valid, atol=1e-5)
+    np.testing.assert_array_equal(attention(q, k, v, q_segments=seg, k_segments=seg, impl="auto"),
+                                  _plain(q, k, v, mask))

@@ -2,9 +2,10 @@
 
 The forward pass walks over query blocks and, inside each, over key blocks with an online softmax; it keeps
 only the output and the per-row log-sum-exp. Under causality, a block whose keys all come after its queries'
-slots is skipped (`lax.cond`), which halves the work of causal self-attention. The backward pass (a custom VJP) recomputes each block's scores
-twice, once per query block for dq (and the bias gradient) and once per key block for dk and dv. No array
-holds more than (B, N, block_q, block_k) scores, so memory grows with T x block, not T x S.
+slots is skipped (`lax.cond`), which halves the work of causal self-attention. The backward pass (a custom
+VJP) recomputes each block's scores twice, once per query block for dq (and the bias gradient) and once per
+key block for dk and dv. No array holds more than (B, N, block_q, block_k) scores, so memory grows with
+T x block, not T x S (the bias gradient, when there is a bias, is as large as the bias).
 
 The mask of each block is `jaxft.models.layers.attention_mask` of the block's segment ids, positions and
 slots, so every case the plain attention expresses (packing, causality over cache slots, windows, shared

@@ -127,7 +127,8 @@ def main():
     for row in rows:
         print(f"| {row['model']} | {row['seq']} | " + " | ".join(str(row.get(key, "")) for key in keys) + " |")
     record = {"date": date.today().isoformat(), "jax": jax.__version__,
-              "cpu": platform.processor() or platform.machine(), "tpu": args.tpu if tpu is not None else None, "dtype": "bfloat16", "batch": 1, "rows": rows}
+              "cpu": platform.processor() or platform.machine(), "tpu": args.tpu if tpu is not None else None,
+              "dtype": "bfloat16", "batch": 1, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "long_context.json").write_text(json.dumps(record, indent=2) + "\n")
     flat = {f"{r['model']}_{r['seq']}_{key}": r[key] for r in rows for key in keys if key in r}

@@ -1,0 +1,82 @@
+"""`jaxft.models.loss.chunked_cross_entropy` equals the token loss of the full logits (`train.step.token_loss`),
+value and gradients, and its compiled step holds no (B, T, V) logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxft.models.layers import einsum
+from jaxft.models.loss import LossError, chunked_cross_entropy
+from jaxft.train.step import token_loss
+
+B, T, D, V = 2, 24, 16, 50
+
+
+def _inputs(tied: bool, dtype=jnp.float32):
+    kh, kw, kt, km = jax.random.split(jax.random.PRNGKey(0), 4)
+    hidden = jax.random.normal(kh, (B, T, D)).astype(dtype)
+    head = (0.3 * jax.random.normal(kw, (V, D) if tied else (D, V))).astype(dtype)
+    targets = jax.random.randint(kt, (B, T), 0, V)
+    mask = (jax.random.uniform(km, (B, T)) < 0.4).astype(jnp.int32)  # about 19 of 48 tokens carry a target
+    return hidden, head, targets, mask
+
+
+def _full(hidden, head, targets, mask, tied):
+    logits = einsum("btd,vd->btv", hidden, head) if tied else einsum("btd,dv->btv", hidden, head)
+    return token_loss(logits, targets, mask)
+
+
+def _value_and_grads(fn, hidden, head):
+    return jax.jit(jax.value_and_grad(lambda h, w: fn(h, w)[0], (0, 1)))(hidden, head)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("capacity", [None, 24, 8])  # 8: fewer than the targets, the path over every row
+def test_equals_the_full_loss_and_its_gradients(tied, capacity):
+    hidden, head, targets, mask = _inputs(tied)
+    assert 8 < int(mask.sum()) <= 24
+    want, want_grads = _value_and_grads(lambda h, w: _full(h, w, targets, mask, tied), hidden, head)
+    # chunk 10 does not divide the 48 rows (nor the 24 gathered ones): the last chunk is padded
+    ours = lambda h, w: chunked_cross_entropy(h, w, targets, mask, tied=tied, chunk=10, capacity=capacity)
+    got, got_grads = _value_and_grads(ours, hidden, head)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(ours(hidden, head)[1], mask.sum())
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_equals_the_full_loss():
+    hidden, head, targets, mask = _inputs(False, jnp.bfloat16)
+    want, want_grads = _value_and_grads(lambda h, w: _full(h, w, targets, mask, False), hidden, head)
+    got, got_grads = _value_and_grads(
+        lambda h, w: chunked_cross_entropy(h, w, targets, mask, chunk=16, capacity=32), hidden, head)
+    np.testing.assert_allclose(got, want, rtol=2e-2)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_compiled_gradient_holds_no_full_logits():
+    """XLA's memory analysis at B=2, T=2048, V=32000: the full loss's temporaries hold the (B, T, V) float32
+    logits (524 MB, and their gradient); the chunked loss's hold a (256, V) chunk's logits and their gradient
+    (2 x 33 MB)."""
+    b, t, d, v = 2, 2048, 64, 32000
+    args = (jax.ShapeDtypeStruct((b, t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+            jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.int32))
+
+    def temp_bytes(loss):
+        grad = jax.grad(lambda h, w, tg, m: loss(h, w, tg, m)[0], (0, 1))
+        return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    logits, chunk = b * t * v * 4, 256 * v * 4
+    assert temp_bytes(lambda h, w, tg, m: _full(h, w, tg, m, False)) >= logits
+    assert temp_bytes(lambda h, w, tg, m: chunked_cross_entropy(h, w, tg, m, chunk=256)) < 3 * chunk
+
+
+def test_bad_settings_are_one_line_errors():
+    hidden, head, targets, mask = _inputs(False)
+    with pytest.raises(LossError, match=r"^train.loss_chunk must be positive, got 0$"):
+        chunked_cross_entropy(hidden, head, targets, mask, chunk=0)
+    with pytest.raises(LossError, match=r"^loss head: expected \(V, D\) with D=16, got \(16, 50\)$"):
+        chunked_cross_entropy(hidden, head, targets, mask, tied=True)

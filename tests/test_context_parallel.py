@@ -1,7 +1,8 @@
 """Context parallelism (`jaxft.parallel.context`) == one device: outputs and gradients of ring attention with the
 sequence split over a `context` mesh axis of 2, 4 and 8 simulated CPU devices, alone and with `data` and
 `tensor` axes, on causal, packed (segment ids, padding, a shared soft prompt), sliding-window, grouped-query,
-multi-query and bidirectional inputs; the one-line error for an axis that does not divide the sequence.
+multi-query and bidirectional inputs, with several key blocks per device; the one-line errors for an axis that
+does not divide the sequence and a key block that does not divide a device's part.
 
 The 8-device part runs once, in a subprocess (`python tests/test_context_parallel.py OUT.json`, with
 --xla_force_host_platform_device_count=8), so the rest of the suite keeps its single device.
@@ -73,7 +74,8 @@ def _run(out_path):
         weights = jax.random.normal(keys[3], (2, T, 4, 8))
         lay = layout(mesh)
 
-        ring = lambda q, k, v, w: context_attention(q, k, v, lay, seg, pos, w, causal=causal)  # noqa: E731
+        ring = lambda q, k, v, w: context_attention(q, k, v, lay, seg, pos, w, causal=causal,  # noqa: E731
+                                                    block_k=2)  # several key blocks per device
         window = jnp.int32(window)  # traced, as the model passes it
         if name not in reference:
             reference[name] = _out_and_grads(lambda q, k, v, w: plain(q, k, v, seg, pos, w, causal), q, k, v,
@@ -85,10 +87,10 @@ def _run(out_path):
         results["x".join(map(str, mesh)) + "/" + name] = {"out": out_diff, "grads": grad_diff,
                                                           "grad_scale": grad_scale}
     errors = {}
-    for shape, t in (((1, 8, 1), 12), ((2, 4, 1), 18)):
+    for shape, t, block_k in (((1, 8, 1), 12, 512), ((2, 4, 1), 18, 512), ((1, 2, 1), 16, 3)):
         q = jnp.zeros((2, t, 4, 8))
         try:
-            context_attention(q, q[:, :, :2], q[:, :, :2], layout(shape))
+            context_attention(q, q[:, :, :2], q[:, :, :2], layout(shape), block_k=block_k)
             errors["x".join(map(str, shape))] = None
         except ShardingError as e:
             errors["x".join(map(str, shape))] = str(e)
@@ -135,6 +137,8 @@ def test_context_axis_must_divide_the_sequence(results):
     assert results["errors"]["1x8x1"] == ("mesh.context=8 does not divide the sequence length 12 "
                                           "(rules.seq splits it over context)")
     assert results["errors"]["2x4x1"].startswith("mesh.context=4 does not divide the sequence length 18")
+    assert results["errors"]["1x2x1"] == ("context attention: block_k=3 does not divide the 8 positions each "
+                                          "device holds (T=16 over 2 devices)")
 
 
 def test_block_mask_is_the_models_mask():

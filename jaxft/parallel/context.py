@@ -3,9 +3,10 @@
 Each device holds T / C consecutive positions of q, k and v (C: the size of the `context` mesh axis that
 rules.seq names). The key/value blocks travel around a ring (`jax.lax.ppermute`, C - 1 hops) while every device
 folds each block into its queries with an online softmax; the backward pass (a custom VJP) sends the blocks
-around once more, each with its key/value gradient accumulating on the way, and recomputes the scores block by
-block. Per device this holds O(T / C) activations and one (T / C)^2 score block per head, never the whole K/V
-nor T x T / C scores: the reason for a ring over an all-gather of k/v (figures in bench/context_parallel.py).
+around once more, each with its key/value gradient accumulating on the way, and recomputes the scores. Within a
+device, keys are scored `block_k` at a time. Per device this holds O(T / C) activations and (T / C) x block_k
+scores per head, never the whole K/V nor T x T / C scores: the reason for a ring over an all-gather of k/v
+(figures in bench/context_parallel.py).
 
 Blocks are in sequence order (device i holds positions [i T/C, (i+1) T/C)); under a causal mask the devices
 still compute every block (masked ones included), so the work is balanced but about half of it is masked out.
@@ -26,7 +27,7 @@ NEG_INF = -1e30  # as jaxft.models.layers: a fully masked row (padding) averages
 
 
 def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None, window=0, *, causal=True,
-                      scale: float | None = None):
+                      scale: float | None = None, block_k: int = 512):
     """Self-attention with the sequence split over the mesh axes that `layout`'s rules.seq names.
 
     q (B, T, N, H), k/v (B, T, K, H) with N a multiple of K (grouped-query) -> (B, T, N, H) in q's dtype.
@@ -35,7 +36,9 @@ def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None,
     `window` (a query sees keys less than `window` positions back; 0: no window; int or traced scalar); None:
     0..T-1. Causality is by slot 0..T-1. The same mask as `jaxft.models.layers.attention_mask`.
     Rows are split as rules.batch says and heads as rules.heads / rules.kv_heads (which must split alike).
-    Raises ShardingError when the context axes do not divide T.
+    block_k: keys scored at once within a device's block (capped at T / C; must divide it): the scores held
+    are (B, N, T / C, block_k) float32.
+    Raises ShardingError when the context axes do not divide T, or block_k does not divide T / C.
     """
     b, t, n, h = q.shape
     if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h or n % k.shape[2]:
@@ -47,6 +50,10 @@ def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None,
         sizes = " * ".join(f"mesh.{a}={layout.mesh.shape[a]}" for a in axes)
         raise ShardingError(f"{sizes} does not divide the sequence length {t} (rules.seq splits it over "
                             f"{', '.join(axes)})")
+    block = min(block_k, t // size)
+    if (t // size) % block:
+        raise ShardingError(f"context attention: block_k={block_k} does not divide the {t // size} positions "
+                            f"each device holds (T={t} over {size} devices)")
     q_spec = layout.spec(("batch", "seq", "heads", "head_dim"), q.shape, "context attention q")
     kv_spec = layout.spec(("batch", "seq", "kv_heads", "head_dim"), k.shape, "context attention k/v")
     if q_spec[2] != kv_spec[2]:  # a device's query heads must read the key/value heads it holds
@@ -58,7 +65,7 @@ def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None,
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-    ring = partial(_ring_attention, axes, size, causal, scale)
+    ring = partial(_ring_attention, axes, size, causal, scale, block)
     fn = jax.shard_map(ring, mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec, P()),
                        out_specs=q_spec, check_vma=False)
     return fn(q, k, v, segment_ids.astype(jnp.int32), positions.astype(jnp.int32),
@@ -101,36 +108,46 @@ class _Ring:
         perm = [(i, (i + 1) % self.size) for i in range(self.size)]
         return tuple(jax.lax.ppermute(x, self.axes, perm) for x in xs)
 
-    def scores(self, q5, kb, segb, posb, step):
-        """Scaled scores (B, K, G, Tq, Tk) float32 of the queries against the block held at `step`, and the mask."""
+    def sub_blocks(self, blocks, step, block):
+        """The key sub-blocks of the ring block held at `step`: [(k, v, segments, positions, slots)] stacked on
+        a leading axis of T / C / block (for a scan), each k/v (B, block, K, H)."""
         t = self.shape[1]
         src = (self.me - step) % self.size  # the device whose block arrived after `step` hops
-        mask = _block_mask(self.seg, self.pos, self.q_idx, segb, posb, src * t + jnp.arange(t), self.window,
+        idx = src * t + jnp.arange(t)
+        return tuple(x.reshape(x.shape[0], t // block, block, *x.shape[2:]).swapaxes(0, 1) for x in blocks) + (
+            idx.reshape(t // block, block),)
+
+    def scores(self, q5, kb, segb, posb, k_idx):
+        """Scaled scores (B, K, G, Tq, Tk) float32 of the queries against one key block, and the mask."""
+        mask = _block_mask(self.seg, self.pos, self.q_idx, segb, posb, k_idx, self.window,
                            self.causal)[:, None, None]
         s = jnp.einsum("btkgh,bskh->bkgts", q5, kb.astype(jnp.float32)) * self.scale
         return jnp.where(mask, s, NEG_INF), mask
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _ring_attention(axes, size, causal, scale, q, k, v, seg, pos, window):
-    return _forward(axes, size, causal, scale, q, k, v, seg, pos, window)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _ring_attention(axes, size, causal, scale, block, q, k, v, seg, pos, window):
+    return _forward(axes, size, causal, scale, block, q, k, v, seg, pos, window)[0]
 
 
-def _forward(axes, size, causal, scale, q, k, v, seg, pos, window):
+def _forward(axes, size, causal, scale, block, q, k, v, seg, pos, window):
     b, t, n, h = q.shape
     kh = k.shape[2]
     ring = _Ring(axes, size, causal, scale, q, seg, pos, window)
     q5 = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)
 
-    def fold(acc, blocks, step):  # one key/value block into the online softmax
+    def fold_one(acc, sub):  # one key/value sub-block into the online softmax
         o, m, l = acc
-        kb, vb, segb, posb = blocks
-        s, _ = ring.scores(q5, kb, segb, posb, step)
+        kb, vb, segb, posb, k_idx = sub
+        s, _ = ring.scores(q5, kb, segb, posb, k_idx)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
         o = o * corr[..., None] + jnp.einsum("bkgts,bskh->bkgth", p, vb.astype(jnp.float32))
-        return o, m_new, l * corr + p.sum(-1)
+        return (o, m_new, l * corr + p.sum(-1)), None
+
+    def fold(acc, blocks, step):  # the ring block held at `step`, sub-block by sub-block
+        return jax.lax.scan(fold_one, acc, ring.sub_blocks(blocks, step, block))[0]
 
     def body(carry, step):  # the next block is sent while this one is folded in
         acc, blocks = carry
@@ -145,11 +162,11 @@ def _forward(axes, size, causal, scale, q, k, v, seg, pos, window):
     return out, (q, k, v, seg, pos, window, out, m, l)
 
 
-def _forward_rule(axes, size, causal, scale, q, k, v, seg, pos, window):
-    return _forward(axes, size, causal, scale, q, k, v, seg, pos, window)
+def _forward_rule(axes, size, causal, scale, block, q, k, v, seg, pos, window):
+    return _forward(axes, size, causal, scale, block, q, k, v, seg, pos, window)
 
 
-def _backward(axes, size, causal, scale, res, d_out):
+def _backward(axes, size, causal, scale, block, res, d_out):
     q, k, v, seg, pos, window, out, m, l = res
     b, t, n, h = q.shape
     kh = k.shape[2]
@@ -159,15 +176,19 @@ def _backward(axes, size, causal, scale, res, d_out):
     # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax's backward term, per query and head: (B, K, G, T).
     delta = jnp.einsum("btkgh,btkgh->bkgt", do5, out.reshape(do5.shape).astype(jnp.float32))
 
-    def grads(dq, blocks, step):  # this block's share of dq, and its own dk / dv
-        kb, vb, segb, posb = blocks
-        s, mask = ring.scores(q5, kb, segb, posb, step)
+    def grads_one(dq, sub):  # one sub-block's share of dq, and its own dk / dv
+        kb, vb, segb, posb, k_idx = sub
+        s, mask = ring.scores(q5, kb, segb, posb, k_idx)
         p = jnp.exp(s - m[..., None]) / l[..., None]
         dv = jnp.einsum("bkgts,btkgh->bskh", p, do5)
         dp = jnp.einsum("btkgh,bskh->bkgts", do5, vb.astype(jnp.float32))
         ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0) * scale  # masked scores get no gradient
         dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, kb.astype(jnp.float32))
-        return dq, jnp.einsum("bkgts,btkgh->bskh", ds, q5), dv
+        return dq, (jnp.einsum("bkgts,btkgh->bskh", ds, q5), dv)
+
+    def grads(dq, blocks, step):  # the ring block held at `step`: dq accumulated, dk / dv (B, T/C, K, H)
+        dq, (dk, dv) = jax.lax.scan(grads_one, dq, ring.sub_blocks(blocks, step, block))
+        return (dq,) + tuple(x.swapaxes(0, 1).reshape(k.shape) for x in (dk, dv))
 
     def body(carry, step):  # k/v/segments go on to the next device with the gradients gathered so far
         dq, blocks, dk, dv = carry

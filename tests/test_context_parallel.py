@@ -1,8 +1,8 @@
 """Context parallelism (`jaxft.parallel.context`) == one device: outputs and gradients of ring attention with the
-sequence split over a `context` mesh axis of 2, 4 and 8 simulated CPU devices, alone and with `data` and
-`tensor` axes, on causal, packed (segment ids, padding, a shared soft prompt), sliding-window, grouped-query,
-multi-query and bidirectional inputs, with several key blocks per device; the one-line errors for an axis that
-does not divide the sequence and a key block that does not divide a device's part.
+sequence split over a `context` mesh axis of 2, 4 and 8 simulated CPU devices, alone, with `data` and `tensor`
+axes, and as one ring over two mesh axes; on causal, packed (segment ids, padding, a shared soft prompt),
+sliding-window, grouped-query, multi-query and bidirectional inputs, with several key blocks per device. And the
+one-line errors for an axis that does not divide the sequence and a key block that does not divide a device's part.
 
 The 8-device part runs once, in a subprocess (`python tests/test_context_parallel.py OUT.json`, with
 --xla_force_host_platform_device_count=8), so the rest of the suite keeps its single device.
@@ -20,7 +20,8 @@ import pytest
 MESHES = {(1, 2, 1): ["causal", "packed"], (1, 4, 1): ["causal", "packed", "window"],
           (1, 8, 1): ["causal", "packed", "window", "mqa", "bidirectional", "bf16"],
           (2, 4, 1): ["causal", "packed", "window", "mqa", "bidirectional", "bf16"],
-          (2, 2, 2): ["packed", "window"]}
+          (2, 2, 2): ["packed", "window"],
+          (2, 4, 1, "seq_over_data"): ["packed"]}  # rules.seq = data,context: a ring of 8 over two mesh axes
 RUNS = [(m, c) for m, cases in MESHES.items() for c in cases]
 T = 16
 
@@ -51,9 +52,11 @@ def _run(out_path):
     from jaxft.parallel.rules import Layout, ShardingError
 
     def layout(shape):
-        mesh = jax.make_mesh(shape, ("data", "context", "tensor"), axis_types=(AxisType.Auto,) * 3,
-                             devices=jax.devices()[:int(np.prod(shape))])
-        rules = (("batch", ("data",)), ("seq", ("context",)), ("embed", ()), ("heads", ("tensor",)),
+        seq_over_data = shape[3:] == ("seq_over_data",)
+        mesh = jax.make_mesh(shape[:3], ("data", "context", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                             devices=jax.devices()[:int(np.prod(shape[:3]))])
+        batch, seq = ((), ("data", "context")) if seq_over_data else (("data",), ("context",))
+        rules = (("batch", batch), ("seq", seq), ("embed", ()), ("heads", ("tensor",)),
                  ("kv_heads", ("tensor",)), ("head_dim", ()), ("mlp", ()), ("vocab", ()), ("layers", ()),
                  ("lora_rank", ()))
         return Layout(mesh, rules)

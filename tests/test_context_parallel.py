@@ -1,8 +1,9 @@
 """Context parallelism (`jaxft.parallel.context`) == one device: outputs and gradients of ring attention with the
 sequence split over a `context` mesh axis of 2, 4 and 8 simulated CPU devices, alone, with `data` and `tensor`
 axes, and as one ring over two mesh axes; on causal, packed (segment ids, padding, a shared soft prompt),
-sliding-window, grouped-query, multi-query and bidirectional inputs, with several key blocks per device. And the
-one-line errors for an axis that does not divide the sequence and a key block that does not divide a device's part.
+sliding-window, grouped-query, multi-query and bidirectional inputs, with several key blocks per device, in
+sequence order and in the zig-zag layout. And the one-line errors for an axis that does not divide the
+sequence and a key block that does not divide a device's part.
 
 The 8-device part runs once, in a subprocess (`python tests/test_context_parallel.py OUT.json`, with
 --xla_force_host_platform_device_count=8), so the rest of the suite keeps its single device.
@@ -17,9 +18,9 @@ import numpy as np
 import pytest
 
 # mesh (data, context, tensor) -> the cases run on it; every case runs on context=8 and data=2 x context=4.
-MESHES = {(1, 2, 1): ["causal", "packed"], (1, 4, 1): ["causal", "packed", "window"],
-          (1, 8, 1): ["causal", "packed", "window", "mqa", "bidirectional", "bf16"],
-          (2, 4, 1): ["causal", "packed", "window", "mqa", "bidirectional", "bf16"],
+MESHES = {(1, 2, 1): ["causal", "packed"], (1, 4, 1): ["causal", "packed", "window", "zigzag"],
+          (1, 8, 1): ["causal", "packed", "window", "mqa", "bidirectional", "bf16", "zigzag"],
+          (2, 4, 1): ["causal", "packed", "window", "mqa", "bidirectional", "bf16", "zigzag"],
           (2, 2, 2): ["packed", "window"],
           (2, 4, 1, "seq_over_data"): ["packed"]}  # rules.seq = data,context: a ring of 8 over two mesh axes
 RUNS = [(m, c) for m, cases in MESHES.items() for c in cases]
@@ -36,6 +37,7 @@ def _case(name):
     return {"causal": (2, None, None, 0, True, jnp.float32),
             "packed": (2, packed, restart, 0, True, jnp.float32),
             "window": (2, packed, restart, 3, True, jnp.float32),
+            "zigzag": (2, packed, restart, 3, True, jnp.float32),  # laid out by context.zigzag
             "mqa": (1, packed, restart, 5, True, jnp.float32),
             "bidirectional": (4, jnp.array([[1] * 11 + [0] * 5, [1] * 16]), None, 0, False, jnp.float32),
             "bf16": (2, packed, restart, 3, True, jnp.bfloat16)}[name]
@@ -48,7 +50,7 @@ def _run(out_path):
     from jax.sharding import AxisType
 
     from jaxft.models.layers import attend, attention_mask
-    from jaxft.parallel.context import context_attention
+    from jaxft.parallel.context import context_attention, zigzag
     from jaxft.parallel.rules import Layout, ShardingError
 
     def layout(shape):
@@ -74,17 +76,24 @@ def _run(out_path):
         keys = jax.random.split(jax.random.PRNGKey(0), 4)
         q = jax.random.normal(keys[0], (2, T, 4, 8)).astype(dtype)
         k, v = (jax.random.normal(key, (2, T, kv_heads, 8)).astype(dtype) for key in keys[1:3])
-        weights = jax.random.normal(keys[3], (2, T, 4, 8))
+        # Padding rows see no key: their outputs are arbitrary averages, and no loss reaches them.
+        live = jnp.ones((2, T, 1, 1)) if seg is None else (seg != 0)[:, :, None, None].astype(jnp.float32)
+        weights = jax.random.normal(keys[3], (2, T, 4, 8)) * live
         lay = layout(mesh)
+        order = zigzag(T, lay.mesh.shape["context"]) if name == "zigzag" else np.arange(T)
 
-        ring = lambda q, k, v, w: context_attention(q, k, v, lay, seg, pos, w, causal=causal,  # noqa: E731
-                                                    block_k=2)  # several key blocks per device
+        def ring(q, k, v, w):  # in `order`, and back
+            seg_, pos_ = (None if x is None else x[:, order] for x in (seg, pos))
+            out = context_attention(q[:, order], k[:, order], v[:, order], lay, seg_, pos_, w, causal=causal,
+                                    slots=jnp.asarray(order)[None], block_k=2)  # several key blocks per device
+            return out[:, np.argsort(order)]
+
         window = jnp.int32(window)  # traced, as the model passes it
         if name not in reference:
             reference[name] = _out_and_grads(lambda q, k, v, w: plain(q, k, v, seg, pos, w, causal), q, k, v,
                                              window, weights)
         got, want = _out_and_grads(ring, q, k, v, window, weights), reference[name]
-        out_diff = float(jnp.abs(got[0] - want[0]).max())
+        out_diff = float(jnp.abs((got[0] - want[0]) * live).max())
         grad_diff = [float(jnp.abs(a - b).max()) for a, b in zip(got[1], want[1])]
         grad_scale = [float(jnp.abs(b).max()) for b in want[1]]
         results["x".join(map(str, mesh)) + "/" + name] = {"out": out_diff, "grads": grad_diff,
@@ -157,12 +166,24 @@ def test_block_mask_is_the_models_mask():
     idx = jnp.broadcast_to(jnp.arange(24), (3, 24))
     for window, causal in ((0, True), (4, True), (3, False)):
         full = attention_mask(seg, pos, idx, seg, pos, idx, jnp.int32(window), causal)
-        block = _block_mask(seg[:, 8:16], pos[:, 8:16], jnp.arange(8, 16), seg[:, 16:], pos[:, 16:],
-                            jnp.arange(16, 24), jnp.int32(window), causal)
-        np.testing.assert_array_equal(block, full[:, 8:16, 16:])
-        block = _block_mask(seg[:, 16:], pos[:, 16:], jnp.arange(16, 24), seg[:, :8], pos[:, :8],
-                            jnp.arange(8), jnp.int32(window), causal)
-        np.testing.assert_array_equal(block, full[:, 16:, :8])
+        for q, k in ((slice(8, 16), slice(16, 24)), (slice(16, 24), slice(0, 8))):
+            block = _block_mask(seg[:, q], pos[:, q], idx[:, q], seg[:, k], pos[:, k], idx[:, k],
+                                jnp.int32(window), causal)
+            np.testing.assert_array_equal(block, full[:, q, k])
+
+
+def test_zigzag_balances_causal_work():
+    from jaxft.parallel.context import zigzag
+    from jaxft.parallel.rules import ShardingError
+
+    np.testing.assert_array_equal(zigzag(8, 2), [0, 1, 6, 7, 2, 3, 4, 5])
+    order = zigzag(64, 4).reshape(4, 16)  # device i's slots
+    pairs = [int((order[i][:, None] >= np.arange(64)[None]).sum()) for i in range(4)]  # (query, key <= query)
+    assert pairs == [pairs[0]] * 4, pairs
+    assert sorted(order.ravel()) == list(range(64))
+    with pytest.raises(ShardingError, match=r"^zig-zag layout: 2 \* mesh.context = 8 does not divide the "
+                                            r"sequence length 12$"):
+        zigzag(12, 4)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ device, keys are scored `block_k` at a time. Per device this holds O(T / C) acti
 scores per head, never the whole K/V nor T x T / C scores: the reason for a ring over an all-gather of k/v
 (figures in bench/context_parallel.py).
 
-Blocks are in sequence order (device i holds positions [i T/C, (i+1) T/C)); under a causal mask the devices
-still compute every block (masked ones included), so the work is balanced but about half of it is masked out.
+A key block that none of a device's queries sees is skipped (`lax.cond`). Under a causal mask, with blocks in
+sequence order, device i then works on i + 1 of the C ring blocks: the last device sets the pace. Laying the
+sequence out zig-zag (`zigzag`, passed as `slots`) gives every device the same share.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxft.parallel.rules import Layout, ShardingError
@@ -26,15 +28,18 @@ from jaxft.parallel.rules import Layout, ShardingError
 NEG_INF = -1e30  # as jaxft.models.layers: a fully masked row (padding) averages all values instead of NaN
 
 
-def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None, window=0, *, causal=True,
-                      scale: float | None = None, block_k: int = 512):
+def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None, window=0, *, slots=None,
+                      causal=True, scale: float | None = None, block_k: int = 512):
     """Self-attention with the sequence split over the mesh axes that `layout`'s rules.seq names.
 
     q (B, T, N, H), k/v (B, T, K, H) with N a multiple of K (grouped-query) -> (B, T, N, H) in q's dtype.
     segment_ids (B, T) int: 0 is padding, equal ids see each other (packed examples), a negative key id is
     seen by every non-padding query; None: one example per row. positions (B, T) int: within an example, for
     `window` (a query sees keys less than `window` positions back; 0: no window; int or traced scalar); None:
-    0..T-1. Causality is by slot 0..T-1. The same mask as `jaxft.models.layers.attention_mask`.
+    0..T-1. slots (B, T) int: where each position sits in the sequence, for causality; None: 0..T-1 (pass
+    `zigzag(T, C)`'s order to balance causal work, see there). The mask is `jaxft.models.layers.attention_mask`'s.
+    Key blocks that no query of a device sees are skipped, so a row that sees no key at all (padding) holds an
+    average of some values, not of all.
     Rows are split as rules.batch says and heads as rules.heads / rules.kv_heads (which must split alike).
     block_k: keys scored at once within a device's block (capped at T / C; must divide it): the scores held
     are (B, N, T / C, block_k) float32.
@@ -64,20 +69,36 @@ def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None,
         segment_ids = jnp.ones((b, t), jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if slots is None:
+        slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    meta = tuple(jnp.broadcast_to(x, (b, t)).astype(jnp.int32) for x in (segment_ids, positions, slots))
     scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
     ring = partial(_ring_attention, axes, size, causal, scale, block)
-    fn = jax.shard_map(ring, mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec, P()),
+    fn = jax.shard_map(ring, mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec, (row_spec,) * 3, P()),
                        out_specs=q_spec, check_vma=False)
-    return fn(q, k, v, segment_ids.astype(jnp.int32), positions.astype(jnp.int32),
-              jnp.asarray(window, jnp.int32))
+    return fn(q, k, v, meta, jnp.asarray(window, jnp.int32))
+
+
+def zigzag(t: int, size: int) -> np.ndarray:
+    """(T,) int: the order of slots that balances causal attention over `size` devices (zig-zag layout).
+
+    The sequence is cut into 2 * size chunks and device i holds chunks i and 2 size - 1 - i: each device then
+    has the same number of (query, key) pairs below the diagonal. To use it, lay every per-token array out as
+    x[:, order] (tokens, positions, segment ids, labels) and pass `slots=order`; outputs come back in the same
+    order (x[:, argsort(order)] undoes it). Requires 2 * size to divide T.
+    """
+    if t % (2 * size):
+        raise ShardingError(f"zig-zag layout: 2 * mesh.context = {2 * size} does not divide the sequence length {t}")
+    chunks = np.arange(t).reshape(2 * size, t // (2 * size))
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * size - 1 - i]]) for i in range(size)])
 
 
 def _axes(part) -> tuple[str, ...]:
     return () if part is None else (part,) if isinstance(part, str) else tuple(part)
 
 
-def _block_mask(q_seg, q_pos, q_idx, k_seg, k_pos, k_idx, window, causal):
-    """(B, Tq, Tk) bool for one query block and one key block; *_idx (Tq,) / (Tk,) are slots in the sequence.
+def _block_mask(q_seg, q_pos, q_slot, k_seg, k_pos, k_slot, window, causal):
+    """(B, Tq, Tk) bool for a block of queries (B, Tq) and a block of keys (B, Tk).
 
     jaxft.models.layers.attention_mask's rule (this package sits below jaxft.models, so it cannot import it;
     tests/test_context_parallel.py holds the two equal).
@@ -85,21 +106,17 @@ def _block_mask(q_seg, q_pos, q_idx, k_seg, k_pos, k_idx, window, causal):
     shared = (k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)
     mask = ((q_seg[:, :, None] == k_seg[:, None, :]) | shared) & (k_seg[:, None, :] != 0)
     if causal:
-        mask &= k_idx[None, None, :] <= q_idx[None, :, None]
+        mask &= k_slot[:, None, :] <= q_slot[:, :, None]
     dist = q_pos[:, :, None] - k_pos[:, None, :]
     return mask & ((window <= 0) | (dist < window))
 
 
 class _Ring:
-    """The local view of one device: its query block and how to reach the key/value blocks of the others."""
+    """The local view of one device: its queries (and their segments, positions, slots), and the ring."""
 
-    def __init__(self, axes, size, causal, scale, q, seg, pos, window):
-        b, t, n, h = q.shape
-        self.axes, self.size, self.causal, self.scale, self.window = axes, size, causal, scale, window
-        self.me = jax.lax.axis_index(axes) if axes else 0
-        self.seg, self.pos = seg, pos
-        self.q_idx = self.me * t + jnp.arange(t)
-        self.shape = (b, t, n, h)
+    def __init__(self, axes, size, causal, scale, block, meta, window):
+        self.axes, self.size, self.causal, self.scale, self.block = axes, size, causal, scale, block
+        self.meta, self.window = meta, window
 
     def rotate(self, *xs):
         """Each array to the next device of the ring (device i's block moves to i + 1)."""
@@ -108,100 +125,114 @@ class _Ring:
         perm = [(i, (i + 1) % self.size) for i in range(self.size)]
         return tuple(jax.lax.ppermute(x, self.axes, perm) for x in xs)
 
-    def sub_blocks(self, blocks, step, block):
-        """The key sub-blocks of the ring block held at `step`: [(k, v, segments, positions, slots)] stacked on
-        a leading axis of T / C / block (for a scan), each k/v (B, block, K, H)."""
-        t = self.shape[1]
-        src = (self.me - step) % self.size  # the device whose block arrived after `step` hops
-        idx = src * t + jnp.arange(t)
-        return tuple(x.reshape(x.shape[0], t // block, block, *x.shape[2:]).swapaxes(0, 1) for x in blocks) + (
-            idx.reshape(t // block, block),)
+    def sub_blocks(self, blocks):
+        """A ring block (k, v, segments, positions, slots) cut into T / C / block key blocks stacked on a leading
+        axis (for a scan): k/v (T/C/block, B, block, K, H), the others (T/C/block, B, block)."""
+        t = blocks[0].shape[1]
+        return tuple(x.reshape(x.shape[0], t // self.block, self.block, *x.shape[2:]).swapaxes(0, 1)
+                     for x in blocks)
 
-    def scores(self, q5, kb, segb, posb, k_idx):
-        """Scaled scores (B, K, G, Tq, Tk) float32 of the queries against one key block, and the mask."""
-        mask = _block_mask(self.seg, self.pos, self.q_idx, segb, posb, k_idx, self.window,
-                           self.causal)[:, None, None]
+    def mask(self, k_meta):
+        """(B, 1, 1, Tq, block) of the device's queries against one key block."""
+        return _block_mask(*self.meta, *k_meta, self.window, self.causal)[:, None, None]
+
+    def scores(self, q5, kb, mask):
+        """Scaled, masked scores (B, K, G, Tq, block) float32."""
         s = jnp.einsum("btkgh,bskh->bkgts", q5, kb.astype(jnp.float32)) * self.scale
-        return jnp.where(mask, s, NEG_INF), mask
+        return jnp.where(mask, s, NEG_INF)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _ring_attention(axes, size, causal, scale, block, q, k, v, seg, pos, window):
-    return _forward(axes, size, causal, scale, block, q, k, v, seg, pos, window)[0]
+def _ring_attention(axes, size, causal, scale, block, q, k, v, meta, window):
+    return _forward(axes, size, causal, scale, block, q, k, v, meta, window)[0]
 
 
-def _forward(axes, size, causal, scale, block, q, k, v, seg, pos, window):
+def _forward(axes, size, causal, scale, block, q, k, v, meta, window):
+    """meta: (segment ids, positions, slots) of the local queries, each (B, T/C)."""
     b, t, n, h = q.shape
     kh = k.shape[2]
-    ring = _Ring(axes, size, causal, scale, q, seg, pos, window)
+    ring = _Ring(axes, size, causal, scale, block, meta, window)
     q5 = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)
 
-    def fold_one(acc, sub):  # one key/value sub-block into the online softmax
-        o, m, l = acc
-        kb, vb, segb, posb, k_idx = sub
-        s, _ = ring.scores(q5, kb, segb, posb, k_idx)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        o = o * corr[..., None] + jnp.einsum("bkgts,bskh->bkgth", p, vb.astype(jnp.float32))
-        return (o, m_new, l * corr + p.sum(-1)), None
+    def fold_one(acc, sub):  # one key/value block into the online softmax
+        kb, vb, *k_meta = sub
+        mask = ring.mask(k_meta)
 
-    def fold(acc, blocks, step):  # the ring block held at `step`, sub-block by sub-block
-        return jax.lax.scan(fold_one, acc, ring.sub_blocks(blocks, step, block))[0]
+        def update(acc):
+            o, m, l = acc
+            s = ring.scores(q5, kb, mask)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            o = o * corr[..., None] + jnp.einsum("bkgts,bskh->bkgth", p, vb.astype(jnp.float32))
+            return o, m_new, l * corr + p.sum(-1)
 
-    def body(carry, step):  # the next block is sent while this one is folded in
+        # A block no query sees (causal: keys after every query here) adds exp(NEG_INF - max) = 0 to every row
+        # that sees some key; only rows that see none (padding) would have averaged it in.
+        return jax.lax.cond(mask.any(), update, lambda acc: acc, acc), None
+
+    def fold(acc, blocks):  # a ring block, key block by key block
+        return jax.lax.scan(fold_one, acc, ring.sub_blocks(blocks))[0]
+
+    def body(carry, _):  # the next block is sent while this one is folded in
         acc, blocks = carry
-        return (fold(acc, blocks, step), ring.rotate(*blocks)), None
+        return (fold(acc, blocks), ring.rotate(*blocks)), None
 
     acc = (jnp.zeros((b, kh, n // kh, t, h), jnp.float32), jnp.full((b, kh, n // kh, t), NEG_INF, jnp.float32),
            jnp.zeros((b, kh, n // kh, t), jnp.float32))
-    blocks = (k, v, seg, pos)
-    (acc, blocks), _ = jax.lax.scan(body, (acc, blocks), jnp.arange(size - 1))
-    o, m, l = fold(acc, blocks, size - 1)
+    (acc, blocks), _ = jax.lax.scan(body, (acc, (k, v, *meta)), None, length=size - 1)
+    o, m, l = fold(acc, blocks)
     out = (o / l[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
-    return out, (q, k, v, seg, pos, window, out, m, l)
+    return out, (q, k, v, meta, window, out, m, l)
 
 
-def _forward_rule(axes, size, causal, scale, block, q, k, v, seg, pos, window):
-    return _forward(axes, size, causal, scale, block, q, k, v, seg, pos, window)
+def _forward_rule(axes, size, causal, scale, block, q, k, v, meta, window):
+    return _forward(axes, size, causal, scale, block, q, k, v, meta, window)
 
 
 def _backward(axes, size, causal, scale, block, res, d_out):
-    q, k, v, seg, pos, window, out, m, l = res
+    q, k, v, meta, window, out, m, l = res
     b, t, n, h = q.shape
     kh = k.shape[2]
-    ring = _Ring(axes, size, causal, scale, q, seg, pos, window)
+    ring = _Ring(axes, size, causal, scale, block, meta, window)
     q5 = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32)
     do5 = d_out.reshape(b, t, kh, n // kh, h).astype(jnp.float32)
     # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax's backward term, per query and head: (B, K, G, T).
     delta = jnp.einsum("btkgh,btkgh->bkgt", do5, out.reshape(do5.shape).astype(jnp.float32))
 
-    def grads_one(dq, sub):  # one sub-block's share of dq, and its own dk / dv
-        kb, vb, segb, posb, k_idx = sub
-        s, mask = ring.scores(q5, kb, segb, posb, k_idx)
-        p = jnp.exp(s - m[..., None]) / l[..., None]
-        dv = jnp.einsum("bkgts,btkgh->bskh", p, do5)
-        dp = jnp.einsum("btkgh,bskh->bkgts", do5, vb.astype(jnp.float32))
-        ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0) * scale  # masked scores get no gradient
-        dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, kb.astype(jnp.float32))
-        return dq, (jnp.einsum("bkgts,btkgh->bskh", ds, q5), dv)
+    def grads_one(dq, sub):  # one key block's share of dq, and its own dk / dv (B, block, K, H)
+        kb, vb, *k_meta = sub
+        mask = ring.mask(k_meta)
 
-    def grads(dq, blocks, step):  # the ring block held at `step`: dq accumulated, dk / dv (B, T/C, K, H)
-        dq, (dk, dv) = jax.lax.scan(grads_one, dq, ring.sub_blocks(blocks, step, block))
+        def compute(dq):
+            p = jnp.exp(ring.scores(q5, kb, mask) - m[..., None]) / l[..., None]
+            dv = jnp.einsum("bkgts,btkgh->bskh", p, do5)
+            dp = jnp.einsum("btkgh,bskh->bkgts", do5, vb.astype(jnp.float32))
+            ds = jnp.where(mask, p * (dp - delta[..., None]), 0.0) * scale  # masked scores get no gradient
+            dq = dq + jnp.einsum("bkgts,bskh->btkgh", ds, kb.astype(jnp.float32))
+            return dq, (jnp.einsum("bkgts,btkgh->bskh", ds, q5), dv)
+
+        def skip(dq):  # as in the forward pass: a block no query sees
+            return dq, (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
+
+        return jax.lax.cond(mask.any(), compute, skip, dq)
+
+    def grads(dq, blocks):  # a ring block: dq accumulated, its dk / dv (B, T/C, K, H)
+        dq, (dk, dv) = jax.lax.scan(grads_one, dq, ring.sub_blocks(blocks))
         return (dq,) + tuple(x.swapaxes(0, 1).reshape(k.shape) for x in (dk, dv))
 
-    def body(carry, step):  # k/v/segments go on to the next device with the gradients gathered so far
+    def body(carry, _):  # k/v and their masks go on to the next device with the gradients gathered so far
         dq, blocks, dk, dv = carry
-        dq, dk_b, dv_b = grads(dq, blocks, step)
+        dq, dk_b, dv_b = grads(dq, blocks)
         blocks, (dk, dv) = ring.rotate(*blocks), ring.rotate(dk + dk_b, dv + dv_b)
         return (dq, blocks, dk, dv), None
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    carry = (jnp.zeros(q5.shape, jnp.float32), (k, v, seg, pos), zeros, zeros)
-    (dq, blocks, dk, dv), _ = jax.lax.scan(body, carry, jnp.arange(size - 1))
-    dq, dk_b, dv_b = grads(dq, blocks, size - 1)
+    carry = (jnp.zeros(q5.shape, jnp.float32), (k, v, *meta), zeros, zeros)
+    (dq, blocks, dk, dv), _ = jax.lax.scan(body, carry, None, length=size - 1)
+    dq, dk_b, dv_b = grads(dq, blocks)
     dk, dv = ring.rotate(dk + dk_b, dv + dv_b)  # the last hop brings each block's gradient home
-    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
+    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
 
 
 _ring_attention.defvjp(_forward_rule, _backward)

@@ -7,7 +7,8 @@ memory analysis per device (temporaries + outputs + arguments), for:
   ring-autodiff  the same ring differentiated by JAX (the scan keeps every step's scores for the backward)
   all-gather     each device gathers the whole K/V and attends its T/C queries to all T keys (einsum softmax)
   one device     jaxft's plain attention on one device (C = 1)
-Shapes: one row, N=8 query heads, K=2 key/value heads, H=64, float32, a causal packed mask. Prints a table and one
+Shapes: one row, N=8 query heads, K=2 key/value heads, H=64, float32, a causal mask. Also counts, per device,
+the block pairs a causal mask leaves it to compute, in sequence order and in the zig-zag layout. Prints tables and one
 `RESULT` line, and writes bench/results/context_parallel.json.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python bench/context_parallel.py [--seq 2048 8192]
@@ -22,11 +23,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from jaxft.models.layers import attend, attention_mask
-from jaxft.parallel.context import _block_mask, _forward, context_attention
+from jaxft.parallel.context import _block_mask, _forward, context_attention, zigzag
 from jaxft.parallel.rules import Layout
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,8 +46,10 @@ def ring_autodiff(q, k, v, seg, pos, lay):
     c, spec = lay.mesh.shape["context"], P("data", "context")
 
     def local(q, k, v, seg, pos):
-        block = min(512, q.shape[1])
-        return _forward(("context",), c, True, 1 / math.sqrt(H), block, q, k, v, seg, pos, jnp.int32(0))[0]
+        block, t = min(512, q.shape[1]), q.shape[1]
+        slots = jax.lax.axis_index("context") * t + jnp.broadcast_to(jnp.arange(t), seg.shape)
+        return _forward(("context",), c, True, 1 / math.sqrt(H), (block, block), q, k, v, (seg, pos, slots),
+                        jnp.int32(0))[0]
 
     return jax.shard_map(local, mesh=lay.mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)(
         q, k, v, seg, pos)
@@ -58,7 +62,8 @@ def all_gather(q, k, v, seg, pos, lay):
         t = q.shape[1]
         me = jax.lax.axis_index("context")
         k, v, k_seg, k_pos = (jax.lax.all_gather(x, "context", axis=1, tiled=True) for x in (k, v, seg, pos))
-        mask = _block_mask(seg, pos, me * t + jnp.arange(t), k_seg, k_pos, jnp.arange(t * c), jnp.int32(0), True)
+        slots = jnp.broadcast_to(jnp.arange(t * c), k_seg.shape)
+        mask = _block_mask(seg, pos, me * t + slots[:, :t], k_seg, k_pos, slots, jnp.int32(0), True)
         return attend(q, k, v, mask)
 
     spec = P("data", "context")
@@ -93,6 +98,15 @@ def memory_gib(attn, t: int, lay: Layout | None) -> float:
     return (m.temp_size_in_bytes + m.output_size_in_bytes + m.argument_size_in_bytes) / 2**30
 
 
+def blocks_computed(t: int, c: int, order, block: int = 512) -> list[int]:
+    """Per device, the (query block, key block) pairs a causal mask leaves it to compute (the others are
+    skipped), slots laid out in `order`, blocks of min(block, T/C)."""
+    block = min(block, t // c)
+    mine = np.asarray(order).reshape(c, t // c // block, block)
+    keys = mine.reshape(-1, block)  # every key block of the ring
+    return [int(sum(k.min() <= q.max() for q in queries for k in keys)) for queries in mine]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192])
@@ -112,8 +126,16 @@ def main():
         for c in args.context:
             got = {r["variant"]: r["gib"] for r in rows if r["seq"] == t and r["context"] == c}
             print(f"{t:>6} {c:>2} " + " ".join(f"{got[v]:>14.3f}" for v in VARIANTS))
+    print("\ncausal work: (query block, key block) pairs of 512 computed per device, slowest / fastest device:")
+    work = {}
+    for t in args.seq:
+        for c in args.context:
+            for layout_name, order in (("in order", np.arange(t)), ("zig-zag", zigzag(t, c))):
+                got = blocks_computed(t, c, order)
+                work[f"T{t}_C{c}_{layout_name.replace(' ', '_').replace('-', '')}"] = got
+                print(f"  T={t} C={c} {layout_name:>8}: {max(got)} / {min(got)}")
     RESULTS.mkdir(exist_ok=True)
-    record = {"shapes": {"B": 1, "N": N, "K": K, "H": H, "dtype": "float32"}, "rows": rows,
+    record = {"shapes": {"B": 1, "N": N, "K": K, "H": H, "dtype": "float32"}, "rows": rows, "causal_blocks": work,
               "devices": str(jax.devices()[0].platform)}
     (RESULTS / "context_parallel.json").write_text(json.dumps(record, indent=2) + "\n")
     print("RESULT " + " ".join(f"{r['variant'].replace(' ', '_')}_T{r['seq']}_C{r['context']}_gib={r['gib']:.3f}"

@@ -1,7 +1,7 @@
 """Context parallelism (`jaxft.parallel.context`) == one device: outputs and gradients of ring attention with the
 sequence split over a `context` mesh axis of 2, 4 and 8 simulated CPU devices, alone, with `data` and `tensor`
 axes, and as one ring over two mesh axes; on causal, packed (segment ids, padding, a shared soft prompt),
-sliding-window, grouped-query, multi-query and bidirectional inputs, with several key blocks per device, in
+sliding-window, grouped-query, multi-query and bidirectional inputs, with several query and key blocks per device, in
 sequence order and in the zig-zag layout. And the one-line errors for an axis that does not divide the
 sequence and a key block that does not divide a device's part.
 
@@ -85,7 +85,7 @@ def _run(out_path):
         def ring(q, k, v, w):  # in `order`, and back
             seg_, pos_ = (None if x is None else x[:, order] for x in (seg, pos))
             out = context_attention(q[:, order], k[:, order], v[:, order], lay, seg_, pos_, w, causal=causal,
-                                    slots=jnp.asarray(order)[None], block_k=2)  # several key blocks per device
+                                    slots=jnp.asarray(order)[None], block_q=2, block_k=2)  # several blocks a device
             return out[:, np.argsort(order)]
 
         window = jnp.int32(window)  # traced, as the model passes it

@@ -86,7 +86,8 @@ def zigzag(t: int, size: int) -> np.ndarray:
     The sequence is cut into 2 * size chunks and device i holds chunks i and 2 size - 1 - i: each device then
     has the same number of (query, key) pairs below the diagonal. To use it, lay every per-token array out as
     x[:, order] (tokens, positions, segment ids, labels) and pass `slots=order`; outputs come back in the same
-    order (x[:, argsort(order)] undoes it). Requires 2 * size to divide T.
+    order (x[:, argsort(order)] undoes it). Requires 2 * size to divide T; block_q must divide T / (2 size),
+    or a query block straddles both chunks and sees nearly every key.
     """
     if t % (2 * size):
         raise ShardingError(f"zig-zag layout: 2 * mesh.context = {2 * size} does not divide the sequence length {t}")

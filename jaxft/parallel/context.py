@@ -1,6 +1,6 @@
 """Context parallelism: self-attention over a sequence split across the mesh axes of the logical axis `seq`.
 
-Each device holds T / C consecutive positions of q, k and v (C: the size of the `context` mesh axis that
+Each device holds T / C consecutive rows of q, k and v's sequence axis (C: the size of the `context` axis that
 rules.seq names). The key/value blocks travel around a ring (`jax.lax.ppermute`, C - 1 hops) while every device
 folds each block into its queries with an online softmax; the backward pass (a custom VJP) sends the blocks
 around once more, each with its key/value gradient accumulating on the way, and recomputes the scores. Within a
@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxft.parallel.rules import Layout, ShardingError
 
-NEG_INF = -1e30  # as jaxft.models.layers: a fully masked row (padding) averages all values instead of NaN
+NEG_INF = -1e30  # as jaxft.models.layers: finite, so a row that sees no key (padding) averages values, not NaN
 
 
 def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None, window=0, *, slots=None,

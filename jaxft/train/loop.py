@@ -105,14 +105,15 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
             train_data.set_state(data_state)
         if main:
             changed = workdir_lib.record_resume(workdir, config, int(state["step"]))
-            earlier = _read_summary(workdir)
+        earlier = _read_summary(workdir)  # on every process: early stopping must decide alike everywhere
         log.info("resumed at step %d%s", int(state["step"]),
                  f" (changed: {', '.join(changed)})" if changed else "")
 
     start = int(state["step"])
     metrics = MetricsWriter(workdir, resumed_at=start if resume else None) if main else _NoMetrics()
+    # The guard compares with the run's first loss; every process reads it, so that all stop alike.
     first_loss = next((r["loss"] for r in read_rows(workdir / "metrics.jsonl") if r.get("step") == 1
-                       and "loss" in r), None) if main and start > 0 else None
+                       and "loss" in r), None) if start > 0 else None
     guard = Guard(config.guard, first_loss)
     stop = _StopFlag()
     steps = config.train.steps

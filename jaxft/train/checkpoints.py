@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import jax
@@ -53,6 +54,7 @@ class Checkpoints:
             raise CheckpointError(self._full(step, need, free))
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
+        hook, threading.excepthook = threading.excepthook, _quiet  # orbax's writer threads print what is raised here
         try:
             self.manager.save(step, args=args, force=True)
             self.manager.wait_until_finished()
@@ -62,6 +64,8 @@ class Checkpoints:
                 raise CheckpointError(self._full(step, need, shutil.disk_usage(self.dir).free)) from None
             raise CheckpointError(f"{self.dir}: the checkpoint of step {step} could not be written "
                                   f"({type(e).__name__}: {_first_line(e)}); {self._kept()}") from None
+        finally:
+            threading.excepthook = hook
 
     def restore(self, state: dict, meta: dict) -> tuple[dict, object]:
         """The latest complete checkpoint as (state, data-iterator state), after checking it matches `meta`;
@@ -103,6 +107,12 @@ def remove_incomplete(directory: Path) -> list[str]:
         log.warning("removed %d incomplete checkpoint(s) left by an interrupted save: %s", len(removed),
                     ", ".join(removed))
     return removed
+
+
+def _quiet(args) -> None:
+    """threading.excepthook during a save: an exception in orbax's writer thread reaches `save` as well, which
+    reports it in one line; printed from the thread too, it is a traceback per failed file."""
+    log.debug("checkpoint writer thread %s: %s", args.thread, args.exc_value)
 
 
 def _errno(e: BaseException) -> int | None:

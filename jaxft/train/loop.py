@@ -175,7 +175,7 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
                 log.info("early stopping at step %d: no improvement in %d evaluations", step, patience)
                 break
             if parallel.any_process(stop.raised):  # every process stops at the same step
-                status = stop.status
+                status = stop.status or "preempted"  # (the signal may have reached another process)
                 break
         bar.close()
         if last_saved != step and step > start:

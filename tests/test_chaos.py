@@ -22,7 +22,7 @@ import pytest
 import tiny
 from jaxft import config as config_lib, tree
 from jaxft.peft import io as adapter_io
-from jaxft.train import checkpoints
+from jaxft.train import checkpoints, loop
 from jaxft.train.guard import Guard
 from jaxft.train.loop import TrainingError, train
 from jaxft.train.workdir import WorkdirError
@@ -233,3 +233,14 @@ def test_guard_rules():
     off = Guard(config_lib.load(CONFIG, ["guard.enabled=False"]).guard, first_loss=1.0)
     assert all(off.check(s, 50.0, 0.0, True) is None for s in range(1, 30))
     assert off.check(30, float("inf"), 0.0, True) is not None  # non-finite always stops
+
+
+def test_a_second_ctrl_c_quits_at_once():
+    flag = loop._StopFlag()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: a flag the loop reads after its step
+        assert flag.raised and flag.status == "interrupted"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # the second: the OS ends the process
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -106,8 +106,10 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
         if main:
             changed = workdir_lib.record_resume(workdir, config, int(state["step"]))
         earlier = _read_summary(workdir)  # on every process: early stopping must decide alike everywhere
-        log.info("resumed at step %d%s", int(state["step"]),
-                 f" (changed: {', '.join(changed)})" if changed else "")
+        log.info("resumed at step %d", int(state["step"]))
+        if changed:  # allowed (FIXED settings were checked), but a reader of the metrics should know
+            log.warning("settings changed since the run started (in %s): %s", workdir_lib.HISTORY,
+                        ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
     start = int(state["step"])
     metrics = MetricsWriter(workdir, resumed_at=start if resume else None) if main else _NoMetrics()

@@ -63,7 +63,7 @@ def check(workdir: Path, config, *, resume: bool, overwrite: bool) -> list[str]:
 
 def commit(workdir: Path, config, *, resume: bool, overwrite: bool) -> Path | None:
     """The run's first write: moves an old run aside (with --overwrite; returns where it went), creates the
-    workdir and writes config.json if the workdir has none (atomically: a temporary file renamed)."""
+    workdir and, for a fresh run, writes config.json (atomically: a temporary file renamed)."""
     aside = None
     if overwrite and used(workdir):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -73,14 +73,17 @@ def commit(workdir: Path, config, *, resume: bool, overwrite: bool) -> Path | No
             aside, n = workdir.with_name(f"{workdir.name}.replaced-{stamp}-{n}"), n + 1
         os.rename(workdir, aside)
     workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / CONFIG).exists():
+    if not resume:  # (a resumed run's checkpoints are checked first: `record_resume`)
         _write_atomic(workdir / CONFIG, config.to_json_best_effort(indent=1) + "\n")
     return aside
 
 
 def record_resume(workdir: Path, config, step: int) -> dict:
-    """Appends {time, step resumed from, settings changed: {key: [run's, this one's]}} to config_history.jsonl."""
+    """Appends {time, step resumed from, settings changed: {key: [run's, this one's]}} to config_history.jsonl
+    (and writes config.json where the workdir has none); returns the changes."""
     saved = stored(workdir)
+    if saved is None:  # a workdir of a jaxft that did not write config.json: this run's settings are the record
+        _write_atomic(workdir / CONFIG, config.to_json_best_effort(indent=1) + "\n")
     changed = {} if saved is None else {k: list(v) for k, v in changes(saved, config).items()}
     entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "resumed_at_step": step,
              "changes": changed}

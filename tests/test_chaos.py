@@ -64,8 +64,24 @@ def metrics_steps(workdir, key):
     return [r["step"] for r in rows if key in r]
 
 
+# Started in each subprocess (as sitecustomize): orbax's last act of a save, renaming its temporary directory to
+# the step's, waits 0.5 s, so that a save is seen in progress, and killed there, on any machine.
+SLOW_COMMIT = """
+import os, time
+_rename = os.rename
+def rename(src, dst, *args, **kwargs):
+    if "orbax-checkpoint-tmp" in os.fspath(src):
+        time.sleep(0.5)
+    return _rename(src, dst, *args, **kwargs)
+os.rename = rename
+"""
+
+
 def test_kill9_anywhere_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAXFT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "sitecustomize.py").write_text(SLOW_COMMIT)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'hooks'}{os.pathsep}{ROOT}",
+           "JAXFT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     work = tmp_path / "chaos"
     ckpt = work / "checkpoints"
 

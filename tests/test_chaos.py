@@ -231,6 +231,15 @@ def test_divergence_guard_stops_a_collapsed_run(setup, tmp_path):
         assert all(np.isfinite(x).all() for x in tree.flatten(state["trainable"]).values()), step
 
 
+def test_divergence_guard_stops_a_run_whose_gradient_vanished(setup, tmp_path):
+    """The case of the issue: learning rate 1e6 never gives a NaN; from step 2 the gradient norm is exactly 0."""
+    with pytest.raises(TrainingError, match=r"step 4: the gradient norm has been exactly 0 for 3 steps"):
+        train(config(setup, "train.learning_rate=1e6", "train.steps=15", "guard.patience=3"), tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["grad_norm"] for r in rows if "grad_norm" in r][1:] == [0.0, 0.0]  # steps 2 and 3 (4 not logged)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
 def test_guard_rules():
     cfg = config_lib.load(CONFIG).guard
     g = Guard(cfg)

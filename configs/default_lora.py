@@ -53,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 1  # metrics.jsonl / TensorBoard every N steps
     c.train.l2sp = 0.0  # L2-SP: adds l2sp/2 * ||theta - theta_pretrained||^2 to the loss (full and partial only)
 
+    c.guard = ml_collections.ConfigDict()  # divergence guard (a non-finite loss or parameters always stop the run)
+    c.guard.enabled = True  # also stop a collapsed run: the two checks below
+    c.guard.patience = 10  # stop after this many steps in a row with gradient norm exactly 0, or loss too high
+    c.guard.loss_factor = 4.0  # "too high": above this multiple of the first step's training loss; 0: no check
+
     c.quant = ml_collections.ConfigDict()
     c.quant.format = "none"  # frozen base: none (param_dtype), nf4 or int4 (QLoRA); quantized while loading
     c.quant.block_size = 64  # values per scale (nf4 block / int4 group), along each weight's input axis

@@ -83,7 +83,7 @@ def main(workdir: str = "runs/demo", overrides: tuple[str, ...] = ()) -> int:
     shown = eval_recs[: config.demo.eval_examples]
     before, before_out = exact_match(model, shown, config.data.system_prompt, dtype=jnp.bfloat16)
     print(f"exact match before fine-tuning: {before:.1%} on {len(shown)} held-out dates", file=sys.stderr)
-    summary = train(config, workdir / "run")
+    summary = train(config, workdir / "run", overwrite=True)  # an earlier demo's run is moved aside
     trainable, spec, _ = adapter_io.load(summary["adapter"])
     after, after_out = exact_match(model, shown, config.data.system_prompt, trainable, spec, dtype=jnp.bfloat16)
     print(f"\nTask: {INSTRUCTION}")

@@ -220,7 +220,7 @@ def _base_and_run(source, model) -> tuple[str, dict]:
             raise AdapterError(f"{run_config}: not valid JSON ({e})") from None
         if "model" not in run:
             raise AdapterError(f"{run_config}: names no model")
-        return model or run["model"], run
+        return model or _trained_on(source, run["model"]), run
     if model is not None:
         return model, {}
     if (source / "adapter.json").is_file():
@@ -237,6 +237,19 @@ def _base_and_run(source, model) -> tuple[str, dict]:
                        f"(adapter.json) or a PEFT adapter directory (adapter_config.json)")
 
 
+def _trained_on(workdir: Path, configured: str) -> str:
+    """The base the run in `workdir` trained on: the path its adapter records (the model it loaded), where
+    that differs from the `model` of its config.json (a relative path read from another directory, or a
+    config.json that an older jaxft replaced on a refused --resume); else the config's own value."""
+    try:
+        trained = json.loads((workdir / "adapter" / "adapter.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return configured
+    if not trained or configured == "default" or Path(configured).resolve() == Path(trained).resolve():
+        return configured
+    return trained
+
+
 def _describe(model) -> tuple[LlamaConfig, object, Path]:
     """(config, tokenizer or None, path) of a base model, without reading its weights."""
     from jaxft.checkpoint import gguf, hf, resolve
@@ -245,12 +258,7 @@ def _describe(model) -> tuple[LlamaConfig, object, Path]:
     if path.is_dir():
         return hf.read_config(path), hf.tokenizer(path), path
     if path.is_file() and path.suffix == ".gguf":
-        import gguf as gguf_lib
-
-        try:
-            reader = gguf_lib.GGUFReader(path)
-        except (ValueError, OSError) as e:
-            raise LoadError(f"{path}: not a readable GGUF file ({e})") from None
+        reader = gguf.open_reader(path)
         return gguf.read_config(reader, str(path)), gguf.tokenizer(path, reader), path
     raise LoadError(f"{path}: " + ("not a model directory or a .gguf file" if path.exists() else
                                    "no such file or directory"))

@@ -207,5 +207,5 @@ def test_default_model_matches_transformers(default_model_path):
 
 def test_not_a_gguf_file(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-    with pytest.raises(LoadError, match=r"junk\.gguf: not a readable GGUF file"):
+    with pytest.raises(LoadError, match=r"junk\.gguf: not a GGUF file \(it does not start with the bytes GGUF\)"):
         checkpoint.load(tmp_path / "junk.gguf")

@@ -12,7 +12,7 @@ import pytest
 import tiny
 from jaxft import config as config_lib, tree
 from jaxft.peft import io as adapter_io
-from jaxft.train.checkpoints import ResumeError
+from jaxft.train.workdir import WorkdirError
 from jaxft.train.loop import TrainingError, train
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "default_lora.py")
@@ -87,12 +87,12 @@ def _run_until(config, workdir, step):
 def test_existing_checkpoints_are_never_overwritten(setup, tmp_path):
     train(_config(setup, "train.steps=2"), tmp_path)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    with pytest.raises(ResumeError, match="already holds checkpoints"):
+    with pytest.raises(WorkdirError, match="already holds a run .*checkpoints/.*--resume.*--overwrite"):
         train(_config(setup, "train.steps=2"), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
-    with pytest.raises(ResumeError, match="rank"):
+    with pytest.raises(WorkdirError, match="lora.rank=4 but this one has lora.rank=8"):
         train(_config(setup, "train.steps=4", "lora.rank=8"), tmp_path, resume=True)
-    with pytest.raises(ResumeError, match="no checkpoint"):
+    with pytest.raises(WorkdirError, match="no run to resume"):
         train(_config(setup), tmp_path / "empty", resume=True)
 
 
@@ -122,7 +122,7 @@ def test_qlora_through_the_trainer_and_format_checked_on_resume(setup, tmp_path)
     summary = train(_config(setup, *qlora), tmp_path)
     history = [loss for _, loss in summary["eval_history"]]
     assert summary["status"] == "completed" and history[-1] < history[0]
-    with pytest.raises(ResumeError, match="quant"):
+    with pytest.raises(WorkdirError, match="quant.format='nf4' but this one has quant.format='int4'"):
         train(_config(setup, "quant.format=int4", "quant.block_size=16", "train.steps=8"), tmp_path, resume=True)
     with pytest.raises(ValueError, match="block_size=64 does not divide"):
         train(_config(setup, "quant.format=nf4", "train.steps=1"), tmp_path / "bad")

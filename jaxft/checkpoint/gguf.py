@@ -40,10 +40,7 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
     the file one at a time (not through gguf-py's memory map, whose pages would stay in the process) and
     dequantized a few MB at a time.
     """
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise LoadError(f"{path}: not a readable GGUF file ({e})") from None
+    reader = open_reader(path)
     cfg = read_config(reader, str(path))
     unreadable = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type not in READABLE]
     if unreadable:
@@ -80,6 +77,23 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
         params = assemble(cfg, present, read, file=str(path), dtype=dtype, leaf_fn=leaf_fn,
                           label=lambda hf: to_gguf.get(hf, hf))
     return cfg, params, tok
+
+
+def open_reader(path: Path) -> gguf.GGUFReader:
+    """gguf-py's reader of `path`; a file that is not GGUF, or is cut short, raises a one-line LoadError."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise LoadError(f"{path}: not a GGUF file (it does not start with the bytes GGUF)")
+    try:
+        return gguf.GGUFReader(path)
+    except (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as e:
+        # gguf-py reads fields straight out of a memory map: a file cut inside its header fails wherever
+        # the data ran out, with an error about numpy views.
+        raise LoadError(f"{path}: a truncated or damaged GGUF file ({path.stat().st_size} bytes; the reader "
+                        f"stopped with {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                        f"copy or download it again") from None
 
 
 def dequantize(data: np.ndarray, qtype: T, chunk_bytes: int = 1 << 22) -> np.ndarray:

@@ -39,10 +39,16 @@ def read_config(path: Path):
     if not file.is_file():
         raise LoadError(f"{file}: not found (a Hugging Face model directory has a config.json)")
     try:
-        return config_from_hf(json.loads(file.read_text()), source=str(file))
+        hf = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LoadError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise LoadError(f"{file}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        return config_from_hf(hf, source=str(file))
     except ConfigError as e:
         raise LoadError(str(e)) from None
-    except (ValueError, KeyError, TypeError) as e:  # not JSON, or a field of the wrong form
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # a field of the wrong form
         raise LoadError(f"{file}: {type(e).__name__}: {e}") from None
 
 
@@ -154,13 +160,29 @@ class _Safetensors:
     def __init__(self, file: Path):
         self.file = file
         with open(file, "rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+            if n is not None and 8 + n > file.stat().st_size:
+                raise LoadError(f"{file}: truncated inside its header ({8 + n} bytes long, the file has "
+                                f"{file.stat().st_size}); copy or download it again")
             try:
-                (n,) = struct.unpack("<Q", f.read(8))
+                if n is None:
+                    raise ValueError(f"{len(head)} bytes, less than a header length")
                 self.header = json.loads(f.read(n))
             except (struct.error, ValueError) as e:
                 raise LoadError(f"{file}: not a safetensors file ({e})") from None
+        if not isinstance(self.header, dict):
+            raise LoadError(f"{file}: not a safetensors file (its header is not a JSON object)")
         self.header.pop("__metadata__", None)
         self.start = 8 + n
+        try:
+            end = max((info["data_offsets"][1] for info in self.header.values()), default=0)
+        except (TypeError, KeyError, IndexError):
+            raise LoadError(f"{file}: not a safetensors file (a header entry has no data_offsets)") from None
+        size = file.stat().st_size
+        if self.start + end > size:  # a copy or download cut short: say so rather than fail on a reshape
+            raise LoadError(f"{file}: truncated: its header describes {self.start + end} bytes but the file has "
+                            f"{size}; copy or download it again")
         self.data = np.memmap(file, np.uint8, "r")
 
     def read(self, name: str) -> np.ndarray:

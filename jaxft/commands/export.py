@@ -32,8 +32,9 @@ stdout, progress to stderr. Every model family exports: LLaMA (Llama, Mistral, Q
 Bottleneck adapters (adapter) and features heads have neither form: use them with jaxft
 (jaxft generate --adapter, jaxft.peft.features.classify).
 
-The base is the `model` of WORKDIR/config.json, or --model. OUT is written under a temporary name and renamed
-into place; an existing non-empty OUT is an error unless --overwrite.
+The base is --model, else the model the workdir's adapter was trained on (as adapter/adapter.json records
+it, where it differs from the `model` of WORKDIR/config.json), else that `model`. OUT is written under a
+temporary name and renamed into place; an existing non-empty OUT is an error unless --overwrite.
 
 examples:
   jaxft export --workdir runs/alpaca --peft exports/alpaca-lora

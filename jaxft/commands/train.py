@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from jaxft import plots
 from jaxft.commands import CommandError
@@ -11,8 +12,12 @@ HELP = """Fine-tune a model as CONFIG describes, writing checkpoints, metrics an
 
 Override any config field with --config.KEY=VALUE, e.g. --config.lora.rank=32 --config.train.steps=500
 --config.data.train=data.jsonl. A key that does not exist is an error. WORKDIR afterwards holds
-metrics.jsonl, tensorboard/, checkpoints/, adapter/ and summary.json. A workdir that already holds
-checkpoints is never overwritten: pass --resume to continue that run."""
+config.json (the run's settings, written once), metrics.jsonl, tensorboard/, checkpoints/, adapter/ and
+summary.json. A workdir that holds a run is never overwritten: pass --resume to continue that run (from its last
+complete checkpoint; config_history.jsonl records what the resume changed), or --overwrite to move it aside to
+WORKDIR.replaced-TIME and start afresh. Ctrl-C (or SIGTERM) saves a checkpoint after the current step; a second
+Ctrl-C quits at once. The run stops with an error if the loss or the parameters stop being finite, or if it
+collapses (see guard.* in the config)."""
 
 
 def register(subparsers) -> None:
@@ -21,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="a config file, e.g. configs/default_lora.py")
     p.add_argument("--workdir", required=True, metavar="DIR", help="where checkpoints, metrics and the adapter go")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in WORKDIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="move a run already in WORKDIR aside (WORKDIR.replaced-TIME) and start afresh")
     hosts = p.add_argument_group("several hosts (automatic on Cloud TPU VMs and in SLURM jobs; else all three)")
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, e.g. 10.0.0.2:8476")
     hosts.add_argument("--num-processes", type=int, metavar="N", help="number of processes (one per host)")
@@ -37,10 +44,15 @@ def run(args) -> int:
     try:
         config = config_lib.load(args.config, args.overrides)
         parallel.initialize(args.coordinator, args.num_processes, args.process_id)  # before any other JAX use
-        summary = train(config, args.workdir, resume=args.resume)
+        summary = train(config, args.workdir, resume=args.resume, overwrite=args.overwrite)
     except (config_lib.ConfigFileError, DataError, ResumeError, TrainingError, ValueError, FileNotFoundError) as e:
         raise CommandError(str(e)) from None
+    except OSError as e:  # a read-only or full workdir, or a file that vanished: say which, not the stack
+        raise CommandError(f"{e.filename or args.workdir}: {e.strerror or e}") from None
     print(f"{summary['status']} at step {summary['step']}; eval loss {summary['eval_loss']}; "
           f"adapter: {summary['adapter']}")
     plots.after_run(args.workdir)  # WORKDIR/plots/*.png; a failure to plot is logged, never raised
+    if summary["status"] == "interrupted":
+        print(f"a checkpoint is saved: continue with --resume --workdir {args.workdir}", file=sys.stderr)
+        return 130
     return 0

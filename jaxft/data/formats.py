@@ -28,6 +28,11 @@ FIELDS = {"alpaca": ("instruction", "input", "output"), "messages": ("messages",
           "text": ("text",), "seq2seq": ("source", "target")}
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 _CHUNK = 1024  # records per batched tokenizer call
+# A record above this many bytes (UTF-8, all its text fields together) is skipped and counted before it is
+# tokenized: fast tokenizers take ~200 bytes of memory per byte of text, so one 50 MB line would take 10 GB.
+# A text document above it is not skipped but tokenized in pieces of at most this size, cut at a space or
+# line break between two words (where byte-level BPE pre-tokenizers split anyway).
+MAX_RECORD_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,7 @@ class Examples:
     starts: np.ndarray  # (E + 1,) int64
     skipped_too_long: int  # records whose prompt alone fills seq_len: never trained on
     skipped_empty: int  # records with nothing to predict
+    skipped_oversized: int = 0  # records above MAX_RECORD_BYTES: never tokenized
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -77,7 +83,7 @@ def field_names(format: str, fields: dict | None) -> dict[str, str]:
 
 def tokenize_records(records: list[Record], format: str, tokenizer, seq_len: int, *, fields: dict | None = None,
                      system_prompt: str = "", chat_template: bool = True,
-                     prompt_template: str = "{source}") -> Examples:
+                     prompt_template: str = "{source}", max_record_bytes: int = MAX_RECORD_BYTES) -> Examples:
     """Validates, renders and tokenizes `records` (a `transformers` tokenizer with an EOS token).
 
     An example is cut to seq_len + 1 tokens (seq_len positions once shifted): a text document becomes
@@ -85,7 +91,8 @@ def tokenize_records(records: list[Record], format: str, tokenizer, seq_len: int
     head, or is skipped (and counted) when no response token survives. `system_prompt` becomes the system
     message of conversations that have none; `chat_template=False` forces the plain template. `prompt_template`
     (seq2seq only) is the prompt, its "{source}" replaced by the source field. Raises DataError naming the
-    record for a missing or mistyped field.
+    record for a missing or mistyped field. A record of more than `max_record_bytes` is skipped and counted
+    (a text document: tokenized in pieces; see MAX_RECORD_BYTES).
     """
     names = field_names(format, fields)
     eos = tokenizer.eos_token_id
@@ -95,19 +102,28 @@ def tokenize_records(records: list[Record], format: str, tokenizer, seq_len: int
     bos_id = tokenizer.bos_token_id
     bos = [bos_id] if not use_template and bos_id is not None and _adds_bos(tokenizer) else []
     ids_out, loss_out, too_long, empty = [], [], [], 0
+    oversized = [r.where for r in records if format != "text" and _size(r.fields) > max_record_bytes]
+    if oversized:
+        records = [r for r in records if format == "text" or _size(r.fields) <= max_record_bytes]
 
     for lo in range(0, len(records), _CHUNK):
         chunk = records[lo:lo + _CHUNK]
         rendered = [_render(r, format, names, tokenizer, use_template, system_prompt, prompt_template)
                     for r in chunk]
+        big = [len(text) > max_record_bytes // 4 and len(text.encode()) > max_record_bytes for text, _ in rendered]
         # One batched call for every whole rendering and every prefix that ends inside it.
         strings = []
-        for text, spans in rendered:
-            strings.append(text)
-            strings += [text[:c] for c in _cuts(text, spans)]
-        encoded = iter(tokenizer(strings, add_special_tokens=False)["input_ids"])
-        for record, (text, spans) in zip(chunk, rendered):
-            full = next(encoded)
+        for (text, spans), large in zip(rendered, big):
+            if not large:
+                strings.append(text)
+                strings += [text[:c] for c in _cuts(text, spans)]
+        encoded = iter(tokenizer(strings, add_special_tokens=False)["input_ids"] if strings else [])
+        for record, (text, spans), large in zip(chunk, rendered, big):
+            if large:  # a text document (the others were skipped): its spans are (0, len), no prefixes
+                full = [t for piece in _pieces(text, max_record_bytes // 4)
+                        for t in tokenizer(piece, add_special_tokens=False)["input_ids"]]
+            else:
+                full = next(encoded)
             at = {c: _common_prefix(full, next(encoded)) for c in _cuts(text, spans)}
             ids, loss = _with_loss(bos, full, eos, text, spans, at)
             starts = range(0, max(len(ids) - 1, 1), seq_len) if format == "text" else [0]
@@ -121,6 +137,9 @@ def tokenize_records(records: list[Record], format: str, tokenizer, seq_len: int
                 else:
                     empty += 1
 
+    if oversized:
+        log.warning("skipped %d record(s) of more than %d bytes, e.g. %s", len(oversized), max_record_bytes,
+                    ", ".join(oversized[:5]))
     if too_long:
         log.warning("skipped %d record(s) whose prompt alone fills seq_len=%d, e.g. %s", len(too_long), seq_len,
                     ", ".join(too_long[:5]))
@@ -129,7 +148,34 @@ def tokenize_records(records: list[Record], format: str, tokenizer, seq_len: int
         ids=np.concatenate(ids_out) if ids_out else np.zeros(0, np.int32),
         loss=np.concatenate(loss_out) if loss_out else np.zeros(0, bool),
         starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        skipped_too_long=len(too_long), skipped_empty=empty)
+        skipped_too_long=len(too_long), skipped_empty=empty, skipped_oversized=len(oversized))
+
+
+def _size(value) -> int:
+    """Bytes of the text in a record's fields (strings in nested lists and objects included)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode())
+    if isinstance(value, dict):
+        return sum(_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_size(v) for v in value)
+    return 0
+
+
+def _pieces(text: str, n: int) -> list[str]:
+    """`text` cut into pieces of at most about `n` characters, each cut just before a space or line break
+    that follows a non-space and precedes one (where byte-level BPE pre-tokenizers split), else anywhere."""
+    out, lo = [], 0
+    while len(text) - lo > n:
+        hi = lo + n
+        cut = max(text.rfind("\n", lo + 1, hi), text.rfind(" ", lo + 1, hi))
+        while cut > lo and (text[cut - 1].isspace() or cut + 1 >= len(text) or text[cut + 1].isspace()):
+            cut = max(text.rfind("\n", lo + 1, cut), text.rfind(" ", lo + 1, cut))
+        cut = cut if cut > lo else hi
+        out.append(text[lo:cut])
+        lo = cut
+    out.append(text[lo:])
+    return out
 
 
 def _with_loss(bos: list[int], full: list[int], eos: int, text: str, spans, at: dict[int, int]):

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from jaxft.data import packing
-from jaxft.data.formats import Examples, tokenize_records
+from jaxft.data.formats import MAX_RECORD_BYTES, Examples, tokenize_records
 from jaxft.data.sources import DataError, Record, read_records
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class DataStats:
     records: int  # records read from the sources (for a held-out split: of the file both parts come from)
     skipped_too_long: int  # of those, records whose prompt alone fills seq_len: never trained on
     skipped_empty: int  # of those, records with nothing to predict
+    skipped_oversized: int  # of those, records above jaxft.data.formats.MAX_RECORD_BYTES: never tokenized
     examples: int  # examples in this part (a long text document counts once per chunk)
     target_tokens: int  # positions with loss_mask 1 in one pass over this part
     rows: int  # rows of seq_len positions after packing (or one per example)
@@ -156,13 +157,15 @@ def _tokenize(records: list[Record], paths: Paths, format: str, tokenizer, seq_l
     if len(examples) == 0:
         raise DataError(f"{_names(paths)}: no example left to train on ({len(records)} record(s): "
                         f"{examples.skipped_too_long} with a prompt longer than seq_len={seq_len}, "
-                        f"{examples.skipped_empty} with nothing to predict)")
+                        f"{examples.skipped_empty} with nothing to predict, {examples.skipped_oversized} "
+                        f"of more than {MAX_RECORD_BYTES} bytes)")
     return examples
 
 
 def _stats(examples: Examples, n_records: int, rows: list, seq_len: int, batches: int) -> DataStats:
     stats = DataStats(records=n_records, skipped_too_long=examples.skipped_too_long,
-                      skipped_empty=examples.skipped_empty, examples=len(examples),
+                      skipped_empty=examples.skipped_empty, skipped_oversized=examples.skipped_oversized,
+                      examples=len(examples),
                       target_tokens=examples.target_tokens(), rows=len(rows),
                       fill=float(examples.lengths().sum()) / (len(rows) * seq_len), batches_per_epoch=batches)
     log.info("data: %s", stats)

@@ -114,9 +114,14 @@ def _load_file(path: Path, builder: str, sample_by: str, cache_dir) -> tuple[lis
         if objects is not None:
             # Already parsed: datasets' JSON reader would turn strings such as "2031-07-04" into timestamps.
             keys = list(dict.fromkeys(k for o in objects for k in o))  # every record's fields, in order
-            ds = datasets.Dataset.from_dict({k: [o.get(k) for o in objects] for k in keys})
+            try:
+                ds = datasets.Dataset.from_dict({k: [o.get(k) for o in objects] for k in keys})
+            except Exception as e:  # Arrow's errors name neither the record nor the field: find them
+                raise DataError(_mixed_types(path, lines, objects, keys, e)) from None
         else:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
+    except DataError:
+        raise
     except Exception as e:  # pyarrow / pandas errors: keep their first line, say which file
         raise DataError(f"{path}: could not be read ({type(e).__name__}: {_first_line(e)})") from e
     rows = ds.to_list()
@@ -245,6 +250,56 @@ def _csv_lines(path: Path, text: str, sep: str) -> tuple[list[str], list[int]]:
     if header is None:
         raise DataError(f"{path}: the data set is empty")
     return header, lines
+
+
+def _mixed_types(path: Path, lines: list[int], objects: list[dict], keys: list[str], error: Exception) -> str:
+    """The message for records Arrow cannot put in one table: the first field whose values do not share a
+    type, and the first line where it differs (found by bisection over the records, each a small table)."""
+    for key in keys:
+        column = [o.get(key) for o in objects]
+        if _fits(column):
+            continue
+        lo, hi = 1, len(column)  # the shortest failing prefix column[:hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if _fits(column[:mid]) else (lo, mid)
+        bad = column[hi - 1]
+        for earlier in (v for v in column[:hi - 1] if v is not None):
+            where = _difference(earlier, bad, key)
+            if where is not None:
+                name, was, now = where
+                return (f"{path}:{lines[hi - 1]}: field '{name}' is {now} here but {was} in earlier records; "
+                        f"every record must give a field the same type")
+        return f"{path}:{lines[hi - 1]}: field '{key}' does not have the type it has in earlier records"
+    return f"{path}: could not be read ({type(error).__name__}: {_first_line(error)})"
+
+
+def _fits(column: list) -> bool:
+    try:
+        datasets.Dataset.from_dict({"x": column})
+        return True
+    except Exception:
+        return False
+
+
+def _difference(a, b, name: str) -> tuple[str, str, str] | None:
+    """(where, kind in a, kind in b) of the first place where the JSON values a and b differ in type."""
+    if a is None or b is None:
+        return None
+    if _kind(a) != _kind(b):
+        return name, _kind(a), _kind(b)
+    if isinstance(a, dict):
+        return next((d for k in b if k in a for d in [_difference(a[k], b[k], f"{name}.{k}")] if d), None)
+    if isinstance(a, list):
+        return next((d for x in a for i, y in enumerate(b) for d in [_difference(x, y, f"{name}[{i}]")] if d),
+                    None)
+    return None
+
+
+def _kind(value) -> str:
+    kinds = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+             dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _first_line(e: Exception) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -19,8 +20,10 @@ from tqdm import tqdm
 
 from jaxft import parallel, peft, tasks, tree
 from jaxft.peft import io as adapter_io
-from jaxft.train.checkpoints import Checkpoints, ResumeError
-from jaxft.train.metrics import MetricsWriter
+from jaxft.train import workdir as workdir_lib
+from jaxft.train.checkpoints import CheckpointError, Checkpoints
+from jaxft.train.guard import Guard, all_finite
+from jaxft.train.metrics import MetricsWriter, read_rows
 from jaxft.tasks import heads
 from jaxft.train.build import (TASK_FILE, Evaluator, batch_shardings, dtype_of, load_model, put_batch, stack_micro,
                                task_model, trainable_builder, unroll_layers)
@@ -34,13 +37,18 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (diverged loss, unusable workdir); the message says what to do."""
 
 
-def train(config, workdir: str | Path, resume: bool = False) -> dict:
-    """Runs the training described by `config` in `workdir`; returns a summary (steps, losses, paths)."""
+def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """Runs the training described by `config` in `workdir`; returns a summary (steps, losses, paths).
+
+    resume: continue the run in `workdir` from its last complete checkpoint (from step 0 if none completed).
+    overwrite: move a run already in `workdir` aside (to WORKDIR.replaced-TIME) and start afresh. Without
+    either, a workdir holding a run is refused (`jaxft.train.workdir`).
+    """
     workdir = Path(workdir)
     if config.peft.method == "features":  # a head on frozen features: its own short loop (no LM steps)
         from jaxft.train import features
         return features.train(config, workdir)
-    _check_workdir(workdir, resume)
+    workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)  # writes nothing
     unroll_layers(config, dtype_of(config, "dtype"))  # a bad train.layer_loop or dtype fails before anything loads
     task_name = tasks.name_of(config)
     task = tasks.get(task_name)
@@ -83,79 +91,105 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
     evaluate = Evaluator(task, m, config, info, base, eval_batches, layout, tokenizer, state_sh["trainable"])
 
     # Only now that model, data and method are known to work does the run write into the workdir.
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    main = jax.process_index() == 0  # with several processes, the first one writes metrics and files
+    if main:
+        aside = workdir_lib.commit(workdir, config, resume=resume, overwrite=overwrite)
+        if aside is not None:
+            log.warning("moved the earlier run in %s aside to %s", workdir, aside)
+    parallel.any_process(False)  # the others wait for the workdir to exist
     ckpts = Checkpoints(workdir, config.train.keep_checkpoints)
+    earlier, changed = {}, {}  # the summary of the run this one continues, the settings changed since
     if resume:
         state, data_state = ckpts.restore(state, meta)
-        train_data.set_state(data_state)
+        if data_state is not None:
+            train_data.set_state(data_state)
+        if main:
+            changed = workdir_lib.record_resume(workdir, config, int(state["step"]))
+        earlier = _read_summary(workdir)  # on every process: early stopping must decide alike everywhere
         log.info("resumed at step %d", int(state["step"]))
+        if changed:  # allowed (FIXED settings were checked), but a reader of the metrics should know
+            log.warning("settings changed since the run started (in %s): %s", workdir_lib.HISTORY,
+                        ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
-    main = jax.process_index() == 0  # with several processes, the first one writes metrics and files
-    metrics = MetricsWriter(workdir) if main else _NoMetrics()
-    stop = _SigtermFlag()
     start = int(state["step"])
+    metrics = MetricsWriter(workdir, resumed_at=start if resume else None) if main else _NoMetrics()
+    # The guard compares with the run's first loss; every process reads it, so that all stop alike.
+    first_loss = next((r["loss"] for r in read_rows(workdir / "metrics.jsonl") if r.get("step") == 1
+                       and "loss" in r), None) if start > 0 else None
+    guard = Guard(config.guard, first_loss)
+    stop = _StopFlag()
     steps = config.train.steps
-    best, since_best, eval_loss = math.inf, 0, None
-    history = []
-    eval_metrics = None
+    history = [h for h in earlier.get("eval_history") or [] if h[0] <= start]
+    eval_metrics, eval_loss = earlier.get("eval_metrics"), earlier.get("eval_loss")
+    best = min([loss for _, loss in history], default=math.inf)
+    since_best = 0
     if start == 0:
         eval_metrics = evaluate(state["trainable"])
         eval_loss = eval_metrics["loss"]
         metrics.write(0, **_prefixed(eval_metrics))
-        history.append((0, eval_loss))
+        history = [(0, eval_loss)]
         best = eval_loss
         log.info("step 0: %s", _table(eval_metrics))
 
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     last_saved, step, status = start, start, "completed"
     tokens_seen, t0 = 0, time.perf_counter()
-    for step in range(start + 1, steps + 1):
-        batch = stack_micro(next(train_data), accum)
-        new_state, out = train_step(state, base, put_batch(batch, layout, micro=True))
-        loss = float(out["loss"])
-        if not math.isfinite(loss):
-            # `state` was donated: the last good values are in the last checkpoint, which is kept.
-            status = "diverged"
-            raise TrainingError(f"step {step}: loss is {loss}; stopped. The last good checkpoint "
-                                f"(step {last_saved}) is kept in {ckpts.dir}. Lower train.learning_rate?")
-        state = new_state
-        tokens_seen += int(batch["segment_ids"].astype(bool).sum())
-        tok_s = tokens_seen / (time.perf_counter() - t0)
-        lr = float(lr_schedule(step - 1))
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
-        bar.update(1)
-        row = {"loss": loss, "learning_rate": lr, "tokens_per_s": tok_s, "grad_norm": float(out["grad_norm"])}
-        is_eval = (config.train.eval_every and step % config.train.eval_every == 0) or step == steps
-        if is_eval:
-            eval_metrics = evaluate(state["trainable"])
-            eval_loss = eval_metrics["loss"]
-            row.update(_prefixed(eval_metrics))
-            history.append((step, eval_loss))
-            if eval_loss < best - 1e-6:
-                best, since_best = eval_loss, 0
-            else:
-                since_best += 1
-        if is_eval or step % config.train.log_every == 0:
-            metrics.write(step, **row)
-        if step % config.train.save_every == 0 or step == steps:
+    try:
+        for step in range(start + 1, steps + 1):
+            batch = stack_micro(next(train_data), accum)
+            state, out = train_step(state, base, put_batch(batch, layout, micro=True))
+            loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+            why = guard.check(step, loss, grad_norm, bool(all_finite(state["trainable"])))
+            if why is not None:
+                # `state` is not saved: the checkpoints kept were all checked finite before they were written.
+                status = "diverged"
+                if main:
+                    _write_summary(workdir, {"status": status, "step": step, "reason": why, "task": task_name,
+                                             "eval_loss": eval_loss, "eval_metrics": eval_metrics,
+                                             "eval_history": history, "adapter": None, "data": info})
+                raise TrainingError(f"{why}; stopped. The last good checkpoint ({_saved(ckpts)}) "
+                                    f"is kept in {ckpts.dir}. Lower train.learning_rate, then --resume, or "
+                                    f"start again with --overwrite")
+            tokens_seen += int(batch["segment_ids"].astype(bool).sum())
+            tok_s = tokens_seen / (time.perf_counter() - t0)
+            lr = float(lr_schedule(step - 1))
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            row = {"loss": loss, "learning_rate": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm}
+            is_eval = (config.train.eval_every and step % config.train.eval_every == 0) or step == steps
+            if is_eval:
+                eval_metrics = evaluate(state["trainable"])
+                eval_loss = eval_metrics["loss"]
+                row.update(_prefixed(eval_metrics))
+                history.append((step, eval_loss))
+                if eval_loss < best - 1e-6:
+                    best, since_best = eval_loss, 0
+                else:
+                    since_best += 1
+            if is_eval or step % config.train.log_every == 0:
+                metrics.write(step, **row)
+            if step % config.train.save_every == 0 or step == steps:
+                ckpts.save(step, state, train_data.get_state(), meta)
+                last_saved = step
+            patience = config.train.early_stopping_patience
+            if is_eval and patience and since_best >= patience:
+                status = "early_stopped"
+                log.info("early stopping at step %d: no improvement in %d evaluations", step, patience)
+                break
+            if parallel.any_process(stop.raised):  # every process stops at the same step
+                status = stop.status or "preempted"  # (the signal may have reached another process)
+                break
+        bar.close()
+        if last_saved != step and step > start:
             ckpts.save(step, state, train_data.get_state(), meta)
-            last_saved = step
-        patience = config.train.early_stopping_patience
-        if is_eval and patience and since_best >= patience:
-            status = "early_stopped"
-            log.info("early stopping at step %d: no improvement in %d evaluations", step, patience)
-            break
-        if parallel.any_process(stop.raised):  # every process stops at the same step
-            status = "preempted"
-            break
-    bar.close()
-    if last_saved != step and step > start:
-        ckpts.save(step, state, train_data.get_state(), meta)
-    ckpts.close()
-    metrics.close()
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from None
+    finally:
+        stop.restore()
+        ckpts.close()
+        metrics.close()
     adapter_dir = None
-    if status != "preempted":
+    if status not in ("preempted", "interrupted"):
         trainable = parallel.to_host(state["trainable"])  # gathered on every process (a collective)
         adapter_dir = workdir / "adapter"
         if main:
@@ -167,8 +201,28 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
                "eval_metrics": eval_metrics, "eval_history": history,
                "adapter": str(adapter_dir) if adapter_dir else None, "data": info}
     if main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        _write_summary(workdir, summary)
     return summary
+
+
+def _read_summary(workdir: Path) -> dict:
+    """WORKDIR/summary.json of an earlier invocation, or {} (none, or unreadable: it is rewritten at the end)."""
+    try:
+        summary = json.loads((workdir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def _write_summary(workdir: Path, summary: dict) -> None:
+    tmp = workdir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, workdir / "summary.json")
+
+
+def _saved(ckpts: Checkpoints) -> str:
+    step = ckpts.latest_step()
+    return f"step {step}" if step is not None else "none yet: --resume starts at step 0"
 
 
 def _prefixed(metrics: dict) -> dict:
@@ -177,16 +231,6 @@ def _prefixed(metrics: dict) -> dict:
 
 def _table(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def _check_workdir(workdir: Path, resume: bool) -> None:
-    """Refuses to start a fresh run over existing checkpoints, and to resume from nothing."""
-    has_ckpt = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
-    if has_ckpt and not resume:
-        raise ResumeError(f"{workdir}: already holds checkpoints; pass --resume to continue that run "
-                          f"or choose another --workdir (nothing was overwritten)")
-    if resume and not has_ckpt:
-        raise ResumeError(f"{workdir}: --resume given but there is no checkpoint to resume from")
 
 
 def _without_head(penalty):
@@ -212,15 +256,25 @@ class _NoMetrics:
         pass
 
 
-class _SigtermFlag:
-    """On SIGTERM (TPU preemption) the loop finishes its step, saves a checkpoint and returns normally."""
+class _StopFlag:
+    """SIGTERM (TPU preemption) or a first Ctrl-C (SIGINT): the loop finishes its step, saves a checkpoint and
+    returns normally. A second Ctrl-C ends the process at once (the default action: checkpoints are crash-safe)."""
 
     def __init__(self):
-        self.raised = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a test runner thread): no handler
-            pass
+        self.raised, self.status, self.before = False, None, {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.before[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+                pass
 
-    def _handle(self, *_):
+    def _handle(self, sig, _frame):
         self.raised = True
+        self.status = self.status or ("interrupted" if sig == signal.SIGINT else "preempted")
+        if sig == signal.SIGINT:
+            log.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to quit at once)")
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    def restore(self) -> None:
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

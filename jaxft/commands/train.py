@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxft import plots
 from jaxft.commands import CommandError
 
 HELP = """Fine-tune a model as CONFIG describes, writing checkpoints, metrics and the adapter into WORKDIR.
@@ -51,7 +50,6 @@ def run(args) -> int:
         raise CommandError(f"{e.filename or args.workdir}: {e.strerror or e}") from None
     print(f"{summary['status']} at step {summary['step']}; eval loss {summary['eval_loss']}; "
           f"adapter: {summary['adapter']}")
-    plots.after_run(args.workdir)  # WORKDIR/plots/*.png; a failure to plot is logged, never raised
     if summary["status"] == "interrupted":
         print(f"a checkpoint is saved: continue with --resume --workdir {args.workdir}", file=sys.stderr)
         return 130

@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from jaxft import parallel, peft, tasks, tree
+from jaxft import parallel, peft, plots, tasks, tree
 from jaxft.peft import io as adapter_io
 from jaxft.train import workdir as workdir_lib
 from jaxft.train.checkpoints import CheckpointError, Checkpoints
@@ -147,6 +147,7 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
                     _write_summary(workdir, {"status": status, "step": step, "reason": why, "task": task_name,
                                              "eval_loss": eval_loss, "eval_metrics": eval_metrics,
                                              "eval_history": history, "adapter": None, "data": info})
+                    plots.after_run(workdir)  # the curves that led here
                 raise TrainingError(f"{why}; stopped. The last good checkpoint ({_saved(ckpts)}) "
                                     f"is kept in {ckpts.dir}. Lower train.learning_rate, then --resume, or "
                                     f"start again with --overwrite")
@@ -202,6 +203,7 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
                "adapter": str(adapter_dir) if adapter_dir else None, "data": info}
     if main:
         _write_summary(workdir, summary)
+        plots.after_run(workdir)  # WORKDIR/plots/*.png; a failure to plot is logged, never raised
     return summary
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.models import llama
+from jaxft.models import llama, t5
 from jaxft.models.config import LlamaConfig
 from jaxft.peft import method as peft_method
 from jaxft.quant import as_dense
@@ -166,6 +166,68 @@ def _logits(cfg: LlamaConfig, base: dict, trainable, hidden, dtype):
     else:
         head, spec = params["lm_head"]["w"], "bd,dv->bv"
     return jnp.einsum(spec, hidden, as_dense(head, dtype), preferred_element_type=jnp.float32)
+
+
+def generate_seq2seq(cfg: t5.Config, base: dict, enc_prompts: list[list[int]], *, max_new_tokens: int,
+                     eos_id: int | None = None, trainable: dict | None = None, peft=None, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, dtype=jnp.float32) -> list[list[int]]:
+    """The decoded tokens of each encoder input, up to `max_new_tokens`; a row stops at `eos_id` (default the
+    config's), which is excluded. Greedy when `temperature` is 0, else sampled as `jaxft.generate.generate`.
+
+    enc_prompts: B lists of token ids (non-empty, any lengths), right-padded into one batch (relative positions
+    make the side irrelevant). The encoder runs once; the decoder starts from decoder_start_token_id with a KV
+    cache, the cross-attention keys and values computed in its first step.
+    """
+    if not enc_prompts or any(len(p) == 0 for p in enc_prompts):
+        raise ValueError("generate needs at least one input and no empty input")
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"invalid sampling arguments: max_new_tokens={max_new_tokens} temperature={temperature} "
+                         f"top_k={top_k} top_p={top_p}")
+    if max_new_tokens == 0:
+        return [[] for _ in enc_prompts]
+    spec = peft_method.as_method(peft)
+    trainable, spec = peft_method.resolve(spec, base, trainable)  # once here, not in every decode step
+    tokens = np.zeros((len(enc_prompts), _bucket(max(len(p) for p in enc_prompts))), np.int32)
+    segment_ids = np.zeros_like(tokens)
+    for row, prompt in enumerate(enc_prompts):
+        tokens[row, :len(prompt)] = prompt
+        segment_ids[row, :len(prompt)] = 1
+    is_eos = np.zeros((cfg.vocab_size,), bool)
+    is_eos[cfg.eos_token_id if eos_id is None else eos_id] = True
+    knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
+    out = _generate_seq2seq(cfg, base, trainable, tokens, segment_ids, np.int32(max_new_tokens), is_eos,
+                            jax.random.key(seed), knobs, peft=spec, dtype=jnp.dtype(dtype),
+                            budget=_bucket(max_new_tokens))
+    return [_until_eos(row[:max_new_tokens], is_eos) for row in np.asarray(out)]
+
+
+@partial(jax.jit, static_argnums=0, static_argnames=("peft", "dtype", "budget"))
+def _generate_seq2seq(cfg, base, trainable, tokens, segment_ids, max_new, is_eos, key, knobs, *, peft, dtype,
+                      budget):
+    """The compiled part of `generate_seq2seq` -> (B, budget) int32 decoded tokens (past EOS / max_new: anything)."""
+    params = overlay(base, trainable)
+    b = tokens.shape[0]
+    encoded = t5.encode(cfg, base, tokens, segment_ids=segment_ids, trainable=trainable, peft=peft, dtype=dtype)
+    model = partial(t5.forward, cfg, base, None, trainable=trainable, peft=peft, dtype=dtype, return_hidden=True)
+    start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
+    hidden, cache = model(start, enc_segment_ids=segment_ids, encoded=encoded,
+                          cache=t5.init_cache(cfg, b, budget, dtype))
+    first = sample(t5.lm_logits(cfg, params, hidden[:, -1]), jax.random.fold_in(key, 0), knobs)
+
+    def cond(state):
+        step, _, done, _ = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+        step, out, done, cache = state
+        previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # (B, 1)
+        hidden, cache = model(previous, cache=cache)
+        token = sample(t5.lm_logits(cfg, params, hidden[:, 0]), jax.random.fold_in(key, step), knobs)
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+        return step + 1, out, done | is_eos[token], cache
+
+    out = jnp.zeros((b, budget), jnp.int32).at[:, 0].set(first)
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), out, is_eos[first], cache))[1]
 
 
 def _bucket(n: int) -> int:

@@ -192,6 +192,17 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     return constrain(logits, ("batch", "seq", "vocab"), layout), new_cache
 
 
+def decode_logits(cfg: LlamaConfig, base: dict, trainable, hidden, dtype):
+    """hidden (B, D) final-normed -> logits (B, V) float32: the output head of `forward`, for one position of a
+    decoding step (`jaxft.generate`)."""
+    params = overlay(base, trainable)
+    if cfg.tie_embeddings:
+        head, spec = params["embed"]["w"], "bd,vd->bv"
+    else:
+        head, spec = params["lm_head"]["w"], "bd,dv->bv"
+    return jnp.einsum(spec, hidden, as_dense(head, dtype), preferred_element_type=jnp.float32)
+
+
 def split_layers(params: dict) -> dict:
     """params with its stacked `layers` tree split into a tuple of L per-layer trees (any tree holding a
     `layers` key: a base or a trainable tree). `forward` then runs the layers as an unrolled Python loop instead

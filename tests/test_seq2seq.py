@@ -1,6 +1,6 @@
 """Sequence-to-sequence task: the loss mask of prompt + target rows token by token, packing, the loss against
 transformers' `labels=` loss (tiny Llama and tiny T5), generation-based evaluation against `jaxft.generate` /
-`t5.generate` and `jaxft.metrics`, parallel files, and the errors of bad input."""
+`jaxft.generate.generate_seq2seq` and `jaxft.metrics`, parallel files, and the errors of bad input."""
 
 import json
 import re

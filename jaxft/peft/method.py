@@ -161,5 +161,5 @@ def resolve(spec: MethodSpec | None, base: dict, trainable: dict | None) -> tupl
 def finalize(spec: MethodSpec, trainable: dict) -> dict:
     """The trainable tree to save after training: what training needed but inference does not is dropped
     (prefix tuning's reparameterization MLP: the adapter holds the prefixes it computes)."""
-    fn = as_method(spec)._hook("finalize")
+    fn = getattr(implementation(method_of(spec)), "finalize", None)  # (any spec: a FeatureSpec's head too)
     return trainable if fn is None else fn(spec, trainable)

@@ -157,4 +157,5 @@ def _expected_partial(spec, flat: dict, base: dict, cfg) -> dict:
 FULL = SimpleNamespace(build=_build_full, expected=lambda spec, flat, base, cfg: dict(base), merge=merge,
                        resolve=resolve, SHAPING=())
 PARTIAL = SimpleNamespace(build=_build_partial, expected=_expected_partial, merge=merge, resolve=resolve,
-                          SHAPING=("select",))
+                          SHAPING=("select",), selection=lambda config: (f"partial.select={config.partial.select!r}",
+                                                                         False))

@@ -93,6 +93,12 @@ def expected(spec, flat: dict, base: dict, cfg) -> dict:
     return want
 
 
+def selection(config) -> tuple[str, bool]:
+    """The settings that choose the vectors, as `peft.init_from` names them (listing leaves: their names say
+    which are scaled at the input)."""
+    return f"ia3.targets={config.ia3.targets!r} with ia3.feedforward={config.ia3.feedforward!r}", True
+
+
 def merge(base: dict, trainable: dict, spec=None, dtype=None) -> dict:
     """Plain weights computing what base + IA3 computes; a quantized weight is dequantized (float32)."""
     flat = tree.flatten(base)

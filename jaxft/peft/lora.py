@@ -198,6 +198,11 @@ def settings(config, spec, flat: dict) -> list:
             ("lora.rslora", bool(c.rslora), spec.rslora), ("lora.dora", bool(c.dora), spec.dora)]
 
 
+def selection(config) -> tuple[str, bool]:
+    """The setting that chooses the adapted modules, as `peft.init_from` names it (listing modules)."""
+    return f"lora.targets={config.lora.targets!r}", False
+
+
 def merge(base: dict, trainable: dict, spec, dtype=None) -> dict:
     """Plain weights whose outputs equal the adapted model's: W + s A B (DoRA: rescaled per output); spec: the
     LoraSpec (or its MethodSpec).

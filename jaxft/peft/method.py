@@ -27,7 +27,8 @@ functions of its method's module, found in `REGISTRY` by name (`register`). A me
 
   build(key, base, config, cfg, tokenizer) -> (trainable, spec)   a fresh tree from config.<name>
   expected(spec, flat, base, cfg) -> {path: shape}                 the leaves an adapter of this base must have
-  settings(config, spec, flat) -> [(field, config value, adapter value)]   what `peft.init_from` compares
+  settings(config, spec, flat) -> [(field, config value, adapter value[, hint])]   what `peft.init_from` compares
+  selection(config) -> (the setting choosing the leaves, listed by leaf?)    named when `init_from`'s leaves differ
   merge(base, trainable, spec, dtype) -> base                      where a plain base computes the same
   SHAPING (config fields fixing the tree's shapes), UNMERGEABLE (why no merge exists)
   the hooks: resolve, finalize, input_embeddings, linear, attention_kv, block_output (spec first), and

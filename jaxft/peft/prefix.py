@@ -133,8 +133,11 @@ def expected(spec, flat: dict, base: dict, cfg) -> dict:
 
 
 def settings(config, spec, flat: dict) -> list:
+    """(field, the config's value, the adapter's value[, hint]) that `peft.init_from` compares."""
+    projection = flat.get("prefix/mlp/in/w", (0, 0))[-1]
+    hint = "" if projection else "; set prefix.projection=0 to train the prefixes themselves"
     return [("prefix.length", config.prefix.length, spec.virtual_tokens),
-            ("prefix.projection", config.prefix.projection, flat.get("prefix/mlp/in/w", (0, 0))[-1])]
+            ("prefix.projection", config.prefix.projection, projection, hint)]
 
 
 def prefix_length(spec) -> int:

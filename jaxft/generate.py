@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.models import llama
+from jaxft.models import family_of, t5
 from jaxft.models.config import LlamaConfig
 from jaxft.peft import method as peft_method
-from jaxft.quant import as_dense
 from jaxft.tree import overlay
 
 MIN_BUCKET = 16  # smallest padded prompt length / new-token budget: a compilation per power of two above it
@@ -37,11 +36,12 @@ def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_
     samples softmax(logits / temperature) restricted to the `top_k` most likely tokens (0: all), then to the
     smallest set of them whose probability reaches `top_p` (nucleus); the draws depend only on `seed`, the
     prompts and the arguments. `trainable` and `peft` (the method's spec; `lora=` a bare LoraSpec) are passed
-    to `llama.forward`: every fine-tuning method generates, a soft prompt or prefix included (the prefix stays
-    outside the cache, the prompt goes in with the prefill); `dtype` is the compute and KV-cache dtype.
-    Decoding stops when every row has hit one of `eos_ids` or `max_new_tokens` tokens.
+    to the family's `forward` (any decoder family of `jaxft.models`): every fine-tuning method generates, a soft
+    prompt or prefix included (the prefix stays outside the cache, the prompt goes in with the prefill); `dtype`
+    is the compute and KV-cache dtype. Decoding stops when every row has hit one of `eos_ids` or
+    `max_new_tokens` tokens.
     `unroll` runs the decode steps' layers as an unrolled loop over per-layer weights and KV-cache buffers
-    split once before decoding (`llama.split_layers`, `llama.split_cache`), so that no step slices a weight
+    split once before decoding (the family's `split_layers`, `split_cache`), so that no step slices a weight
     out of its stack: measured on a 2-core CPU, 1.15x faster decoding at batch 8 and 0.9x at batch 1, at the
     cost of a 3x longer compilation and a second copy of the layer weights while generating (bench/generate.py).
     None (the default) unrolls from 4 prompts on.
@@ -61,8 +61,8 @@ def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_
                          f"max_seq_len={cfg.max_seq_len}")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    if unroll is None:
-        unroll = len(prompts) >= UNROLL_FROM
+    if unroll is None:  # (a family without split_layers runs its scan)
+        unroll = len(prompts) >= UNROLL_FROM and hasattr(family_of(cfg), "split_layers")
 
     tokens, segment_ids, positions = pad_left(prompts, _bucket(longest))
     is_eos = np.zeros((cfg.vocab_size,), bool)
@@ -126,19 +126,21 @@ def _generate(cfg, base, trainable, tokens, segment_ids, positions, max_new, is_
     tokens / segment_ids / positions: (B, P) from `pad_left`; is_eos: (V,) bool. The columns past a row's EOS
     hold whatever it went on decoding, and those past `max_new` zeros: the caller truncates.
     """
-    model = partial(llama.forward, cfg, base, peft=peft, dtype=dtype, return_hidden=True)
+    family = family_of(cfg)
+    model = partial(family.forward, cfg, base, peft=peft, dtype=dtype, return_hidden=True)
     b, p = tokens.shape
     soft = 0 if not trainable or "prompt" not in trainable else trainable["prompt"]["embeddings"].shape[0]
     hidden, cache = model(tokens, trainable=trainable, positions=positions, segment_ids=segment_ids,
-                          cache=llama.init_cache(cfg, b, soft + p + budget, dtype))
+                          cache=family.init_cache(cfg, b, soft + p + budget, dtype))
     # A soft prompt went into the cache with the prefill: the decode steps do without it.
     decoding = trainable if not soft else {k: v for k, v in trainable.items() if k != "prompt"}
     if unroll:  # the decode steps read per-layer weights split here, once, instead of slicing the stacks
-        model = partial(llama.forward, cfg, llama.split_layers(base), peft=peft, dtype=dtype, return_hidden=True)
-        decoding = llama.split_layers(decoding)
-        cache = llama.split_cache(cache)
+        model = partial(family.forward, cfg, family.split_layers(base), peft=peft, dtype=dtype, return_hidden=True)
+        decoding = family.split_layers(decoding)
+        cache = family.split_cache(cache)
     # Left padding puts every row's last prompt token in the last column: only its logits are needed.
-    first = sample(_logits(cfg, base, trainable, hidden[:, -1], dtype), jax.random.fold_in(key, 0), knobs)
+    head = partial(family.decode_logits, cfg, base, trainable, dtype=dtype)
+    first = sample(head(hidden[:, -1]), jax.random.fold_in(key, 0), knobs)
     lengths = jnp.sum(segment_ids, axis=1)  # positions continue from the real prompt lengths
 
     def cond(state):
@@ -150,7 +152,7 @@ def _generate(cfg, base, trainable, tokens, segment_ids, positions, max_new, is_
         previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # (B, 1)
         hidden, cache = model(previous, trainable=decoding, positions=(lengths + step - 1)[:, None],
                               segment_ids=jnp.ones_like(previous), cache=cache)
-        token = sample(_logits(cfg, base, trainable, hidden[:, 0], dtype), jax.random.fold_in(key, step), knobs)
+        token = sample(head(hidden[:, 0]), jax.random.fold_in(key, step), knobs)
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
         return step + 1, out, done | is_eos[token], cache
 
@@ -158,14 +160,66 @@ def _generate(cfg, base, trainable, tokens, segment_ids, positions, max_new, is_
     return jax.lax.while_loop(cond, body, (jnp.int32(1), out, is_eos[first], cache))[1]
 
 
-def _logits(cfg: LlamaConfig, base: dict, trainable, hidden, dtype):
-    """hidden (B, D) final-normed -> logits (B, V) float32: the output head of `llama.forward`, for one position."""
+def generate_seq2seq(cfg: t5.Config, base: dict, enc_prompts: list[list[int]], *, max_new_tokens: int,
+                     eos_id: int | None = None, trainable: dict | None = None, peft=None, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, dtype=jnp.float32) -> list[list[int]]:
+    """The decoded tokens of each encoder input, up to `max_new_tokens`; a row stops at `eos_id` (default the
+    config's), which is excluded. Greedy when `temperature` is 0, else sampled as `jaxft.generate.generate`.
+
+    enc_prompts: B lists of token ids (non-empty, any lengths), right-padded into one batch (relative positions
+    make the side irrelevant). The encoder runs once; the decoder starts from decoder_start_token_id with a KV
+    cache, the cross-attention keys and values computed in its first step.
+    """
+    if not enc_prompts or any(len(p) == 0 for p in enc_prompts):
+        raise ValueError("generate needs at least one input and no empty input")
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"invalid sampling arguments: max_new_tokens={max_new_tokens} temperature={temperature} "
+                         f"top_k={top_k} top_p={top_p}")
+    if max_new_tokens == 0:
+        return [[] for _ in enc_prompts]
+    spec = peft_method.as_method(peft)
+    trainable, spec = peft_method.resolve(spec, base, trainable)  # once here, not in every decode step
+    tokens = np.zeros((len(enc_prompts), _bucket(max(len(p) for p in enc_prompts))), np.int32)
+    segment_ids = np.zeros_like(tokens)
+    for row, prompt in enumerate(enc_prompts):
+        tokens[row, :len(prompt)] = prompt
+        segment_ids[row, :len(prompt)] = 1
+    is_eos = np.zeros((cfg.vocab_size,), bool)
+    is_eos[cfg.eos_token_id if eos_id is None else eos_id] = True
+    knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
+    out = _generate_seq2seq(cfg, base, trainable, tokens, segment_ids, np.int32(max_new_tokens), is_eos,
+                            jax.random.key(seed), knobs, peft=spec, dtype=jnp.dtype(dtype),
+                            budget=_bucket(max_new_tokens))
+    return [_until_eos(row[:max_new_tokens], is_eos) for row in np.asarray(out)]
+
+
+@partial(jax.jit, static_argnums=0, static_argnames=("peft", "dtype", "budget"))
+def _generate_seq2seq(cfg, base, trainable, tokens, segment_ids, max_new, is_eos, key, knobs, *, peft, dtype,
+                      budget):
+    """The compiled part of `generate_seq2seq` -> (B, budget) int32 decoded tokens (past EOS / max_new: anything)."""
     params = overlay(base, trainable)
-    if cfg.tie_embeddings:
-        head, spec = params["embed"]["w"], "bd,vd->bv"
-    else:
-        head, spec = params["lm_head"]["w"], "bd,dv->bv"
-    return jnp.einsum(spec, hidden, as_dense(head, dtype), preferred_element_type=jnp.float32)
+    b = tokens.shape[0]
+    encoded = t5.encode(cfg, base, tokens, segment_ids=segment_ids, trainable=trainable, peft=peft, dtype=dtype)
+    model = partial(t5.forward, cfg, base, None, trainable=trainable, peft=peft, dtype=dtype, return_hidden=True)
+    start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
+    hidden, cache = model(start, enc_segment_ids=segment_ids, encoded=encoded,
+                          cache=t5.init_cache(cfg, b, budget, dtype))
+    first = sample(t5.lm_logits(cfg, params, hidden[:, -1]), jax.random.fold_in(key, 0), knobs)
+
+    def cond(state):
+        step, _, done, _ = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+        step, out, done, cache = state
+        previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # (B, 1)
+        hidden, cache = model(previous, cache=cache)
+        token = sample(t5.lm_logits(cfg, params, hidden[:, 0]), jax.random.fold_in(key, step), knobs)
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+        return step + 1, out, done | is_eos[token], cache
+
+    out = jnp.zeros((b, budget), jnp.int32).at[:, 0].set(first)
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), out, is_eos[first], cache))[1]
 
 
 def _bucket(n: int) -> int:

@@ -12,8 +12,10 @@ row uses, and `jaxft.peft.lora.lora_delta` gathers the rows' A and B one layer a
 base is never copied: memory grows by the stacked adapters (plus one int per row and module).
 
   multi = jaxft.multi.load(base, cfg, {"sql": "runs/sql", "chat": "exports/chat-peft"})
-  logits, _ = llama.forward(cfg, base, tokens, trainable=multi.rows(["sql", "chat", None]))  # None: the base
-  jaxft.generate.generate(cfg, base, prompts, trainable=multi.rows(["chat"] * len(prompts)), ...)
+  logits, _ = llama.forward(cfg, base, tokens, trainable=multi.rows(["sql", "chat", None]), peft=PER_ROW)
+  jaxft.generate.generate(cfg, base, prompts, trainable=multi.rows(["chat"] * len(prompts)), peft=PER_ROW, ...)
+
+(None in `rows` is the base alone.)
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import numpy as np
 from jaxft import tree
 from jaxft.models.config import LlamaConfig
 from jaxft.peft.lora import LoraSpec
-from jaxft.peft.method import AdapterError, method_of
+from jaxft.peft.method import AdapterError, MethodSpec, method_of
 from jaxft.quant import as_dense
+
+PER_ROW = MethodSpec("lora")  # the `peft=` of a `MultiLora.rows` tree: LoRA whose leaves carry their own scaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,7 @@ class MultiLora:
     stacked: dict  # the trainable-shaped tree of the module docstring
 
     def rows(self, choice: Sequence[str | None]) -> dict:
-        """The trainable tree for `llama.forward` or `generate` (no `lora` spec needed): batch row b uses the
+        """The trainable tree for `llama.forward` or `generate` (with `peft=PER_ROW`): batch row b uses the
         adapter named choice[b], or none (the base alone) where it is None. Shares the stacked arrays."""
         if not choice:
             raise ValueError("choice must name an adapter (or None) for each row of the batch")

@@ -53,7 +53,8 @@ def setup():
 
 @functools.partial(jax.jit, static_argnums=3)
 def _forward(base, tokens, trainable, spec):
-    return llama.forward(TINY, base, tokens, trainable=trainable, lora=spec)[0]
+    peft = spec if spec is not None else multi.PER_ROW
+    return llama.forward(TINY, base, tokens, trainable=trainable, peft=peft)[0]
 
 
 def _logits(base, tokens, trainable=None, spec=None):
@@ -79,12 +80,13 @@ def test_generation_per_row_equals_each_adapter_alone(setup):
     base, adapters, stacked = setup
     prompts = [[5, 17, 3], [8, 1, 44, 2, 9], [60, 61], [7, 7, 7, 7]]
     choice = ["lora", "dora", None, "dora"]
-    got = generate(TINY, base, prompts, max_new_tokens=6, trainable=stacked.rows(choice))
+    got = generate(TINY, base, prompts, max_new_tokens=6, trainable=stacked.rows(choice), peft=multi.PER_ROW)
     # Rows decode independently, so a row of a batch that is all one adapter is that adapter alone.
     trainable, spec = adapters["dora"]
     assert got[1] == generate(TINY, base, prompts, max_new_tokens=6, trainable=trainable, lora=spec)[1]
     for row, name in enumerate(choice):  # the same compiled program as `got`: only the row -> adapter ids differ
-        same = generate(TINY, base, prompts, max_new_tokens=6, trainable=stacked.rows([name] * 4))
+        same = generate(TINY, base, prompts, max_new_tokens=6, trainable=stacked.rows([name] * 4),
+                        peft=multi.PER_ROW)
         assert got[row] == same[row], name
 
 

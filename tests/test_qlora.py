@@ -13,7 +13,7 @@ from jaxft.models import llama
 from jaxft.models.config import LlamaConfig
 from jaxft.peft import lora
 from jaxft.quant import QuantizedWeight, quantize_params, stored_bits
-from jaxft.quant.merge import merge_lora
+from jaxft.peft.qlora import merge_lora
 from jaxft.tree import flatten, map_with_path, unflatten
 from jaxprs import equations
 

@@ -1,7 +1,7 @@
 """Pretrained checkpoints in and out: `load` a Hugging Face directory or a GGUF file, `save_hf` to export.
 
-Both formats go through the one mapping table of `mapping.py`, applied by `assemble.py`; `leaf_fn` is where
-quantize-while-loading (or shard-while-loading) plugs in, one stacked leaf at a time.
+Both formats go through the family's one mapping table (`jaxft.models.table`), applied by `assemble.py`;
+`leaf_fn` is where quantize-while-loading (or shard-while-loading) plugs in, one stacked leaf at a time.
 """
 
 from __future__ import annotations

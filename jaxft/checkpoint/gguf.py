@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from jaxft.checkpoint.assemble import LeafFn, LoadError, assemble
-from jaxft.checkpoint.mapping import TABLES
+from jaxft.models import family_of
 from jaxft.models.config import ConfigError, LlamaConfig
 
 READABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1)
@@ -55,7 +55,7 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
 
     names = gguf.get_tensor_name_map(ARCHS[cfg.model_type], cfg.n_layers)
     to_gguf = {}
-    for entry in TABLES[cfg.model_type]:
+    for entry in family_of(cfg).TABLE:
         for i in range(cfg.n_layers) if "{i}" in entry.hf else [None]:
             hf = entry.hf.format(i=i)
             to_gguf[hf] = names.get_name(hf, try_suffixes=(".weight", ".bias")) or hf

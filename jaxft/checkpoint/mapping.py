@@ -1,46 +1,9 @@
-"""One declarative table per model family from Hugging Face tensor names to jaxft paths, used both ways.
-
-An entry is (HF name, jaxft path, transpose). A `{i}` in the HF name means one tensor per layer, stacked on
-the leading L axis of the jaxft leaf. HF stores linear weights as (out, in); jaxft as (in, out), hence the
-transpose. Which entries apply to a given model is decided by the parameter shapes of that model (biases only
-where the config has them, no lm_head with tied embeddings), so that one table serves every variant.
-
-The LLaMA family's table is here; BERT's and T5's live in their family modules (look any up as
-`jaxft.models.family(model_type).TABLE`). `PEFT_CLASSES` says how each transformers class a PEFT adapter may
-be made for names the modules of those tables (`bert.` or not), and which task head it has.
-"""
+"""The transformers classes a PEFT adapter may be made for: how each names the modules of a family's table
+(`jaxft.models.table`; each family's TABLE lives in its module), and which task head it has."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
-
-
-class Entry(NamedTuple):
-    hf: str  # HF tensor name; `{i}` = layer index
-    path: str  # jaxft parameter path
-    transpose: bool  # HF (out, in) <-> jaxft (in, out)
-
-
-LLAMA = (
-    Entry("model.embed_tokens.weight", "embed/w", False),
-    Entry("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale", False),
-    Entry("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/q_proj/w", True),
-    Entry("model.layers.{i}.self_attn.q_proj.bias", "layers/attn/q_proj/b", False),
-    Entry("model.layers.{i}.self_attn.k_proj.weight", "layers/attn/k_proj/w", True),
-    Entry("model.layers.{i}.self_attn.k_proj.bias", "layers/attn/k_proj/b", False),
-    Entry("model.layers.{i}.self_attn.v_proj.weight", "layers/attn/v_proj/w", True),
-    Entry("model.layers.{i}.self_attn.v_proj.bias", "layers/attn/v_proj/b", False),
-    Entry("model.layers.{i}.self_attn.o_proj.weight", "layers/attn/o_proj/w", True),
-    Entry("model.layers.{i}.self_attn.o_proj.bias", "layers/attn/o_proj/b", False),
-    Entry("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", False),
-    Entry("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/gate_proj/w", True),
-    Entry("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/up_proj/w", True),
-    Entry("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/down_proj/w", True),
-    Entry("model.norm.weight", "final_norm/scale", False),
-    Entry("lm_head.weight", "lm_head/w", True),
-)
-
-TABLES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
 
 
 # --- The transformers classes PEFT wraps ----------------------------------------------------------------------

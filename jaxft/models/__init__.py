@@ -1,27 +1,37 @@
-"""The model families jaxft runs, each a module of pure functions over a parameter pytree.
+"""The model families jaxft runs, each one module (or object) of pure functions over a parameter pytree, found by
+its Hugging Face `model_type` in a registry that loading, export, training and generation look up.
 
-A family module has:
-  Config         a frozen dataclass with `from_hf(dict, source)`, `to_hf()`, `model_type` and `n_layers`
-  TABLE          its Hugging Face name <-> jaxft path table (`jaxft.checkpoint.mapping.Entry` rows)
+The family protocol (what `register_family` expects; `jaxft.models.llama` is the reference):
+  Config         a frozen, hashable dataclass with `from_hf(dict, source)`, `to_hf()`, `model_type`, `n_layers`,
+                 `dim`, `n_heads`, `n_kv_heads`, `head_dim`, `mlp_dim`, `vocab_size`, `max_seq_len`
+  TABLE          its Hugging Face name <-> jaxft path table (`jaxft.models.table.Entry` rows)
   PARAM_AXES     (path regex, logical axes) of every parameter, for sharding (`jaxft.parallel`)
-  LORA_TARGETS   the paths PEFT's default LoRA targets map to (its `lora.targets='default'`)
   KIND           "decoder", "encoder" or "encoder-decoder"
-  init(key, cfg, dtype) -> params, and forward(cfg, base, tokens, *, trainable=, peft=, rng=, dtype=, ...)
+  LORA_TARGETS   the paths PEFT's default LoRA targets map to (`lora.targets='default'`); optionally
+                 IA3_TARGETS / IA3_FEEDFORWARD (`ia3.targets='default'`)
+  init(key, cfg, dtype) -> params
+  forward(cfg, base, tokens, *, trainable=, peft=, rng=, dtype=, positions=, segment_ids=, cache=,
+          return_hidden=, ...) -> (logits or hidden states, cache), calling the hook points of `peft`
+          (`jaxft.models.hooks`) and nothing of jaxft.peft
+  decoders also: init_cache(cfg, batch, length, dtype) and decode_logits(cfg, base, trainable, hidden (B, D),
+          dtype) -> (B, V), the decode step of `jaxft.generate`
 
-`family(model_type)` finds the module of a Hugging Face `model_type`; `config_from_hf` reads a config.json dict
-into the right family's Config. Modules are imported on first use, so a family costs nothing until used.
+`family(model_type)` finds a family; `config_from_hf` reads a config.json dict into the right family's Config.
+jaxft's own families are imported on first use, so a family costs nothing until used.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 from typing import Any
 
 from jaxft.models.config import ConfigError
+from jaxft.models.hooks import Hooks, hooks_of
 
-# Hugging Face model_type -> the module implementing it.
-FAMILIES = {
+__all__ = ["FAMILIES", "ConfigError", "Hooks", "config_from_hf", "family", "family_of", "hooks_of", "register_family"]
+
+# Hugging Face model_type -> the family: a module name (jaxft's own, imported on first use) or a registered object.
+FAMILIES: dict[str, Any] = {
     "llama": "jaxft.models.llama",
     "mistral": "jaxft.models.llama",
     "qwen2": "jaxft.models.llama",
@@ -30,15 +40,27 @@ FAMILIES = {
 }
 
 
-def family(model_type: str) -> ModuleType:
-    """The family module of `model_type` ('llama', 'bert', 't5', ...); ConfigError naming it if unknown."""
+def register_family(family, *model_types: str) -> None:
+    """Makes `family` (a module or object following the protocol above) the family of each of `model_types`
+    (default: its Config's model_type). A model_type registered again is replaced."""
+    missing = [name for name in ("Config", "TABLE", "PARAM_AXES", "KIND", "init", "forward")
+               if not hasattr(family, name)]
+    if missing:
+        raise ConfigError(f"register_family: {getattr(family, '__name__', family)!r} lacks {', '.join(missing)}")
+    for model_type in model_types or (family.Config.model_type,):
+        FAMILIES[model_type] = family
+
+
+def family(model_type: str):
+    """The family of `model_type` ('llama', 'bert', 't5', ...); ConfigError naming it if unknown."""
     if model_type not in FAMILIES:
         raise ConfigError(f"model_type {model_type!r} is not supported (expected one of {', '.join(FAMILIES)})")
-    return importlib.import_module(FAMILIES[model_type])
+    found = FAMILIES[model_type]
+    return importlib.import_module(found) if isinstance(found, str) else found
 
 
-def family_of(cfg) -> ModuleType:
-    """The family module of a model config."""
+def family_of(cfg):
+    """The family of a model config."""
     return family(cfg.model_type)
 
 

@@ -28,9 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxft.checkpoint.mapping import Entry
 from jaxft.models.config import ConfigError
+from jaxft.models.hooks import hooks_of
 from jaxft.models.layers import attend, dense, einsum, remat_layer
+from jaxft.models.table import Entry
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -269,34 +270,28 @@ def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=No
     positions start at P after a soft prompt or a prefix of P virtual tokens. `unroll` runs the layer scan as
     straight-line code (see `jaxft.models.llama.forward`).
     """
-    from jaxft.peft import method, prompt  # the model follows the methods' contract (jaxft.peft imports the model)
-    spec = method.as_method(peft if peft is not None else lora)
-    trainable, spec = method.resolve(spec, base, trainable)
+    trainable, hooks = hooks_of(peft if peft is not None else lora).resolve(base, trainable)
     params = overlay(base, trainable)
     b, t = tokens.shape
     segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
     token_types = jnp.zeros((b, t), jnp.int32) if token_types is None else token_types
     x = embeddings if embeddings is not None else as_dense(params["embed"]["word"]["w"], dtype)[tokens]
     x = x.astype(dtype)
-    n_soft = 0
-    if trainable and "prompt" in trainable:  # as PEFT: the soft prompt joins the word embeddings, type 0
-        dummy = jnp.zeros((b, t), jnp.int32)
-        x, _, segment_ids = prompt.prepend(spec, trainable["prompt"]["embeddings"], x, dummy, segment_ids)
-        n_soft, t = x.shape[1] - t, x.shape[1]
-        token_types = jnp.concatenate([jnp.zeros((b, n_soft), token_types.dtype), token_types], 1)
-        if positions is not None:
-            positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_soft, dtype=positions.dtype), (b, n_soft)),
-                                         positions + n_soft], 1)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if spec is not None and spec.method == "prefix":  # as PEFT, whose prefix is a past of P positions
-        positions = method.virtual_positions(spec, positions)
+    if hooks.virtual_tokens:  # as PEFT: the text's positions start after P virtual tokens
+        positions = positions + jnp.int32(hooks.virtual_tokens)
+    # Embeddings a method puts first (a soft prompt) join the word embeddings, token type 0, as in PEFT.
+    x, positions, segment_ids = hooks.input_embeddings(trainable, x, positions, segment_ids)
+    n_soft, t = x.shape[1] - t, x.shape[1]
+    if n_soft:
+        token_types = jnp.concatenate([jnp.zeros((b, n_soft), token_types.dtype), token_types], 1)
     emb = params["embed"]
     x = x + as_dense(emb["position"]["w"], dtype)[positions] + as_dense(emb["type"]["w"], dtype)[token_types]
     x = constrain(layer_norm(x, emb["norm"], cfg.norm_eps), ("batch", "seq", "embed"), layout)
 
     mask = encoder_mask(segment_ids)
-    body = partial(_layer, cfg, spec, mask, segment_ids, layout=layout)
+    body = partial(_layer, cfg, hooks, mask, segment_ids, layout=layout)
     if remat:
         body = remat_layer(body, unroll)
 
@@ -345,29 +340,22 @@ def embed(cfg: Config, params: dict, tokens, segment_ids, *, token_types=None, t
     return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
-def _layer(cfg: Config, spec, mask, segment_ids, x, p, rng, *, layout=None):
+def _layer(cfg: Config, hooks, mask, segment_ids, x, p, rng, *, layout=None):
     """One post-LayerNorm block: x (B, T, D) -> x."""
-    from jaxft.peft import adapters, prefix
-    lora = None if spec is None else spec.lora
     b, t, _ = x.shape
     n, h = cfg.n_heads, cfg.head_dim
     rngs = [None] * 6 if rng is None else list(jax.random.split(rng, 6))
     attn = p["attn"]
-    q = dense(x, attn["q_proj"], lora, rngs[0]).reshape(b, t, n, h)
-    k = dense(x, attn["k_proj"], lora, rngs[1]).reshape(b, t, n, h)
-    v = dense(x, attn["v_proj"], lora, rngs[2]).reshape(b, t, n, h)
+    q = dense(x, attn["q_proj"], hooks, rngs[0]).reshape(b, t, n, h)
+    k = dense(x, attn["k_proj"], hooks, rngs[1]).reshape(b, t, n, h)
+    v = dense(x, attn["v_proj"], hooks, rngs[2]).reshape(b, t, n, h)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"), layout)
-    if "prefix_k" in attn:  # prefix tuning: learned keys and values that every query sees
-        k, v, mask = prefix.extend(attn, k, v, mask, segment_ids)
-    o = dense(attend(q, k, v, mask).reshape(b, t, n * h), attn["o_proj"], lora, rngs[3])
-    if "adapter" in attn:  # bottleneck adapter on the attention block's output (Houlsby)
-        o = adapters.bottleneck(o, attn["adapter"], spec)
-    x = layer_norm(x + o, p["attn_norm"], cfg.norm_eps)
+    k, v, mask = hooks.attention_kv(attn, k, v, mask, segment_ids)
+    o = dense(attend(q, k, v, mask).reshape(b, t, n * h), attn["o_proj"], hooks, rngs[3])
+    x = layer_norm(x + hooks.block_output(attn, o), p["attn_norm"], cfg.norm_eps)
 
     mlp = p["mlp"]
-    up = constrain(_ACTIVATIONS[cfg.act](dense(x, mlp["up_proj"], lora, rngs[4])), ("batch", "seq", "mlp"), layout)
-    out = dense(up, mlp["down_proj"], lora, rngs[5])
-    if "adapter" in mlp:  # bottleneck adapter on the MLP's output (Houlsby and Pfeiffer)
-        out = adapters.bottleneck(out, mlp["adapter"], spec)
+    up = constrain(_ACTIVATIONS[cfg.act](dense(x, mlp["up_proj"], hooks, rngs[4])), ("batch", "seq", "mlp"), layout)
+    out = hooks.block_output(mlp, dense(up, mlp["down_proj"], hooks, rngs[5]))
     x = layer_norm(x + out, p["mlp_norm"], cfg.norm_eps)
     return constrain(x, ("batch", "seq", "embed"), layout)

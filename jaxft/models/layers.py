@@ -64,41 +64,34 @@ def rms_norm(x, scale, eps: float):
     return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
-def dense(x, p: dict, lora=None, rng=None):
-    """y = x @ w (+ b), with whatever adapter the trainable tree put beside `w` in `p`.
-
-    x: (..., in); p["w"]: (in, out), dense or quantized (dequantized here, inside the jitted computation);
-    p["lora_a"]: (in, R), p["lora_b"]: (R, out), p["magnitude"]: (out,) for DoRA; `lora` is the static
-    `jaxft.peft.lora.LoraSpec` (scaling, dropout, DoRA) when the tree holds LoRA leaves. IA3's vectors:
-    p["ia3_in"] (in,) scales x, p["ia3_out"] (out,) scales y, bias included (as PEFT; see `jaxft.peft.ia3`).
-    Matmuls accumulate in float32 (`preferred_element_type`), which is also what makes bf16 fast on CPUs.
-    """
-    if hasattr(p["w"], "dequantize"):  # a QuantizedWeight (QLoRA)
-        return _dense_quantized(x, p, lora, rng)
-    return _dense(x, p, lora, rng)
-
-
-def _dense(x, p: dict, lora, rng):
-    dtype = x.dtype
-    if "ia3_in" in p:
-        x = (x.astype(jnp.float32) * p["ia3_in"]).astype(dtype)
-    w = as_dense(p["w"], dtype)
-    y = einsum("...i,io->...o", x, w)
-    if "lora_a" in p:
-        from jaxft.peft.lora import lora_delta  # the one place that knows LoRA / DoRA arithmetic
-        y = lora_delta(x, w, y, p, lora, rng)
+def linear(x, p: dict):
+    """y = x @ w (+ b) in x's dtype. x: (..., in); p["w"]: (in, out), dense or quantized (dequantized here,
+    inside the jitted computation); p["b"]: (out,). Matmuls accumulate in float32 (`preferred_element_type`),
+    which is also what makes bf16 fast on CPUs."""
+    y = einsum("...i,io->...o", x, as_dense(p["w"], x.dtype))
     if "b" in p:
         y = y + p["b"].astype(jnp.float32)
-    if "ia3_out" in p:
-        y = y * p["ia3_out"].astype(jnp.float32)
-    return y.astype(dtype)
+    return y.astype(x.dtype)
 
 
-# Rematerialized: differentiated, the backward pass dequantizes the weight again instead of keeping its dense
-# copy as a residual, which inside the layer scan would stack a dense copy of every layer (a full bf16 copy of
-# the base) between the forward and the backward pass. (A custom VJP that dequantizes only once the output's
-# gradient exists, tried unrolled on the default model, kept more memory: 1320 against 1029 MB of temporaries.)
-_dense_quantized = jax.checkpoint(_dense, static_argnums=(2,))
+def dense(x, p: dict, hooks=None, rng=None):
+    """A linear projection through the method's `linear` hook (`jaxft.models.hooks`): x (..., in) -> (..., out).
+
+    p: the module's subtree, {w, b} and whatever the method put beside them; rng: for the method's dropout.
+    """
+    fn = (lambda x, p, rng: linear(x, p)) if hooks is None else hooks.linear
+    if hasattr(p["w"], "dequantize"):  # a QuantizedWeight (QLoRA)
+        return _rematerialized(fn)(x, p, rng)
+    return fn(x, p, rng)
+
+
+def _rematerialized(fn):
+    """`fn` rematerialized: differentiated, the backward pass dequantizes the weight again instead of keeping its
+    dense copy as a residual, which inside the layer scan would stack a dense copy of every layer (a full bf16
+    copy of the base) between the forward and the backward pass. (A custom VJP that dequantizes only once the
+    output's gradient exists, tried unrolled on the default model, kept more memory: 1320 against 1029 MB of
+    temporaries.)"""
+    return jax.checkpoint(fn)
 
 
 def remat_layer(body, unroll: bool):
@@ -201,3 +194,16 @@ def attend(q, k, v, mask):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def last_token(h, segment_ids):
+    """h (B, T, D) -> (B, D) at the rightmost non-padding position of each row (transformers' rule)."""
+    t = jnp.arange(h.shape[1], dtype=jnp.int32)
+    idx = jnp.max(jnp.where(segment_ids != 0, t, 0), axis=1)
+    return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+
+
+def mean_pool(h, segment_ids):
+    """h (B, T, D) -> (B, D), the mean over non-padding positions (float32; all-padding rows give 0)."""
+    m = (segment_ids != 0).astype(jnp.float32)[..., None]
+    return jnp.sum(h.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)

@@ -23,10 +23,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxft.checkpoint.mapping import LLAMA as TABLE
 from jaxft.models.config import LlamaConfig
+from jaxft.models.hooks import hooks_of
 from jaxft.models.layers import (apply_rope, attend, attention_mask, dense, einsum, remat_layer, rms_norm,
                                  rope_frequencies)
+from jaxft.models.table import Entry
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -49,6 +50,25 @@ PARAM_AXES = (
 )
 
 Config = LlamaConfig
+# Hugging Face tensor name <-> jaxft path (see `jaxft.models.table`).
+TABLE = (
+    Entry("model.embed_tokens.weight", "embed/w", False),
+    Entry("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale", False),
+    Entry("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/q_proj/w", True),
+    Entry("model.layers.{i}.self_attn.q_proj.bias", "layers/attn/q_proj/b", False),
+    Entry("model.layers.{i}.self_attn.k_proj.weight", "layers/attn/k_proj/w", True),
+    Entry("model.layers.{i}.self_attn.k_proj.bias", "layers/attn/k_proj/b", False),
+    Entry("model.layers.{i}.self_attn.v_proj.weight", "layers/attn/v_proj/w", True),
+    Entry("model.layers.{i}.self_attn.v_proj.bias", "layers/attn/v_proj/b", False),
+    Entry("model.layers.{i}.self_attn.o_proj.weight", "layers/attn/o_proj/w", True),
+    Entry("model.layers.{i}.self_attn.o_proj.bias", "layers/attn/o_proj/b", False),
+    Entry("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", False),
+    Entry("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/gate_proj/w", True),
+    Entry("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/up_proj/w", True),
+    Entry("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/down_proj/w", True),
+    Entry("model.norm.weight", "final_norm/scale", False),
+    Entry("lm_head.weight", "lm_head/w", True),
+)
 KIND = "decoder"
 # PEFT's default LoRA targets for the LLaMA family (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 LORA_TARGETS = r"layers/attn/(q_proj|v_proj)/w"
@@ -100,18 +120,16 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     examples apart (default all ones). With `cache`, the T new tokens are written at `cache["index"]` and
     attend to everything cached before them. `rng` enables LoRA dropout. `embeddings` (B, T, D) replaces the
     token lookup. With `return_hidden`, returns the final normed hidden states (B, T, D).
-    `peft` is the static `jaxft.peft.MethodSpec` of the method whose arrays `trainable` holds (a bare LoraSpec,
-    or `lora=`, means LoRA). A soft prompt (`trainable["prompt"]`, prompt tuning) is prepended to the tokens and
-    its outputs dropped; with a cache, pass it with the first call of a sequence only (then it is cached).
+    `peft` is the static spec of the method whose arrays `trainable` holds (`jaxft.models.hooks`; `lora=` is
+    its old name). Embeddings the method puts before the text (prompt tuning) have their outputs dropped; with a
+    cache, pass them with the first call of a sequence only (then they are cached).
     `layout` (a `jaxft.parallel.Layout`) constrains the activations to their logical axes on its mesh.
     `unroll` runs the layer scan as straight-line code (`jax.lax.scan(unroll=True)`): a compilation that grows
     with the depth, but XLA then optimizes across layers; on CPUs that makes bfloat16 training steps 1.4-1.9x
     faster (XLA:CPU converts every bf16 array a loop slices to float32 outside the loop: the frozen weights and
     the residuals the backward pass keeps). See `jaxft.train.build.unroll_layers`.
     """
-    from jaxft.peft import method, prompt  # the model follows the methods' contract (jaxft.peft imports the model)
-    spec = method.as_method(peft if peft is not None else lora)
-    trainable, spec = method.resolve(spec, base, trainable)
+    trainable, hooks = hooks_of(peft if peft is not None else lora).resolve(base, trainable)
     params = overlay(base, trainable)
     b, t = tokens.shape
     if positions is None:
@@ -120,11 +138,10 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
         segment_ids = jnp.ones((b, t), jnp.int32)
     x = embeddings if embeddings is not None else as_dense(params["embed"]["w"], dtype)[tokens]
     x = constrain(x.astype(dtype), ("batch", "seq", "embed"), layout)
-    positions = method.virtual_positions(spec, positions)
-    n_soft = 0
-    if trainable and "prompt" in trainable:
-        x, positions, segment_ids = prompt.prepend(spec, trainable["prompt"]["embeddings"], x, positions, segment_ids)
-        n_soft, t = x.shape[1] - t, x.shape[1]
+    if hooks.virtual_tokens:  # as PEFT: the text's positions start after P virtual tokens
+        positions = positions + jnp.int32(hooks.virtual_tokens)
+    x, positions, segment_ids = hooks.input_embeddings(trainable, x, positions, segment_ids)
+    n_soft, t = x.shape[1] - t, x.shape[1]
 
     if cache is None:
         q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -143,7 +160,7 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
-    body = partial(_layer, cfg, spec, inv_freq, (segment_ids, positions, q_idx), keys_meta,
+    body = partial(_layer, cfg, hooks, inv_freq, (segment_ids, positions, q_idx), keys_meta,
                    None if cache is None else cache["index"], layout=layout)
     if remat:
         body = remat_layer(body, unroll or isinstance(base["layers"], (list, tuple)))
@@ -173,6 +190,17 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
         head = as_dense(params["lm_head"]["w"], dtype)
         logits = einsum("btd,dv->btv", x, head)
     return constrain(logits, ("batch", "seq", "vocab"), layout), new_cache
+
+
+def decode_logits(cfg: LlamaConfig, base: dict, trainable, hidden, dtype):
+    """hidden (B, D) final-normed -> logits (B, V) float32: the output head of `forward`, for one position of a
+    decoding step (`jaxft.generate`)."""
+    params = overlay(base, trainable)
+    if cfg.tie_embeddings:
+        head, spec = params["embed"]["w"], "bd,vd->bv"
+    else:
+        head, spec = params["lm_head"]["w"], "bd,dv->bv"
+    return jnp.einsum(spec, hidden, as_dense(head, dtype), preferred_element_type=jnp.float32)
 
 
 def split_layers(params: dict) -> dict:
@@ -216,20 +244,18 @@ def _unrolled(step, x, base_layers, train_layers, windows, rngs, cache):
     return x, (join([kv[0] for kv in kvs]), join([kv[1] for kv in kvs]))
 
 
-def _layer(cfg: LlamaConfig, spec, inv_freq, query_meta, keys_meta, index, x, p, window, rng, kv, *,
+def _layer(cfg: LlamaConfig, hooks, inv_freq, query_meta, keys_meta, index, x, p, window, rng, kv, *,
            layout=None):
     """One transformer block: x (B, T, D) -> (x, (k, v) cache of this layer or None)."""
-    from jaxft.peft import adapters, prefix
-    lora = None if spec is None else spec.lora
     b, t, _ = x.shape
     q_seg, q_pos, q_idx = query_meta
     rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
     attn = p["attn"]
 
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps)
-    q = dense(h, attn["q_proj"], lora, rngs[0]).reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k = dense(h, attn["k_proj"], lora, rngs[1]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-    v = dense(h, attn["v_proj"], lora, rngs[2]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q = dense(h, attn["q_proj"], hooks, rngs[0]).reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = dense(h, attn["k_proj"], hooks, rngs[1]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = dense(h, attn["v_proj"], hooks, rngs[2]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     q = constrain(apply_rope(q, q_pos, inv_freq), ("batch", "seq", "heads", "head_dim"), layout)
     k = constrain(apply_rope(k, q_pos, inv_freq), ("batch", "seq", "kv_heads", "head_dim"), layout)
     if kv is not None:
@@ -238,20 +264,13 @@ def _layer(cfg: LlamaConfig, spec, inv_freq, query_meta, keys_meta, index, x, p,
         kv = (k, v)
         k, v = k.astype(x.dtype), v.astype(x.dtype)
     mask = attention_mask(q_seg, q_pos, q_idx, *keys_meta, window)
-    if "prefix_k" in attn:  # prefix tuning: learned keys and values that every query sees, outside the cache
-        k, v, mask = prefix.extend(attn, k, v, mask, q_seg)
+    k, v, mask = hooks.attention_kv(attn, k, v, mask, q_seg)  # after the cache: what it adds is not cached
     o = attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
-    o = dense(o, attn["o_proj"], lora, rngs[3])
-    if "adapter" in attn:  # bottleneck adapter on the attention block's output (Houlsby)
-        o = adapters.bottleneck(o, attn["adapter"], spec)
-    x = x + o
+    x = x + hooks.block_output(attn, dense(o, attn["o_proj"], hooks, rngs[3]))
 
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
     mlp = p["mlp"]
-    gate = jax.nn.silu(dense(h, mlp["gate_proj"], lora, rngs[4])) * dense(h, mlp["up_proj"], lora, rngs[5])
+    gate = jax.nn.silu(dense(h, mlp["gate_proj"], hooks, rngs[4])) * dense(h, mlp["up_proj"], hooks, rngs[5])
     gate = constrain(gate, ("batch", "seq", "mlp"), layout)
-    out = dense(gate, mlp["down_proj"], lora, rngs[6])
-    if "adapter" in mlp:  # bottleneck adapter on the MLP's output (Houlsby and Pfeiffer)
-        out = adapters.bottleneck(out, mlp["adapter"], spec)
-    x = x + out
+    x = x + hooks.block_output(mlp, dense(gate, mlp["down_proj"], hooks, rngs[6]))
     return constrain(x, ("batch", "seq", "embed"), layout), kv

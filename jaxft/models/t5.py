@@ -37,10 +37,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from jaxft.checkpoint.mapping import Entry
 from jaxft.models.config import ConfigError
+from jaxft.models.hooks import hooks_of
 from jaxft.models.layers import NEG_INF, attention_mask, dense, einsum, remat_layer, rms_norm
+from jaxft.models.table import Entry
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -247,23 +249,20 @@ def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict
 
     segment_ids (B, S): 0 marks padding (default all ones). `trainable` / `peft` as in `forward`.
     """
-    from jaxft.peft import method, prompt
-    spec = method.as_method(peft)
-    trainable, spec = method.resolve(spec, base, trainable)
+    trainable, hooks = hooks_of(peft).resolve(base, trainable)
     params = overlay(base, trainable)
     b, s = tokens.shape
     segment_ids = jnp.ones((b, s), jnp.int32) if segment_ids is None else segment_ids
     x = as_dense(params["shared"]["w"], dtype)[tokens]
-    if trainable and "prompt" in trainable:  # as PEFT for SEQ_2_SEQ_LM: the soft prompt before the encoder input
-        x, _, segment_ids = prompt.prepend(spec, trainable["prompt"]["embeddings"], x, jnp.zeros((b, s), jnp.int32),
-                                           segment_ids)
-        s = x.shape[1]
+    # As PEFT for SEQ_2_SEQ_LM: embeddings a method puts first (a soft prompt) go before the encoder input.
+    x, _, segment_ids = hooks.input_embeddings(trainable, x, jnp.zeros((b, s), jnp.int32), segment_ids)
+    s = x.shape[1]
     x = constrain(x, ("batch", "seq", "embed"), layout)
     idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     mask = attention_mask(segment_ids, idx, idx, segment_ids, idx, idx, 0, causal=False)
     mask |= (segment_ids[:, :, None] < 0) & (segment_ids[:, None, :] != 0)  # the prompt sees the whole input
     bias = position_bias(params["encoder"]["rel_bias"]["w"], jnp.arange(s), jnp.arange(s), cfg, bidirectional=True)
-    body = partial(_encoder_layer, cfg, spec, bias.astype(dtype), mask, layout=layout)
+    body = partial(_encoder_layer, cfg, hooks, bias.astype(dtype), mask, segment_ids, layout=layout)
     if remat:
         body = remat_layer(body, unroll)
 
@@ -277,15 +276,13 @@ def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict
     return rms_norm(x, params["encoder"]["final_norm"]["scale"], cfg.norm_eps)
 
 
-def encoder_segments(segment_ids, trainable: dict | None):
+def encoder_segments(cfg: Config, segment_ids, trainable: dict | None, peft=None):
     """The segment ids (B, S) of the encoder input -> those of `encode`'s output: with prompt tuning, the soft
-    prompt's P positions first, in the shared segment that every decoder query sees."""
-    if not trainable or "prompt" not in trainable:
-        return segment_ids
-    from jaxft.peft.prompt import SHARED_SEGMENT
-    n = trainable["prompt"]["embeddings"].shape[0]
-    shared = jnp.full((segment_ids.shape[0], n), SHARED_SEGMENT, segment_ids.dtype)
-    return jnp.concatenate([shared, segment_ids], 1)
+    prompt's P positions first, in the shared segment that every decoder query sees. (The embeddings the hook
+    is given are placeholders, which XLA drops.)"""
+    b, s = segment_ids.shape
+    placeholder = jnp.zeros((b, s, cfg.dim), jnp.float32)
+    return hooks_of(peft).input_embeddings(trainable, placeholder, jnp.zeros((b, s), jnp.int32), segment_ids)[2]
 
 
 def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=None, dec_segment_ids=None,
@@ -306,9 +303,7 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     `unroll` runs both layer scans as straight-line code (see `jaxft.models.llama.forward`); `remat`
     rematerializes each layer of both stacks in the backward pass.
     """
-    from jaxft.peft import method
-    spec = method.as_method(peft)
-    trainable, spec = method.resolve(spec, base, trainable)
+    trainable, hooks = hooks_of(peft).resolve(base, trainable)
     params = overlay(base, trainable)
     enc_rng, dec_rng = (None, None) if rng is None else jax.random.split(rng)
     cross_cached = cache is not None and "cross_k" in cache
@@ -316,10 +311,10 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
         enc_segment_ids = cache["enc_segment_ids"]
     else:
         if encoded is None:
-            encoded = encode(cfg, base, enc_tokens, segment_ids=enc_segment_ids, trainable=trainable, peft=spec,
+            encoded = encode(cfg, base, enc_tokens, segment_ids=enc_segment_ids, trainable=trainable, peft=hooks,
                              rng=enc_rng, dtype=dtype, layout=layout, unroll=unroll, remat=remat)
         if enc_segment_ids is not None:
-            enc_segment_ids = encoder_segments(enc_segment_ids, trainable)
+            enc_segment_ids = encoder_segments(cfg, enc_segment_ids, trainable, hooks)
     if enc_segment_ids is None:
         enc_segment_ids = jnp.ones(encoded.shape[:2], jnp.int32)
     b, t = dec_tokens.shape
@@ -338,14 +333,14 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     s = enc_segment_ids.shape[1]
     e_idx = jnp.zeros((b, s), jnp.int32)
     cross_mask = attention_mask(dec_segment_ids, bq, bq, enc_segment_ids, e_idx, e_idx, 0, causal=False)
-    n_prefix = spec.virtual_tokens if spec is not None and spec.method == "prefix" else 0
+    n_prefix = hooks.prefix_length  # keys and values `attention_kv` puts first
     if n_prefix:  # as PEFT: P past keys and values at positions 0..P-1 of the decoder; the text from P on
         bias = position_bias(params["decoder"]["rel_bias"]["w"], q_idx + n_prefix,
                              jnp.concatenate([jnp.arange(n_prefix, dtype=jnp.int32), k_idx + n_prefix]), cfg,
                              bidirectional=False)
     else:
         bias = position_bias(params["decoder"]["rel_bias"]["w"], q_idx, k_idx, cfg, bidirectional=False)
-    body = partial(_decoder_layer, cfg, spec, bias.astype(dtype), self_mask, cross_mask,
+    body = partial(_decoder_layer, cfg, hooks, bias.astype(dtype), self_mask, cross_mask,
                    None if cache is None else index, dec_segment_ids, layout=layout)
     if remat:
         body = remat_layer(body, unroll)
@@ -398,74 +393,11 @@ def loss(cfg: Config, base: dict, enc_tokens, targets, target_mask, *, enc_segme
     enc_tokens (B, S), targets (B, T) int, target_mask (B, T) (0 = not counted: padding). The decoder reads
     `shift_right(targets)` (teacher forcing); sum / count is transformers' `labels=` loss (-100 off the mask).
     """
-    from jaxft.train.step import token_loss
     targets = jnp.where(target_mask != 0, targets, cfg.pad_token_id)
     logits, _ = forward(cfg, base, enc_tokens, shift_right(targets, cfg), enc_segment_ids=enc_segment_ids,
                         trainable=trainable, peft=peft, rng=rng, dtype=dtype, layout=layout)
-    return token_loss(logits, targets, target_mask)
-
-
-def generate(cfg: Config, base: dict, enc_prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None = None,
-             trainable: dict | None = None, peft=None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, dtype=jnp.float32) -> list[list[int]]:
-    """The decoded tokens of each encoder input, up to `max_new_tokens`; a row stops at `eos_id` (default the
-    config's), which is excluded. Greedy when `temperature` is 0, else sampled as `jaxft.generate.generate`.
-
-    enc_prompts: B lists of token ids (non-empty, any lengths), right-padded into one batch (relative positions
-    make the side irrelevant). The encoder runs once; the decoder starts from decoder_start_token_id with a KV
-    cache, the cross-attention keys and values computed in its first step.
-    """
-    from jaxft.generate import _bucket, _until_eos
-    from jaxft.peft import method
-    if not enc_prompts or any(len(p) == 0 for p in enc_prompts):
-        raise ValueError("generate needs at least one input and no empty input")
-    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"invalid sampling arguments: max_new_tokens={max_new_tokens} temperature={temperature} "
-                         f"top_k={top_k} top_p={top_p}")
-    if max_new_tokens == 0:
-        return [[] for _ in enc_prompts]
-    spec = method.as_method(peft)
-    trainable, spec = method.resolve(spec, base, trainable)  # once here, not in every decode step
-    tokens = np.zeros((len(enc_prompts), _bucket(max(len(p) for p in enc_prompts))), np.int32)
-    segment_ids = np.zeros_like(tokens)
-    for row, prompt in enumerate(enc_prompts):
-        tokens[row, :len(prompt)] = prompt
-        segment_ids[row, :len(prompt)] = 1
-    is_eos = np.zeros((cfg.vocab_size,), bool)
-    is_eos[cfg.eos_token_id if eos_id is None else eos_id] = True
-    knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
-    out = _generate(cfg, base, trainable, tokens, segment_ids, np.int32(max_new_tokens), is_eos,
-                    jax.random.key(seed), knobs, peft=spec, dtype=jnp.dtype(dtype), budget=_bucket(max_new_tokens))
-    return [_until_eos(row[:max_new_tokens], is_eos) for row in np.asarray(out)]
-
-
-@partial(jax.jit, static_argnums=0, static_argnames=("peft", "dtype", "budget"))
-def _generate(cfg, base, trainable, tokens, segment_ids, max_new, is_eos, key, knobs, *, peft, dtype, budget):
-    """The compiled part of `generate` -> (B, budget) int32 decoded tokens (past EOS / max_new: anything)."""
-    from jaxft.generate import sample
-    params = overlay(base, trainable)
-    b = tokens.shape[0]
-    encoded = encode(cfg, base, tokens, segment_ids=segment_ids, trainable=trainable, peft=peft, dtype=dtype)
-    model = partial(forward, cfg, base, None, trainable=trainable, peft=peft, dtype=dtype, return_hidden=True)
-    start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
-    hidden, cache = model(start, enc_segment_ids=segment_ids, encoded=encoded,
-                          cache=init_cache(cfg, b, budget, dtype))
-    first = sample(lm_logits(cfg, params, hidden[:, -1]), jax.random.fold_in(key, 0), knobs)
-
-    def cond(state):
-        step, _, done, _ = state
-        return (step < max_new) & ~jnp.all(done)
-
-    def body(state):
-        step, out, done, cache = state
-        previous = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)  # (B, 1)
-        hidden, cache = model(previous, cache=cache)
-        token = sample(lm_logits(cfg, params, hidden[:, 0]), jax.random.fold_in(key, step), knobs)
-        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
-        return step + 1, out, done | is_eos[token], cache
-
-    out = jnp.zeros((b, budget), jnp.int32).at[:, 0].set(first)
-    return jax.lax.while_loop(cond, body, (jnp.int32(1), out, is_eos[first], cache))[1]
+    mask = target_mask.astype(jnp.float32)
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask), jnp.sum(mask)
 
 
 def bucket_table(cfg: Config, bidirectional: bool) -> np.ndarray:
@@ -508,38 +440,32 @@ def _attend(q, k, v, bias, mask):
     return out.reshape(*out.shape[:2], -1).astype(q.dtype)
 
 
-def _mlp(cfg: Config, p: dict, h, lora, rngs, layout):
+def _mlp(cfg: Config, p: dict, h, hooks, rngs, layout):
     act = _ACTIVATIONS[cfg.act]
     if cfg.gated:
-        up = act(dense(h, p["gate_proj"], lora, rngs[0])) * dense(h, p["up_proj"], lora, rngs[1])
+        up = act(dense(h, p["gate_proj"], hooks, rngs[0])) * dense(h, p["up_proj"], hooks, rngs[1])
     else:
-        up = act(dense(h, p["in_proj"], lora, rngs[0]))
-    return dense(constrain(up, ("batch", "seq", "mlp"), layout), p["down_proj"], lora, rngs[2])
+        up = act(dense(h, p["in_proj"], hooks, rngs[0]))
+    return dense(constrain(up, ("batch", "seq", "mlp"), layout), p["down_proj"], hooks, rngs[2])
 
 
 def _heads(x, cfg: Config):
     return x.reshape(*x.shape[:2], cfg.n_heads, cfg.head_dim)
 
 
-def _encoder_layer(cfg: Config, spec, bias, mask, x, p, rng, *, layout=None):
+def _encoder_layer(cfg: Config, hooks, bias, mask, segment_ids, x, p, rng, *, layout=None):
     """One encoder block: x (B, S, D) -> x."""
-    from jaxft.peft import adapters
-    lora = None if spec is None else spec.lora
     rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
     attn = p["self_attn"]
     h = rms_norm(x, p["self_attn_norm"]["scale"], cfg.norm_eps)
-    q, k, v = (_heads(dense(h, attn[f"{m}_proj"], lora, r), cfg) for m, r in zip("qkv", rngs))
-    o = dense(_attend(q, k, v, bias, mask), attn["o_proj"], lora, rngs[3])
-    if "adapter" in attn:  # bottleneck adapter on the attention block's output (Houlsby)
-        o = adapters.bottleneck(o, attn["adapter"], spec)
-    x = x + o
-    out = _mlp(cfg, p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps), lora, rngs[4:], layout)
-    if "adapter" in p["mlp"]:  # bottleneck adapter on the MLP's output (Houlsby and Pfeiffer)
-        out = adapters.bottleneck(out, p["mlp"]["adapter"], spec)
-    return constrain(x + out, ("batch", "seq", "embed"), layout)
+    q, k, v = (_heads(dense(h, attn[f"{m}_proj"], hooks, r), cfg) for m, r in zip("qkv", rngs))
+    k, v, mask = hooks.attention_kv(attn, k, v, mask, segment_ids)
+    x = x + hooks.block_output(attn, dense(_attend(q, k, v, bias, mask), attn["o_proj"], hooks, rngs[3]))
+    out = _mlp(cfg, p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps), hooks, rngs[4:], layout)
+    return constrain(x + hooks.block_output(p["mlp"], out), ("batch", "seq", "embed"), layout)
 
 
-def _decoder_layer(cfg: Config, spec, bias, self_mask, cross_mask, index, segment_ids, x, p, rng, kv, cross,
+def _decoder_layer(cfg: Config, hooks, bias, self_mask, cross_mask, index, segment_ids, x, p, rng, kv, cross,
                    encoded, *, layout=None):
     """One decoder block: x (B, T, D) -> (x, (kv, new cross)).
 
@@ -548,37 +474,29 @@ def _decoder_layer(cfg: Config, spec, bias, self_mask, cross_mask, index, segmen
     cached cross-attention keys and values, or None to compute them from `encoded` (B, S, D). The new cross
     keys and values are returned only where a cache is being filled (else None, so no scan output stacks them).
     """
-    from jaxft.peft import adapters, prefix
-    lora = None if spec is None else spec.lora
     rngs = [None] * 11 if rng is None else list(jax.random.split(rng, 11))
     attn = p["self_attn"]
     h = rms_norm(x, p["self_attn_norm"]["scale"], cfg.norm_eps)
-    q, k, v = (_heads(dense(h, attn[f"{m}_proj"], lora, r), cfg) for m, r in zip("qkv", rngs))
+    q, k, v = (_heads(dense(h, attn[f"{m}_proj"], hooks, r), cfg) for m, r in zip("qkv", rngs))
     if kv is not None:
         k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
         kv = (k, v)
         k, v = k.astype(x.dtype), v.astype(x.dtype)
-    if "prefix_k" in attn:  # prefix tuning: learned keys and values before the text's
-        k, v, self_mask = prefix.extend(attn, k, v, self_mask, segment_ids)
-    o = dense(_attend(q, k, v, bias, self_mask), attn["o_proj"], lora, rngs[3])
-    if "adapter" in attn:
-        o = adapters.bottleneck(o, attn["adapter"], spec)
-    x = x + o
+    k, v, self_mask = hooks.attention_kv(attn, k, v, self_mask, segment_ids)  # not cached
+    x = x + hooks.block_output(attn, dense(_attend(q, k, v, bias, self_mask), attn["o_proj"], hooks, rngs[3]))
 
     attn = p["cross_attn"]
     h = rms_norm(x, p["cross_attn_norm"]["scale"], cfg.norm_eps)
-    q = _heads(dense(h, attn["q_proj"], lora, rngs[4]), cfg)
+    q = _heads(dense(h, attn["q_proj"], hooks, rngs[4]), cfg)
     new_cross = None
     if cross is None:
-        cross = tuple(_heads(dense(encoded.astype(x.dtype), attn[f"{m}_proj"], lora, r), cfg)
+        cross = tuple(_heads(dense(encoded.astype(x.dtype), attn[f"{m}_proj"], hooks, r), cfg)
                       for m, r in zip("kv", rngs[5:7]))
         new_cross = None if kv is None else cross
     o = dense(_attend(q, cross[0].astype(x.dtype), cross[1].astype(x.dtype), None, cross_mask), attn["o_proj"],
-              lora, rngs[7])
-    x = x + o
+              hooks, rngs[7])
+    x = x + hooks.block_output(attn, o)
 
-    out = _mlp(cfg, p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps), lora, rngs[8:], layout)
-    if "adapter" in p["mlp"]:
-        out = adapters.bottleneck(out, p["mlp"]["adapter"], spec)
-    return constrain(x + out, ("batch", "seq", "embed"), layout), (kv, new_cross)
+    out = _mlp(cfg, p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps), hooks, rngs[8:], layout)
+    return constrain(x + hooks.block_output(p["mlp"], out), ("batch", "seq", "embed"), layout), (kv, new_cross)

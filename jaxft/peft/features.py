@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.models import family_of
+from jaxft.models.layers import last_token, mean_pool
 from jaxft.peft.method import PeftError
-from jaxft.tasks.heads import last_token, mean_pool
 
 POOLS = ("mean", "last", "cls")
+UNMERGEABLE = "feature-based fine-tuning trains a classification head beside the model; the model is unchanged"
 HEADS = ("linear", "mlp")
 
 
@@ -58,6 +59,12 @@ class FeatureSpec:
     @classmethod
     def from_json(cls, d: dict) -> "FeatureSpec":
         return cls(layer=int(d["layer"]), pool=d["pool"], classes=tuple(d["classes"]), seq_len=int(d["seq_len"]))
+
+
+def expected(spec, flat: dict, base: dict, cfg) -> dict:
+    """A features head's leaves (the whole tree, under head/): its first layer reads the model width D."""
+    first = "head/hidden/w" if "head/hidden/w" in flat else "head/out/w"
+    return {**flat, first: (cfg.dim, flat.get(first, (0, 0))[-1])}
 
 
 def make_spec(cfg, layer: int, pool: str, classes, seq_len: int) -> FeatureSpec:

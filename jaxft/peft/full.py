@@ -19,12 +19,14 @@ weight / 2 * sum ||theta - theta_pretrained||^2, the pretrained values read from
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 
 from jaxft import tree
-from jaxft.peft.method import PeftError
+from jaxft.peft.method import MethodSpec, PeftError, as_method
 from jaxft.quant import as_dense
 
 PRESETS = {"norms": r".*norm/(scale|bias)", "biases": r".*/(b|bias)"}
@@ -32,13 +34,13 @@ _STACKED = re.compile(r"((?:.*/)?layers/)(.*)")  # (the stack's prefix up to lay
 
 
 def stacks(base: dict) -> dict[str, int]:
-    """{stack prefix: its number of layers} of the stacked leaves: {'layers/': L} for one stack (LLaMA, BERT),
-    {'encoder/layers/': Le, 'decoder/layers/': Ld} for T5."""
+    """{stack prefix: its number of layers} of the stacked leaves of a base (a tree, or path -> shape): {'layers/':
+    L} for one stack (LLaMA, BERT), {'encoder/layers/': Le, 'decoder/layers/': Ld} for T5."""
     out = {}
     for path, x in tree.items(base):
         m = _STACKED.fullmatch(path)
         if m:
-            out.setdefault(m.group(1), x.shape[0])
+            out.setdefault(m.group(1), tuple(getattr(x, "shape", x))[0])
     return out
 
 
@@ -91,6 +93,13 @@ def init(base: dict, selected: list[tuple[str, tuple[int, ...] | None]]) -> dict
     return tree.unflatten(out)
 
 
+def resolve(spec, base: dict, trainable: dict):
+    """The `resolve` hook of partial fine-tuning: split leaves put into their stacked base leaves (`scatter`)."""
+    if not spec.layers:
+        return trainable, spec
+    return scatter(base, trainable, spec.layers), dataclasses.replace(spec, layers=())
+
+
 def scatter(base: dict, trainable: dict, layers: tuple[tuple[str, tuple[int, ...]], ...]) -> dict:
     """The trainable tree with each split leaf (k, ...) written into a copy of its stacked base leaf (L, ...)."""
     flat, flat_base = tree.flatten(trainable), tree.flatten(base)
@@ -115,3 +124,38 @@ def l2sp(layers: tuple[tuple[str, tuple[int, ...]], ...], weight: float):
         return 0.5 * weight * total
 
     return penalty
+
+
+def merge(base: dict, trainable: dict, spec, dtype=None) -> dict:
+    """The base with the trained leaves in place (split ones scattered into their stacks); a quantized leaf
+    becomes float32 unless `dtype` is given."""
+    resolved, _ = resolve(as_method(spec), base, trainable)
+    flat = tree.flatten(base)
+    for path, x in tree.items(resolved):
+        old = flat[path]
+        flat[path] = x.astype(dtype or (jnp.float32 if hasattr(old, "dequantize") else old.dtype))
+    return tree.unflatten(flat)
+
+
+def _build_full(key, base: dict, config, cfg, tokenizer=None):
+    return init(base, [(p, None) for p in tree.flatten(base)]), MethodSpec("full")
+
+
+def _build_partial(key, base: dict, config, cfg, tokenizer=None):
+    selected = select(base, config.partial.select)
+    split = tuple((p, layers) for p, layers in selected if layers is not None)
+    return init(base, selected), MethodSpec("partial", layers=split)
+
+
+def _expected_partial(spec, flat: dict, base: dict, cfg) -> dict:
+    """Each leaf of `flat` at a base path, with the base's shape, or (k, ...) for k layers of a split one."""
+    split = dict(as_method(spec).layers)
+    return {p: base[p] if p not in split else (len(split[p]),) + base[p][1:] for p in flat if p in base}
+
+
+# The methods of this module, for `jaxft.peft.method.register`.
+FULL = SimpleNamespace(build=_build_full, expected=lambda spec, flat, base, cfg: dict(base), merge=merge,
+                       resolve=resolve, SHAPING=())
+PARTIAL = SimpleNamespace(build=_build_partial, expected=_expected_partial, merge=merge, resolve=resolve,
+                          SHAPING=("select",), selection=lambda config: (f"partial.select={config.partial.select!r}",
+                                                                         False))

@@ -49,7 +49,8 @@ from jaxft.checkpoint.assemble import expected_shapes, summarize
 from jaxft.checkpoint.hf import _replace_dir
 from jaxft.models import family_of
 from jaxft.models.config import LlamaConfig
-from jaxft.peft import shapes
+from jaxft.peft import hf_prompts, shapes
+from jaxft.peft.hf_prompts import refuse_unknown
 from jaxft.peft.lora import LoraSpec
 from jaxft.peft.method import AdapterError, MethodSpec, as_method, method_of
 
@@ -80,8 +81,6 @@ _LORA_TENSORS = {"lora_A.weight": ("lora_a", True), "lora_B.weight": ("lora_b", 
 # LoftQ, MiCA) trains against a modified base that the adapter alone cannot reproduce.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # adapter_config.json fields of every method with no effect on what the adapter computes.
-_BOOKKEEPING = {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
-                "peft_version"}
 # Per method: the fields read, or without effect on a trained adapter (matter only at initialization or inside
 # PEFT's own training, or name modules whose tensors say the same); every other field must be unset.
 _LORA_FIELDS = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "bias",
@@ -156,7 +155,6 @@ def save(out_dir, trainable: dict, spec, cfg: LlamaConfig, *, base_model: str, t
     elif method == "ia3":
         tensors, config, what = _ia3_save(flat, cfg, target.prefix)
     else:
-        from jaxft.peft import hf_prompts
         tensors, config, what = hf_prompts.save(flat, as_method(spec), cfg, run, base_model, target)
     auto = None
     if target.task_type is None:  # PEFT records the class it wrapped where no task type says it
@@ -224,7 +222,6 @@ def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
         refuse_unknown(conf, _IA3_FIELDS, source, "IA3 vectors of the linear layers")
         trainable, spec = _ia3_tree(arrays, conf.get("feedforward_modules"), cfg, file), MethodSpec("ia3")
     else:
-        from jaxft.peft import hf_prompts
         trainable, spec = hf_prompts.load(conf, arrays, cfg, source, file)
     if head:
         trainable["head"] = head
@@ -249,15 +246,6 @@ def read_config(path) -> dict:
     if not isinstance(conf, dict):
         raise AdapterError(f"{file}: expected a JSON object")
     return conf
-
-
-def refuse_unknown(conf: dict, fields: set[str], source: str, what: str) -> None:
-    """Raises AdapterError naming the first field of `conf` that is set and is neither bookkeeping nor one of
-    the method's `fields`: an option that would make jaxft compute something else than PEFT."""
-    for key, value in sorted(conf.items()):
-        if key not in _BOOKKEEPING and key not in fields and value not in (None, False, {}, []):
-            raise AdapterError(f"{source}: {key}={json.dumps(value)} is not supported by jaxft (it changes what the "
-                               f"adapter computes; jaxft reads {what})")
 
 
 def tensor_names(cfg: LlamaConfig, suffixes, prefix: str | None = None) -> dict[str, tuple[str, int, str]]:

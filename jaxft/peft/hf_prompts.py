@@ -32,6 +32,7 @@ does (`jaxft.peft.finalize`): both settings read and write the same tensor, and 
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
 from pathlib import Path
 
@@ -43,7 +44,6 @@ from jaxft.checkpoint.mapping import PeftClass, peft_classes
 from jaxft.models import family_of
 from jaxft.models.config import LlamaConfig
 from jaxft.peft import prefix as prefix_lib
-from jaxft.peft.hf_format import refuse_unknown
 from jaxft.peft.method import AdapterError, MethodSpec
 
 # The first transformers release whose BertModel.forward has no past_key_values, where PEFT puts a prefix.
@@ -57,6 +57,10 @@ _PROMPT_INITS = {"vocab": "SAMPLE_VOCAB", "text": "TEXT", "random": "RANDOM"}  #
 # Model kind -> the task types whose PEFT class computes what jaxft's model does with a prefix or a soft prompt.
 _TASKS = {"decoder": ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION"),
           "encoder": ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION"), "encoder-decoder": ("SEQ_2_SEQ_LM",)}
+
+_BOOKKEEPING = {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+                "peft_version"}
+
 
 
 def save(flat: dict, spec: MethodSpec, cfg: LlamaConfig, run: dict, base_model: str, target: PeftClass):
@@ -177,3 +181,12 @@ def _unequal(cfg, method: str, task_type: str | None) -> str | None:
         return ("PEFT puts the soft prompt before [CLS], so BertForSequenceClassification pools the first virtual "
                 "token, where jaxft's classification head pools the text's [CLS]: the logits would differ")
     return None
+
+
+def refuse_unknown(conf: dict, fields: set[str], source: str, what: str) -> None:
+    """Raises AdapterError naming the first field of `conf` that is set and is neither bookkeeping nor one of
+    the method's `fields`: an option that would make jaxft compute something else than PEFT."""
+    for key, value in sorted(conf.items()):
+        if key not in _BOOKKEEPING and key not in fields and value not in (None, False, {}, []):
+            raise AdapterError(f"{source}: {key}={json.dumps(value)} is not supported by jaxft (it changes what the "
+                               f"adapter computes; jaxft reads {what})")

@@ -14,7 +14,9 @@ import re
 import jax.numpy as jnp
 
 from jaxft import tree
-from jaxft.peft.method import PeftError
+from jaxft.models import family
+from jaxft.models.layers import einsum
+from jaxft.peft.method import MethodSpec, PeftError
 from jaxft.quant import as_dense
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING for the LLaMA
@@ -28,8 +30,6 @@ def target_paths(base: dict, targets: str, feedforward: str,
     """(paths scaled at the output, paths scaled at the input): `targets` and `feedforward` are regexes over
     weight paths ('default': as PEFT for the family of `model_type`); feed-forward paths must be among the
     targets."""
-    from jaxft.models import family
-
     module = family(model_type)
     targets = getattr(module, "IA3_TARGETS", DEFAULT_TARGETS) if targets == "default" else targets
     if feedforward == "default":
@@ -49,6 +49,19 @@ def target_paths(base: dict, targets: str, feedforward: str,
     return [p for p in paths if p not in ff], [p for p in paths if p in ff]
 
 
+def linear(spec, x, p: dict, rng=None):
+    """The `linear` hook: x scaled by ia3_in (in,) before the map, the output by ia3_out (out,) after its bias."""
+    dtype = x.dtype
+    if "ia3_in" in p:
+        x = (x.astype(jnp.float32) * p["ia3_in"]).astype(dtype)
+    y = einsum("...i,io->...o", x, as_dense(p["w"], dtype))
+    if "b" in p:
+        y = y + p["b"].astype(jnp.float32)
+    if "ia3_out" in p:
+        y = y * p["ia3_out"].astype(jnp.float32)
+    return y.astype(dtype)
+
+
 def init(base: dict, out_paths: list[str], in_paths: list[str]) -> dict:
     """Ones: (L, out) beside each output-scaled weight, (L, in) beside each input-scaled one."""
     shapes, flat = {p: tuple(x.shape) for p, x in tree.items(base)}, {}
@@ -61,7 +74,32 @@ def init(base: dict, out_paths: list[str], in_paths: list[str]) -> dict:
     return tree.unflatten(flat)
 
 
-def merge(base: dict, trainable: dict, dtype=None) -> dict:
+SHAPING = ("targets", "feedforward")
+
+
+def build(key, base: dict, config, cfg, tokenizer=None):
+    out_paths, in_paths = target_paths(base, config.ia3.targets, config.ia3.feedforward, cfg.model_type)
+    return init(base, out_paths, in_paths), MethodSpec("ia3")
+
+
+def expected(spec, flat: dict, base: dict, cfg) -> dict:
+    """(L, out) for each ia3_out, (L, in) for each ia3_in of `flat` beside a linear weight of the base."""
+    want = {}
+    for path in flat:
+        module, leaf = path.rsplit("/", 1)
+        w = base.get(f"{module}/w")
+        if w is not None and len(w) == 3 and leaf in ("ia3_out", "ia3_in"):  # else: reported as a stray leaf
+            want[path] = (w[0], w[2] if leaf == "ia3_out" else w[1])
+    return want
+
+
+def selection(config) -> tuple[str, bool]:
+    """The settings that choose the vectors, as `peft.init_from` names them (listing leaves: their names say
+    which are scaled at the input)."""
+    return f"ia3.targets={config.ia3.targets!r} with ia3.feedforward={config.ia3.feedforward!r}", True
+
+
+def merge(base: dict, trainable: dict, spec=None, dtype=None) -> dict:
     """Plain weights computing what base + IA3 computes; a quantized weight is dequantized (float32)."""
     flat = tree.flatten(base)
     for path, s in tree.items(trainable):

@@ -2,7 +2,7 @@
 
 For a base weight at `layers/attn/q_proj/w` of shape (L, in, out) the trainable tree holds
 `layers/attn/q_proj/lora_a` (L, in, R), `.../lora_b` (L, R, out) and, for DoRA, `.../magnitude` (L, out).
-The model's `dense` finds them next to `w` after `jaxft.tree.overlay` and calls `lora_delta`.
+The model's `linear` hook (`jaxft.models.hooks`) finds them next to `w` after `jaxft.tree.overlay`.
 The arithmetic follows HF PEFT, so that adapters move between the two without changing outputs.
 """
 
@@ -16,11 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxft import tree
-from jaxft.models.layers import einsum
+from jaxft.models import family
+from jaxft.models.hooks import Hooks
+from jaxft.models.layers import einsum, linear as plain_linear
+from jaxft.peft.method import MethodSpec, PeftError
 from jaxft.quant import as_dense
 
 ALL_LINEAR = r"((encoder|decoder)/)?layers/.*/w"  # every linear weight of the blocks (of both T5 stacks); the
 #                                                   output head stays frozen, as in PEFT
+
+
+SHAPING = ("rank", "targets", "dora")
 
 
 class LoraError(ValueError):
@@ -28,8 +34,9 @@ class LoraError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """The static (hashable) part of a LoRA adapter, passed to the model next to the trainable arrays."""
+class LoraSpec(Hooks):
+    """The static (hashable) part of a LoRA adapter, passed to the model next to the trainable arrays (as
+    `peft=`, it stands for `MethodSpec('lora', lora=spec)`)."""
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -40,11 +47,34 @@ class LoraSpec:
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
+    method = "lora"  # (not a field)
+
+    def linear(self, x, p: dict, rng=None):
+        return adapted_linear(self, x, p, rng)
+
+    def as_method(self) -> MethodSpec:
+        return MethodSpec("lora", lora=self)
+
+
+def linear(spec, x, p: dict, rng=None):
+    """The `linear` hook of MethodSpec('lora'): x (..., in) -> (..., out), see `adapted_linear`."""
+    return adapted_linear(spec.lora, x, p, rng)
+
+
+def adapted_linear(spec: LoraSpec | None, x, p: dict, rng=None):
+    """y = x @ w + LoRA's delta (+ b) in x's dtype, where `p` holds lora_a beside w; else the plain map."""
+    if "lora_a" not in p:
+        return plain_linear(x, p)
+    dtype = x.dtype
+    w = as_dense(p["w"], dtype)
+    y = lora_delta(x, w, einsum("...i,io->...o", x, w), p, spec, rng)
+    if "b" in p:
+        y = y + p["b"].astype(jnp.float32)
+    return y.astype(dtype)
+
 
 def target_paths(base: dict, targets: str, model_type: str = "llama") -> list[str]:
     """Paths of the base weights that LoRA adapts: `targets` is a regex over paths, 'default' or 'all-linear'."""
-    from jaxft.models import family  # each family names PEFT's default targets for it
-
     pattern = {"default": family(model_type).LORA_TARGETS, "all-linear": ALL_LINEAR}.get(targets, targets)
     try:
         paths = [p for p in tree.select(base, pattern) if p.endswith("/w") and len(_shape(tree.flatten(base)[p])) == 3]
@@ -132,12 +162,55 @@ def _per_row(x, y, p: dict):
     return y + (scale - 1.0) * y + scale * lora_out
 
 
-def merge(base: dict, trainable: dict, spec: LoraSpec, dtype=None) -> dict:
-    """Plain weights whose outputs equal the adapted model's: W + s A B (DoRA: rescaled per output).
+def build(key, base: dict, config, cfg, tokenizer=None):
+    c = config.lora
+    spec = LoraSpec(rank=c.rank, alpha=float(c.alpha), dropout=float(c.dropout), rslora=c.rslora, dora=c.dora)
+    paths = target_paths(base, c.targets, cfg.model_type)
+    return init(key, base, spec, paths, init_a=c.init), MethodSpec("lora", lora=spec)
+
+
+def check(spec, flat: dict, base: dict, about: str) -> None:
+    """Raises PeftError unless every module of `flat` (path -> shape) is a linear layer of the base (path ->
+    shape) holding exactly the leaves of `spec` (LoraSpec or MethodSpec) in their shapes."""
+    spec = spec.lora if isinstance(spec, MethodSpec) else spec
+    for module in sorted({p.rsplit("/", 1)[0] for p in flat}):
+        w = base.get(f"{module}/w")
+        if w is None or len(w) != 3:
+            raise PeftError(f"{module} is not a linear layer of the base model ({about})")
+        n_layers, d_in, d_out = w
+        want = {"lora_a": (n_layers, d_in, spec.rank), "lora_b": (n_layers, spec.rank, d_out)}
+        if spec.dora:
+            want["magnitude"] = (n_layers, d_out)
+        leaves = {p.rsplit("/", 1)[1] for p in flat if p.rsplit("/", 1)[0] == module}
+        if leaves != set(want):
+            raise PeftError(f"{module} holds {sorted(leaves)}, expected {sorted(want)} for a "
+                            f"{'DoRA' if spec.dora else 'LoRA'} adapter")
+        for leaf, shape in want.items():
+            got = flat[f"{module}/{leaf}"]
+            if got != shape:
+                raise PeftError(f"{module}/{leaf} has shape {got}, but a rank-{spec.rank} adapter of this base needs "
+                                f"{shape}: it was made for another model ({about})")
+
+
+def settings(config, spec, flat: dict) -> list:
+    c, spec = config.lora, spec.lora if isinstance(spec, MethodSpec) else spec
+    return [("lora.rank", c.rank, spec.rank), ("lora.alpha", float(c.alpha), spec.alpha),
+            ("lora.rslora", bool(c.rslora), spec.rslora), ("lora.dora", bool(c.dora), spec.dora)]
+
+
+def selection(config) -> tuple[str, bool]:
+    """The setting that chooses the adapted modules, as `peft.init_from` names it (listing modules)."""
+    return f"lora.targets={config.lora.targets!r}", False
+
+
+def merge(base: dict, trainable: dict, spec, dtype=None) -> dict:
+    """Plain weights whose outputs equal the adapted model's: W + s A B (DoRA: rescaled per output); spec: the
+    LoraSpec (or its MethodSpec).
 
     A quantized base weight is dequantized first (a QLoRA user has no original weights to merge onto).
     Returns a new base tree; leaves without adapters are shared, not copied.
     """
+    spec = spec.lora if isinstance(spec, MethodSpec) else spec
     flat = tree.flatten(base)
     for module, node in _adapted_modules(trainable):
         w = as_dense(flat[f"{module}/w"], jnp.float32)

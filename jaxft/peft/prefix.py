@@ -25,10 +25,12 @@ import jax.numpy as jnp
 from jaxft import tree
 from jaxft.models import family_of
 from jaxft.models.layers import dense, rms_norm
-from jaxft.peft.method import PeftError
+from jaxft.peft.method import MethodSpec, PeftError, virtual_tokens
 from jaxft.tree import overlay
 
 INITS = ("vocab", "random")
+SHAPING = ("length", "projection")
+UNMERGEABLE = "prefix tuning adds learned keys and values to every attention layer; they are inputs, not weights"
 
 
 def where(cfg) -> tuple[str, int]:
@@ -72,25 +74,22 @@ def init(key, cfg, base: dict, length: int, projection: int = 0, how: str = "voc
 def _vocab_kv(cfg, base: dict, ids):
     """(k, v) (L, P, K*H) float32: each layer's keys and values of the tokens ids (1, P), as the family's
     forward computes them."""
-    kind = family_of(cfg).KIND
-    if kind == "decoder":
-        from jaxft.models import llama
+    family = family_of(cfg)
+    if family.KIND == "decoder":
         n = ids.shape[1]
-        _, cache = llama.forward(cfg, base, ids, cache=llama.init_cache(cfg, 1, n))
+        _, cache = family.forward(cfg, base, ids, cache=family.init_cache(cfg, 1, n))
         return tuple(cache[c].reshape(cfg.n_layers, n, -1).astype(jnp.float32) for c in ("k", "v"))
     # Encoders keep no cache: layer l's input is the output of the model cut after l layers.
-    layers = base["layers"] if kind == "encoder" else base["decoder"]["layers"]
+    layers = base["layers"] if family.KIND == "encoder" else base["decoder"]["layers"]
     ks, vs = [], []
     for l in range(where(cfg)[1]):
         cut = jax.tree.map(lambda x: x[:l], layers)
-        if kind == "encoder":
-            from jaxft.models import bert
-            x, _ = bert.forward(cfg, dict(base, layers=cut), ids, return_hidden=True)
+        if family.KIND == "encoder":
+            x, _ = family.forward(cfg, dict(base, layers=cut), ids, return_hidden=True)
             attn = jax.tree.map(lambda x: x[l], layers["attn"])
         else:  # T5, pre-norm: the cut decoder's output normed without scale, then the layer's own norm
-            from jaxft.models import t5
             dec = dict(base["decoder"], layers=cut, final_norm={"scale": jnp.ones((cfg.dim,), jnp.float32)})
-            x, _ = t5.forward(cfg, dict(base, decoder=dec), ids, ids, return_hidden=True)
+            x, _ = family.forward(cfg, dict(base, decoder=dec), ids, ids, return_hidden=True)
             here = jax.tree.map(lambda x: x[l], layers)
             x = rms_norm(x, here["self_attn_norm"]["scale"], cfg.norm_eps)
             attn = here["self_attn"]
@@ -109,6 +108,54 @@ def project(trainable: dict) -> dict:
     out = out.reshape(n, -1, 2, kv).transpose(1, 2, 0, 3)  # (L, 2, P, K*H)
     rest = {name: sub for name, sub in trainable.items() if name != "prefix"}
     return overlay(rest, {"layers": {"attn": {"prefix_k": out[:, 0], "prefix_v": out[:, 1]}}})
+
+
+def build(key, base: dict, config, cfg, tokenizer=None):
+    c = config.prefix
+    n = virtual_tokens("prefix.length", c.length, config.train.seq_len, cfg.max_seq_len)
+    return init(key, cfg, base, n, c.projection, c.init), MethodSpec("prefix", virtual_tokens=n)
+
+
+def layout(cfg, length: int, projection: int = 0) -> dict[str, tuple[int, ...]]:
+    """path -> shape of the leaves of a prefix of `length` (with the reparameterization MLP of width
+    `projection`, while training)."""
+    path, n_layers = where(cfg)
+    kv = cfg.n_kv_heads * cfg.head_dim
+    if projection:
+        return {"prefix/embedding": (length, kv), "prefix/mlp/in/w": (kv, projection),
+                "prefix/mlp/in/b": (projection,), "prefix/mlp/out/w": (projection, n_layers * 2 * kv),
+                "prefix/mlp/out/b": (n_layers * 2 * kv,)}
+    return {f"{path}/prefix_k": (n_layers, length, kv), f"{path}/prefix_v": (n_layers, length, kv)}
+
+
+def expected(spec, flat: dict, base: dict, cfg) -> dict:
+    return layout(cfg, spec.virtual_tokens, flat.get("prefix/mlp/in/w", (0, 0))[-1])
+
+
+def settings(config, spec, flat: dict) -> list:
+    """(field, the config's value, the adapter's value[, hint]) that `peft.init_from` compares."""
+    projection = flat.get("prefix/mlp/in/w", (0, 0))[-1]
+    hint = "" if projection else "; set prefix.projection=0 to train the prefixes themselves"
+    return [("prefix.length", config.prefix.length, spec.virtual_tokens),
+            ("prefix.projection", config.prefix.projection, projection, hint)]
+
+
+def prefix_length(spec) -> int:
+    return spec.virtual_tokens
+
+
+def resolve(spec, base: dict, trainable: dict):
+    """The `resolve` hook: prefixes computed from the reparameterization MLP, where the tree holds it."""
+    return (project(trainable) if "prefix" in trainable else trainable), spec
+
+
+def finalize(spec, trainable: dict) -> dict:
+    return project(trainable) if "prefix" in trainable else trainable
+
+
+def attention_kv(spec, attn: dict, k, v, mask, q_seg):
+    """The `attention_kv` hook: the prefix first, where the attention block holds one (see `extend`)."""
+    return extend(attn, k, v, mask, q_seg) if "prefix_k" in attn else (k, v, mask)
 
 
 def extend(attn: dict, k, v, mask, q_seg):

@@ -12,10 +12,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxft.peft.method import PeftError
+from jaxft import tree
+from jaxft.peft.method import MethodSpec, PeftError, virtual_tokens
 from jaxft.quant import as_dense
 
 INITS = ("random", "text", "vocab")
+SHAPING = ("length",)
+UNMERGEABLE = "prompt tuning prepends learned embeddings to the input; they are inputs, not weights"
 SHARED_SEGMENT = -1  # segment id of slots every example attends to (see `jaxft.models.layers.attention_mask`)
 
 
@@ -43,6 +46,33 @@ def init(key, embed, length: int, how: str = "vocab", text: str = "", tokenizer=
         raise PeftError(f"prompt.init_text {text!r} gives no token")
     ids = (ids * -(-length // len(ids)))[:length]
     return {"prompt": {"embeddings": table[jnp.asarray(ids)]}}
+
+
+def build(key, base: dict, config, cfg, tokenizer=None):
+    c = config.prompt
+    n = virtual_tokens("prompt.length", c.length, config.train.seq_len, cfg.max_seq_len)
+    return init(key, embedding(base), n, c.init, c.init_text, tokenizer), MethodSpec("prompt", virtual_tokens=n)
+
+
+def embedding(base: dict):
+    """The token embedding table (V, D) of a base of any family (LLaMA embed/w, BERT embed/word/w, T5 shared/w)."""
+    flat = tree.flatten(base)
+    return next(flat[p] for p in ("embed/w", "embed/word/w", "shared/w") if p in flat)
+
+
+def expected(spec, flat: dict, base: dict, cfg) -> dict:
+    return {"prompt/embeddings": (spec.virtual_tokens, cfg.dim)}
+
+
+def settings(config, spec, flat: dict) -> list:
+    return [("prompt.length", config.prompt.length, spec.virtual_tokens)]
+
+
+def input_embeddings(spec, trainable, x, positions, segment_ids):
+    """The `input_embeddings` hook: the soft prompt before the text (see `prepend`)."""
+    if not trainable or "prompt" not in trainable:
+        return x, positions, segment_ids
+    return prepend(spec, trainable["prompt"]["embeddings"], x, positions, segment_ids)
 
 
 def prepend(spec, prompt, x, positions, segment_ids):

@@ -1,9 +1,8 @@
-"""Whether a trainable tree fits a base model: the shapes each method's leaves have over a base of `cfg`.
-
-Every adapter that jaxft reads (its own, or PEFT's) goes through `check` before it is used, so that an adapter
-made for another architecture or size is refused with the first leaf that does not fit, never run. (An adapter
-for a different model of the same shapes cannot be told apart.) The layouts are those of `jaxft.peft.method`,
-plus a task head under `head/` (`jaxft.tasks`) beside any method but features (which is all head/):
+"""Whether a trainable tree fits a base model: every adapter that jaxft reads (its own, or PEFT's) goes through
+`check` before it is used, so that an adapter made for another architecture or size is refused with the first
+leaf that does not fit, never run. (An adapter for a different model of the same shapes cannot be told apart.)
+The leaves each method needs are its module's to say (`check` or `expected`, see `jaxft.peft.method`); a task
+head under `head/` (`jaxft.tasks`) may sit beside any method but features (which is all head/):
 head/classifier or head/score {w (D, C), b (C,)}, or a masked-LM head {transform/{w,b}, norm/{scale,bias},
 bias (V,)}.
 """
@@ -12,8 +11,7 @@ from __future__ import annotations
 
 from jaxft import tree
 from jaxft.checkpoint.assemble import expected_shapes
-from jaxft.peft.lora import LoraSpec
-from jaxft.peft.method import AdapterError, as_method, method_of
+from jaxft.peft.method import AdapterError, PeftError, as_method, implementation, method_of
 
 
 def check(trainable: dict, spec, cfg, source: str) -> None:
@@ -26,13 +24,21 @@ def check(trainable: dict, spec, cfg, source: str) -> None:
     if method != "features":  # (whose whole tree is its head/)
         _check_head({p: s for p, s in flat.items() if p.startswith("head/")}, cfg, source, about)
         flat = {p: s for p, s in flat.items() if not p.startswith("head/")}
+        spec = as_method(spec)
     if not flat:
         raise AdapterError(f"{source}: the adapter holds no tensors")
     base = expected_shapes(cfg)
-    if method == "lora":
-        _check_lora(flat, spec if isinstance(spec, LoraSpec) else as_method(spec).lora, base, source, about)
+    try:
+        module = implementation(method)
+    except PeftError:
+        raise AdapterError(f"{source}: unknown method {method!r}") from None
+    if hasattr(module, "check"):  # the method's own messages
+        try:
+            module.check(spec, flat, base, about)
+        except PeftError as e:
+            raise AdapterError(f"{source}: {e}") from None
         return
-    want = _expected(method, spec, flat, base, cfg, source)
+    want = module.expected(spec, flat, base, cfg)
     stray = sorted(set(flat) - set(want))
     if stray:
         raise AdapterError(f"{source}: {stray[0]} is not a leaf of a {method} adapter of this base ({about})")
@@ -44,73 +50,6 @@ def check(trainable: dict, spec, cfg, source: str) -> None:
         if flat[path] != shape:
             raise AdapterError(f"{source}: {path} has shape {flat[path]}, but this base needs {shape}: it was made "
                                f"for another model ({about})")
-
-
-def _expected(method: str, spec, flat: dict, base: dict, cfg, source: str) -> dict[str, tuple[int, ...]]:
-    """path -> shape of every leaf a `method` adapter with the leaves of `flat` must have."""
-    n_layers, dim, kv = cfg.n_layers, cfg.dim, cfg.n_kv_heads * cfg.head_dim
-    if method == "ia3":
-        want = {}
-        for path in flat:
-            module, leaf = path.rsplit("/", 1)
-            w = base.get(f"{module}/w")
-            if w is None or len(w) != 3 or leaf not in ("ia3_out", "ia3_in"):
-                continue  # reported as a stray leaf
-            want[path] = (w[0], w[2] if leaf == "ia3_out" else w[1])
-        return want
-    if method == "adapter":
-        size = next((s[-1] for p, s in flat.items() if p.endswith("adapter/down/w")), 0)
-        wheres = sorted({p.split("/")[1] for p in flat if p.startswith("layers/")} & {"attn", "mlp"}) or ["mlp"]
-        want = {}
-        for where in wheres:
-            at = f"layers/{where}/adapter"
-            want.update({f"{at}/down/w": (n_layers, dim, size), f"{at}/down/b": (n_layers, size),
-                         f"{at}/up/w": (n_layers, size, dim), f"{at}/up/b": (n_layers, dim)})
-        return want
-    if method == "prefix":
-        from jaxft.peft.prefix import where
-        n = as_method(spec).virtual_tokens
-        path, n_layers = where(cfg)  # T5: the decoder's self-attention
-        if "prefix/embedding" in flat:  # not finalized: the reparameterization MLP is still there
-            hidden = flat.get("prefix/mlp/in/w", (0, 0))[-1]
-            return {"prefix/embedding": (n, kv), "prefix/mlp/in/w": (kv, hidden), "prefix/mlp/in/b": (hidden,),
-                    "prefix/mlp/out/w": (hidden, n_layers * 2 * kv), "prefix/mlp/out/b": (n_layers * 2 * kv,)}
-        return {f"{path}/prefix_k": (n_layers, n, kv), f"{path}/prefix_v": (n_layers, n, kv)}
-    if method == "prompt":
-        return {"prompt/embeddings": (as_method(spec).virtual_tokens, dim)}
-    if method == "full":
-        return dict(base)
-    if method == "partial":
-        split = dict(as_method(spec).layers)
-        want = {}
-        for path in flat:
-            if path in base:
-                want[path] = base[path] if path not in split else (len(split[path]),) + base[path][1:]
-        return want
-    if method == "features":
-        first = "head/hidden/w" if "head/hidden/w" in flat else "head/out/w"
-        return {**flat, first: (dim, flat.get(first, (0, 0))[-1])}
-    raise AdapterError(f"{source}: unknown method {method!r}")
-
-
-def _check_lora(flat: dict, spec: LoraSpec, base: dict, source: str, about: str) -> None:
-    for module in sorted({p.rsplit("/", 1)[0] for p in flat}):
-        w = base.get(f"{module}/w")
-        if w is None or len(w) != 3:
-            raise AdapterError(f"{source}: {module} is not a linear layer of the base model ({about})")
-        n_layers, d_in, d_out = w
-        want = {"lora_a": (n_layers, d_in, spec.rank), "lora_b": (n_layers, spec.rank, d_out)}
-        if spec.dora:
-            want["magnitude"] = (n_layers, d_out)
-        leaves = {p.rsplit("/", 1)[1] for p in flat if p.rsplit("/", 1)[0] == module}
-        if leaves != set(want):
-            raise AdapterError(f"{source}: {module} holds {sorted(leaves)}, expected {sorted(want)} for a "
-                               f"{'DoRA' if spec.dora else 'LoRA'} adapter")
-        for leaf, shape in want.items():
-            got = flat[f"{module}/{leaf}"]
-            if got != shape:
-                raise AdapterError(f"{source}: {module}/{leaf} has shape {got}, but a rank-{spec.rank} adapter of "
-                                   f"this base needs {shape}: it was made for another model ({about})")
 
 
 def _check_head(flat: dict, cfg, source: str, about: str) -> None:

@@ -17,7 +17,7 @@ from jaxft.peft import hf_format, shapes
 from jaxft.peft import io as adapter_io
 from jaxft.peft.features import FeatureSpec
 from jaxft.peft.lora import LoraSpec
-from jaxft.peft.method import AdapterError, MethodSpec, PeftError, method_of
+from jaxft.peft.method import AdapterError, MethodSpec, PeftError, implementation, method_of
 
 
 def load(path, cfg) -> tuple[dict, LoraSpec | MethodSpec | FeatureSpec]:
@@ -64,43 +64,20 @@ def init_from(config, cfg, fresh: dict[str, tuple[int, ...]], spec: MethodSpec) 
         raise PeftError(f"peft.method={method!r}, but {where} is a {method_of(loaded)!r} adapter")
     # The method's leaves are compared; a task head (head/...) comes back as it is, for the task to keep.
     flat = {p: tuple(x.shape) for p, x in tree.items(trainable) if method == "features" or not p.startswith("head/")}
-    for field, want, got in _settings(method, config, loaded, flat):
+    settings = getattr(implementation(method), "settings", None)
+    for field, want, got, *hint in settings(config, loaded, flat) if settings else ():
         if want != got:
-            hint = ("; set prefix.projection=0 to train the prefixes themselves"
-                    if field == "prefix.projection" and not got else "")
-            raise PeftError(f"{field}={want!r}, but {where} has {got!r}{hint}")
+            raise PeftError(f"{field}={want!r}, but {where} has {got!r}{''.join(hint)}")
+    # The leaves a config trains are chosen by a setting of the method (lora.targets, ...), which names them.
+    setting, by_leaf = getattr(implementation(method), "selection", lambda c: (f"peft.method={method!r}", False))(
+        config)
     if set(flat) != set(fresh):
-        field = {"lora": "lora.targets", "ia3": "ia3.targets", "partial": "partial.select"}.get(method)
-        value = f"{field}={config[method][field.split('.')[1]]!r}" if field else f"peft.method={method!r}"
-        if method == "ia3":  # the leaf names say which are scaled at the input (ia3.feedforward)
-            value = f"{value} with ia3.feedforward={config.ia3.feedforward!r}"
-        listed = lambda paths: ", ".join(sorted(paths if method == "ia3" else {p.rsplit("/", 1)[0] for p in paths}))
-        raise PeftError(f"{value} trains {listed(fresh)}, but {where} has {listed(flat)}")
-    if method == "partial" and dict(spec.layers) != dict(loaded.layers):
-        raise PeftError(f"partial.select={config.partial.select!r} trains the layers {dict(spec.layers)}, but "
-                        f"{where} has {dict(loaded.layers)}")
+        listed = lambda paths: ", ".join(sorted(paths if by_leaf else {p.rsplit("/", 1)[0] for p in paths}))
+        raise PeftError(f"{setting} trains {listed(fresh)}, but {where} has {listed(flat)}")
+    layers, loaded_layers = dict(getattr(spec, "layers", ())), dict(getattr(loaded, "layers", ()))
+    if layers != loaded_layers:  # a partial fine-tuning's split leaves
+        raise PeftError(f"{setting} trains the layers {layers}, but {where} has {loaded_layers}")
     for p, shape in sorted(fresh.items()):
         if flat[p] != tuple(shape):
             raise PeftError(f"{p}: the config trains shape {tuple(shape)}, but {where} has {flat[p]}")
     return trainable
-
-
-def _settings(method: str, config, loaded, flat: dict) -> list[tuple[str, object, object]]:
-    """(config field, the config's value, the adapter's value) of each setting that fixes what a `method`
-    adapter computes or its shapes (the rest is compared leaf by leaf)."""
-    if method == "lora":
-        c = config.lora
-        return [("lora.rank", c.rank, loaded.rank), ("lora.alpha", float(c.alpha), loaded.alpha),
-                ("lora.rslora", bool(c.rslora), loaded.rslora), ("lora.dora", bool(c.dora), loaded.dora)]
-    if method == "adapter":
-        c = config.adapter
-        size = next((s[-1] for p, s in flat.items() if p.endswith("adapter/down/w")), 0)
-        placement = "houlsby" if any(p.startswith("layers/attn/adapter/") for p in flat) else "pfeiffer"
-        return [("adapter.size", c.size, size), ("adapter.placement", c.placement, placement),
-                ("adapter.activation", c.activation, loaded.activation)]
-    if method == "prefix":
-        return [("prefix.length", config.prefix.length, loaded.virtual_tokens),
-                ("prefix.projection", config.prefix.projection, flat.get("prefix/mlp/in/w", (0, 0))[-1])]
-    if method == "prompt":
-        return [("prompt.length", config.prompt.length, loaded.virtual_tokens)]
-    return []

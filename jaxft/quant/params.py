@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.host import Layers, device_array
 from jaxft.quant.weight import QuantizedWeight, check_settings, check_shape, quantize
 from jaxft.tree import map_with_path
 
@@ -23,12 +24,10 @@ def leaf_fn(format: str = "nf4", *, block_size: int = 64, double_quant: bool = T
 
     Leaves whose path fully matches the regex `include` become QuantizedWeights (see `quantize`); other
     floating leaves are cast to `dense_dtype` (None keeps their dtype). Errors name the path.
-    It takes stacked leaves layer by layer (`by_layer`, see `jaxft.checkpoint.assemble.Layers`): each layer is
+    It takes stacked leaves layer by layer (`by_layer`, see `jaxft.host.Layers`): each layer is
     quantized or cast as soon as it is read, so a stacked leaf never exists in float32, and the leaf is the
     layers' results stacked, equal to those of the whole stacked array.
     """
-    from jaxft.checkpoint.assemble import Layers, device_array  # (that package imports this one)
-
     rx = re.compile(include)
     check_settings(format, block_size)  # a bad setting fails before the first leaf arrives
 

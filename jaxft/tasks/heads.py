@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxft import tree
+from jaxft.models.layers import last_token, mean_pool
+from jaxft.peft import method
 from jaxft.tasks import Model, TaskError
 
 # default: cls (the pooler; mean where the checkpoint has none) for encoders, last for decoders
@@ -61,19 +63,6 @@ def head_name(model: Model) -> str:
     return "classifier" if model.family.KIND == "encoder" else "score"
 
 
-def last_token(h, segment_ids):
-    """h (B, T, D) -> (B, D) at the rightmost non-padding position of each row (transformers' rule)."""
-    t = jnp.arange(h.shape[1], dtype=jnp.int32)
-    idx = jnp.max(jnp.where(segment_ids != 0, t, 0), axis=1)
-    return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
-
-
-def mean_pool(h, segment_ids):
-    """h (B, T, D) -> (B, D), the mean over non-padding positions (float32; all-padding rows give 0)."""
-    m = (segment_ids != 0).astype(jnp.float32)[..., None]
-    return jnp.sum(h.astype(jnp.float32) * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-
-
 def pooled(model: Model, base: dict, trainable: dict | None, h, segment_ids, pool: str = "default"):
     """The sentence vector (B, D) of hidden states h (B, T, D) by `pool` (see POOLS)."""
     if pool not in POOLS:
@@ -87,7 +76,6 @@ def pooled(model: Model, base: dict, trainable: dict | None, h, segment_ids, poo
         return last_token(h, segment_ids)
     if not hasattr(model.family, "pool") or not getattr(model.cfg, "pooler", True):
         raise TaskError(f"head.pool 'cls': this {model.family.KIND} model has no pooler (use mean or last)")
-    from jaxft.peft import method
     resolved, _ = method.resolve(model.spec, base, backbone(trainable))
     return model.family.pool(model.cfg, tree.overlay(base, resolved), h)
 

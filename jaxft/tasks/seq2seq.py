@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft import generate as gen
 from jaxft import metrics as metric_lib
 from jaxft.data import DataError, packing, read_records, tokenize_records
 from jaxft.data.formats import field_names, prompt_ids, seq2seq_texts
@@ -292,13 +293,11 @@ def generate_texts(model: Model, base: dict, trainable, tokenizer, config, promp
         ids, _ = encode(prompts, tokenizer, config.train.seq_len)
 
         def run(chunk, seed):
-            return model.family.generate(model.cfg, base, chunk, max_new_tokens=e.generate_max_new_tokens,
+            return gen.generate_seq2seq(model.cfg, base, chunk, max_new_tokens=e.generate_max_new_tokens,
                                          eos_id=tokenizer.eos_token_id, trainable=trainable, peft=model.spec,
                                          temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, seed=seed,
                                          dtype=dtype)
     else:
-        from jaxft import generate as gen
-
         d = config.data
         ids = [prompt_ids(p, tokenizer, system_prompt=d.system_prompt, chat_template=d.chat_template)
                for p in prompts]

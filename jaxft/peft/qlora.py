@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxft import tree
 from jaxft.peft import lora
 from jaxft.quant import as_dense
-from jaxft.quant.weight import FORMATS, QuantizedWeight, quantize
+from jaxft.quant import FORMATS, QuantizedWeight, quantize
 
 _merge = jax.jit(lora.merge, static_argnums=(2, 3))  # dequantization and merge in one program per module
 _dense = jax.jit(as_dense, static_argnums=1)

@@ -18,7 +18,7 @@ import transformers
 from PIL import Image
 
 from jaxft import tree
-from jaxft.checkpoint import LoadError, mapping
+from jaxft.checkpoint import LoadError
 from jaxft.models import connectors, llama, tables, vit
 from jaxft.models.config import ConfigError, LlamaConfig
 from jaxft.peft.lora import LoraSpec
@@ -238,7 +238,7 @@ def test_llava_logits_equal_transformers(clip):
     lm_state = {k.replace("model.language_model.", "model."): v for k, v in state.items()
                 if k.startswith(("model.language_model.", "lm_head."))}
     lm_shapes = {p: x.shape for p, x in tree.items(jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), lm_cfg)))}
-    lm = tables.from_state_dict(mapping.LLAMA, lm_shapes, lm_state, what="llama")
+    lm = tables.from_state_dict(llama.TABLE, lm_shapes, lm_state, what="llama")
 
     @functools.partial(jax.jit, compiler_options=QUICK)
     def logits(tower, proj, lm, pixels, tokens, embeds):

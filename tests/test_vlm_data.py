@@ -18,7 +18,6 @@ from PIL import Image
 
 import tiny
 from jaxft import tree
-from jaxft.checkpoint import mapping
 from jaxft.data import DataError, images, vlm, vlm_batches
 from jaxft.models import connectors, llama, tables, vit
 from jaxft.models.config import LlamaConfig
@@ -208,7 +207,7 @@ def test_packed_loss_equals_unpacked_and_transformers(tmp_path, tok):
     lm_state = {k.replace("model.language_model.", "model."): v for k, v in state.items()
                 if k.startswith(("model.language_model.", "lm_head."))}
     shapes = {p: x.shape for p, x in tree.items(jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), lm_cfg)))}
-    lm = tables.from_state_dict(mapping.LLAMA, shapes, lm_state, what="llama")
+    lm = tables.from_state_dict(llama.TABLE, shapes, lm_state, what="llama")
 
     @functools.partial(jax.jit, compiler_options=QUICK)
     def loss(batch):

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxft.host import Layers, device_array
 from jaxft.models import family_of
-from jaxft.models.table import Entry
+from jaxft.models.table import Entry, LoadError, summarize
 from jaxft.quant import as_dense
 from jaxft.tree import items, unflatten
 
@@ -25,10 +25,6 @@ LeafFn = Callable[[str, Any], Any]  # (jaxft path, host array, or Layers if it s
 # Tensors some checkpoints carry that hold nothing the model needs: rotary tables that older transformers
 # versions saved as buffers (recomputed from the config).
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-
-class LoadError(ValueError):
-    """A checkpoint jaxft cannot load. The one-line message names the file and the tensors or field."""
 
 
 def to_device(dtype) -> LeafFn:
@@ -140,28 +136,6 @@ def hf_tensors(cfg, flat: Mapping[str, Any], dtype):
             dense, dense_path = np.asarray(as_dense(flat[entry.path], dtype)), entry.path
         x = dense if layer is None else dense[layer]
         yield name, np.ascontiguousarray(x.T if entry.transpose else x)
-
-
-def summarize(names: list[str]) -> str:
-    """Names listed in one line, one per layered pattern: 'model.layers.{0-29}.mlp.up_proj.bias, lm_head.weight'."""
-    groups: dict[str, list[int]] = {}
-    for name in names:
-        m = re.search(r"(?<=\.)\d+(?=\.)", name)
-        key = name if m is None else name[:m.start()] + "{}" + name[m.end():]
-        groups.setdefault(key, []).extend([] if m is None else [int(m.group())])
-    out = []
-    for key, layers in groups.items():
-        if not layers:
-            out.append(key)
-            continue
-        layers = sorted(set(layers))
-        if len(layers) == 1:
-            out.append(key.replace("{}", str(layers[0])))
-            continue
-        contiguous = layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2
-        span = f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))
-        out.append(key.replace("{}", "{" + span + "}"))
-    return ", ".join(out)
 
 
 def _ignored(cfg, name: str) -> bool:

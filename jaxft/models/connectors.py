@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.checkpoint.mapping import Entry
 from jaxft.models import tables
 from jaxft.models.config import ConfigError
 from jaxft.models.layers import dense
 from jaxft.models import vit
+from jaxft.models.table import Entry
 from jaxft.models.vit import ACTIVATIONS
 from jaxft.tree import overlay, unflatten
 

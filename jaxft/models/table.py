@@ -9,6 +9,7 @@ module holds its table as TABLE (`jaxft.models.family(model_type).TABLE`); `jaxf
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 
@@ -16,3 +17,29 @@ class Entry(NamedTuple):
     hf: str  # HF tensor name; `{i}` = layer index
     path: str  # jaxft parameter path
     transpose: bool  # HF (out, in) <-> jaxft (in, out)
+
+
+class LoadError(ValueError):
+    """A checkpoint jaxft cannot load. The one-line message names the file and the tensors or field."""
+
+
+def summarize(names: list[str]) -> str:
+    """Names listed in one line, one per layered pattern: 'model.layers.{0-29}.mlp.up_proj.bias, lm_head.weight'."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        m = re.search(r"(?<=\.)\d+(?=\.)", name)
+        key = name if m is None else name[:m.start()] + "{}" + name[m.end():]
+        groups.setdefault(key, []).extend([] if m is None else [int(m.group())])
+    out = []
+    for key, layers in groups.items():
+        if not layers:
+            out.append(key)
+            continue
+        layers = sorted(set(layers))
+        if len(layers) == 1:
+            out.append(key.replace("{}", str(layers[0])))
+            continue
+        contiguous = layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2
+        span = f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers))
+        out.append(key.replace("{}", "{" + span + "}"))
+    return ", ".join(out)

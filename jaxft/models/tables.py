@@ -15,8 +15,7 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.checkpoint.assemble import LoadError, summarize
-from jaxft.checkpoint.mapping import Entry
+from jaxft.models.table import Entry, LoadError, summarize
 from jaxft.tree import flatten, unflatten
 
 

@@ -30,10 +30,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxft.checkpoint.mapping import Entry
 from jaxft.models import tables
 from jaxft.models.bert import layer_norm  # the one LayerNorm (it belongs in layers.py)
 from jaxft.models.config import ConfigError
+from jaxft.models.table import Entry
 from jaxft.models.layers import attend, dense, remat_layer
 from jaxft.parallel.rules import constrain
 from jaxft.tree import overlay, unflatten

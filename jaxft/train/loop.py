@@ -17,13 +17,13 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from jaxft import parallel, peft, tasks, tree
+from jaxft import config as config_lib, parallel, peft, tasks, tree
 from jaxft.peft import io as adapter_io
 from jaxft.train.checkpoints import Checkpoints, ResumeError
 from jaxft.train.metrics import MetricsWriter
 from jaxft.tasks import heads
-from jaxft.train.build import (TASK_FILE, Evaluator, batch_shardings, dtype_of, load_model, put_batch, stack_micro,
-                               task_model, trainable_builder, unroll_layers)
+from jaxft.train.build import (TASK_FILE, Evaluator, batch_shardings, load_model, put_batch, stack_micro, task_model,
+                               trainable_builder)
 from jaxft.train.optim import make_optimizer
 from jaxft.train.step import init_state, make_train_step
 
@@ -37,11 +37,13 @@ class TrainingError(RuntimeError):
 def train(config, workdir: str | Path, resume: bool = False) -> dict:
     """Runs the training described by `config` in `workdir`; returns a summary (steps, losses, paths)."""
     workdir = Path(workdir)
+    config_lib.validate(config, jax.device_count())  # a bad value fails in milliseconds, before anything loads
+    for line in config_lib.describe(config):  # the settings in force, and where each comes from
+        log.info("config: %s", line)
     if config.peft.method == "features":  # a head on frozen features: its own short loop (no LM steps)
         from jaxft.train import features
         return features.train(config, workdir)
     _check_workdir(workdir, resume)
-    unroll_layers(config, dtype_of(config, "dtype"))  # a bad train.layer_loop or dtype fails before anything loads
     task_name = tasks.name_of(config)
     task = tasks.get(task_name)
     layout = parallel.from_config(config)  # the device mesh, and the rules from logical axes to its axes
@@ -65,7 +67,7 @@ def train(config, workdir: str | Path, resume: bool = False) -> dict:
         meta["task"] = {"name": task_name, "labels": info.get("labels")}
     m = task_model(config, fam, cfg, spec, tokenizer, layout)
     log.info("layers: %s (train.layer_loop=%s, %s compute on %s%s)", "unrolled" if m.unroll else "scanned",
-             config.train.get("layer_loop", "auto"), config.dtype, jax.default_backend(),
+             config.train.layer_loop, config.dtype, jax.default_backend(),
              "" if config.quant.format == "none" else f", {config.quant.format} base")
 
     def forward(base_, trainable_, mb, rng):

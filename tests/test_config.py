@@ -175,6 +175,12 @@ def test_validate_checks_the_mesh_against_the_devices(data):
     config_lib.validate(spread, devices=2)  # data = 2 / 2 = 1
     with pytest.raises(config_lib.ConfigFileError, match=r"^train.batch_size: 6 is not a multiple .* size 4"):
         config_lib.validate(spread, devices=8)  # data = 8 / 2 = 4
+    fsdp = config_lib.load(DEFAULT, [f"data.train={data}", "mesh.data=1", "mesh.fsdp=-1"])
+    config_lib.validate(fsdp, devices=8)  # any one axis may take the rest
+    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh: \(-1, -1, 1\) has more than one axis of size -1"):
+        config_lib.validate(config_lib.load(DEFAULT, [f"data.train={data}", "mesh.fsdp=-1"]))
+    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh.tensor: 0 must be a positive integer, or -1"):
+        config_lib.validate(config_lib.load(DEFAULT, [f"data.train={data}", "mesh.tensor=0"]))
 
 
 def test_train_validates_and_logs_the_settings_in_force_before_anything_loads(data, tmp_path, caplog):

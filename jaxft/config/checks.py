@@ -39,8 +39,7 @@ CHOICES = {
 METRICS = ("rouge", "bleu")  # eval.metrics of seq2seq
 POSITIVE = ("train.batch_size", "train.grad_accum", "train.seq_len", "train.save_every", "train.log_every",
             "train.eval_batches", "guard.patience", "demo.train_examples", "demo.eval_examples", "quant.block_size",
-            "lora.rank", "adapter.size", "prefix.length", "prompt.length", "features.hidden", "mesh.fsdp",
-            "mesh.tensor")
+            "lora.rank", "adapter.size", "prefix.length", "prompt.length", "features.hidden")
 NON_NEGATIVE = ("train.steps", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.eval_every",
                 "train.early_stopping_patience", "train.keep_checkpoints", "train.l2sp", "eval.batch_size",
                 "eval.max_examples", "eval.generate_max_new_tokens", "eval.temperature", "eval.top_k",
@@ -133,17 +132,25 @@ def _task(config, require_data: bool) -> None:
 
 
 def _mesh(config, devices: int | None) -> None:
-    data, fsdp, tensor = config.mesh.data, config.mesh.fsdp, config.mesh.tensor
-    if data == 0 or data < -1:
-        _fail("mesh.data", data, "must be a positive integer, or -1 for the devices the other axes leave")
+    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+    for axis, n in sizes.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n == 0 or n < -1:
+            _fail(f"mesh.{axis}", n, "must be a positive integer, or -1 for the devices the other axes leave")
+    if list(sizes.values()).count(-1) > 1:
+        _fail("mesh", tuple(sizes.values()), "has more than one axis of size -1 (data, fsdp, tensor)")
     if devices is not None:
-        if data == -1:
-            if devices % (fsdp * tensor):
-                _fail("mesh.fsdp", fsdp, f"* mesh.tensor={tensor} does not divide the {devices} devices")
-            data = devices // (fsdp * tensor)
-        if data * fsdp * tensor != devices:
-            _fail("mesh.data", data, f"* mesh.fsdp={fsdp} * mesh.tensor={tensor} is not the {devices} devices")
-    parallel = max(data, 1) * fsdp  # rows of each micro-batch are split over data * fsdp (data=-1: not known yet)
+        known = math.prod(n for n in sizes.values() if n != -1)
+        free = next((axis for axis, n in sizes.items() if n == -1), None)
+        if free is not None:
+            if devices % known:
+                _fail(f"mesh.{free}", -1, f"leaves no whole number of devices: the other axes take {known} of "
+                                          f"{devices}")
+            sizes[free] = devices // known
+        if math.prod(sizes.values()) != devices:
+            _fail("mesh.data", sizes["data"], f"* mesh.fsdp={sizes['fsdp']} * mesh.tensor={sizes['tensor']} is not "
+                                              f"the {devices} devices (use -1 for one axis to take the rest)")
+    # rows of each micro-batch are split over data * fsdp (an axis of size -1: not known before the devices are)
+    parallel = max(sizes["data"], 1) * max(sizes["fsdp"], 1)
     if config.train.batch_size % (parallel * config.train.grad_accum):
         _fail("train.batch_size", config.train.batch_size,
               f"is not a multiple of train.grad_accum={config.train.grad_accum} * the mesh's data-parallel size "

@@ -225,3 +225,12 @@ def test_version_and_train_help():
     assert "jaxft/config/base.py" in text and "jaxft/config/defaults.py" in text
     for group in ("data", "train", "guard", "eval", "lora", "prompt", "mesh"):
         assert re.search(rf"^  {group} +\w", text, re.M), group
+
+
+def test_demo_and_eval_validate_too(tmp_path):
+    demo = _cli("demo", "--workdir", str(tmp_path / "demo"), "--config.train.warmup_steps=-1")
+    assert demo.returncode == 1 and demo.stderr == "jaxft demo: error: train.warmup_steps: -1 must be >= 0\n"
+    assert not (tmp_path / "demo").exists()
+    ev = _cli("eval", "--config", str(DEFAULT), "--workdir", str(tmp_path / "run"), "--config.head.pool=max")
+    assert ev.returncode == 1 and ev.stderr == ("jaxft eval: error: head.pool: 'max' is not one of default, cls, "
+                                                "mean, last\n")

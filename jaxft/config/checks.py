@@ -51,7 +51,7 @@ def validate(config, devices: int | None = None, require_data: bool = True) -> N
 
     devices: the number of devices the mesh spans, when known (after `jax.distributed.initialize`): the mesh
     must cover them and the batch split over its data-parallel axes. require_data: data.train must be set
-    (`jaxft demo` writes its own)."""
+    (not for `jaxft demo`, which writes its own, nor `jaxft eval`, which may read data.eval alone)."""
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
@@ -114,8 +114,6 @@ def _task(config, require_data: bool) -> None:
     for key in ("train", "eval", "train_target", "eval_target"):
         if d[key] and not Path(d[key]).exists() and not _cached_name(d[key]):
             _fail(f"data.{key}", d[key], "does not exist")
-    if not d.train and not require_data:
-        return
     needs = {"classification": ("text_field", "label_field"), "token_classification": ("text_field", "label_field"),
              "embedding": ("text_field", "pair_field"), "seq2seq": ("source_field", "target_field")}
     for key in needs.get(task, ()):

@@ -12,7 +12,8 @@ model by `bench/methods.py` (README, "Methods"):
   prompt    3e-2  PEFT's prompt-tuning guide (Lester et al. 2021: 0.3 with Adafactor)
   ia3       3e-3  T-Few (Liu et al. 2022) and PEFT's IA3 guide
   full      5e-5  full fine-tuning of small models (1e-5 .. 5e-5)
-  partial   1e-4  the top blocks retrained in full, fewer of them: above full's
+  partial   5e-4  a few top blocks retrained in full: fewer weights move than in full fine-tuning, so a larger
+                  step (at 1e-4 the held-out loss fell 0.9% in the 24-step budget, full's 5.2% at 5e-5)
   features  1e-2  a linear head on fixed features (logistic regression)
 """
 
@@ -23,6 +24,6 @@ METHOD_DEFAULTS = {
     "prompt": {"train.learning_rate": 3e-2},
     "ia3": {"train.learning_rate": 3e-3},
     "full": {"train.learning_rate": 5e-5},
-    "partial": {"train.learning_rate": 1e-4},
+    "partial": {"train.learning_rate": 5e-4},
     "features": {"train.learning_rate": 1e-2},
 }

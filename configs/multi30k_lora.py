@@ -7,7 +7,8 @@ and chrF (sacrebleu) on generated translations of the validation set.
 
 Parallel text files: data.train holds one English sentence a line and data.train_target its German
 translation on the same line (CRLF or LF); data.eval / data.eval_target likewise (Multi30k's own validation
-files, 1,014 pairs). Everything not set here is as in default_lora.py.
+files, 1,014 pairs). Everything not set here is as in
+default_lora.py (every key: jaxft/config/base.py).
 """
 
 from pathlib import Path
@@ -15,27 +16,23 @@ from pathlib import Path
 import ml_collections
 
 from jaxft import config as config_lib
-from jaxft.tasks import seq2seq
 
 DATA = "../shared/data/translation"
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = config_lib.load(Path(__file__).with_name("default_lora.py"))
-    with c.unlocked():
-        c.task = "seq2seq"  # loss on the target given the source; generation-based evaluation
-        c.data.train = f"{DATA}/train.en"  # source sentences, one a line
-        c.data.train_target = f"{DATA}/train.de"  # their translations, line by line; empty: data.train is one
-        #                                          file with data.source_field and data.target_field columns
-        c.data.eval = f"{DATA}/val.en"  # held-out sources; empty: split data.eval_fraction off the training pairs
-        c.data.eval_target = f"{DATA}/val.de"  # their translations
-        c.data.source_field = "source"  # the source column (parallel files: the name given to data.train's lines)
-        c.data.target_field = "target"  # the target column (parallel files: the name of data.train_target's)
-        c.data.prompt_template = "Translate this sentence from English to German.\n\n{source}"  # {source}: it
-        c.data.chat_template = True  # the prompt as a user turn of the tokenizer's chat template; False: the
-        #                              prompt followed directly by the target (end the template with a newline)
-        c.train.seq_len = 256  # rows of about three packed sentence pairs
-        c.train.steps = 400  # about 10,000 of the 29,000 pairs
-        c.train.eval_every = 100  # the evaluation generates every validation translation
-        seq2seq.add_eval_config(c, max_new_tokens=64, metrics="bleu", batch_size=64)
+    c = config_lib.read(Path(__file__).with_name("default_lora.py"))
+    c.task = "seq2seq"  # loss on the target given the source; generation-based evaluation
+    c.data.train = f"{DATA}/train.en"  # source sentences, one a line
+    c.data.train_target = f"{DATA}/train.de"  # their translations, line by line; empty: data.train is one
+    #                                          file with data.source_field and data.target_field columns
+    c.data.eval = f"{DATA}/val.en"  # held-out sources; empty: split data.eval_fraction off the training pairs
+    c.data.eval_target = f"{DATA}/val.de"  # their translations
+    c.data.prompt_template = "Translate this sentence from English to German.\n\n{source}"  # {source}: it
+    c.train.seq_len = 256  # rows of about three packed sentence pairs
+    c.train.steps = 400  # about 10,000 of the 29,000 pairs
+    c.train.eval_every = 100  # the evaluation generates every validation translation
+    c.eval.metrics = "bleu"  # scored on generated translations
+    c.eval.generate_max_new_tokens = 64  # the most tokens generated per held-out example
+    c.eval.batch_size = 64  # prompts generated together
     return c

@@ -6,7 +6,8 @@ summaries of held-out dialogues.
   jaxft eval --config configs/samsum_lora.py --workdir runs/samsum
 
 SAMSum's validation file (818 dialogues) is the only SAMSum file in ../shared/data: a seeded tenth of it is held
-out for evaluation, the rest trained on. Everything not set here is as in default_lora.py.
+out for evaluation, the rest trained on. Everything not set here is as in
+default_lora.py (every key: jaxft/config/base.py).
 """
 
 from pathlib import Path
@@ -14,25 +15,20 @@ from pathlib import Path
 import ml_collections
 
 from jaxft import config as config_lib
-from jaxft.tasks import seq2seq
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = config_lib.load(Path(__file__).with_name("default_lora.py"))
-    with c.unlocked():
-        c.task = "seq2seq"  # loss on the target given the source; generation-based evaluation
-        c.data.train = "../shared/data/summarization/val.csv"  # CSV id,summary,dialogue (multi-line quoted)
-        c.data.train_target = ""  # a line-aligned target file beside data.train (translation); empty: one file
-        c.data.eval = ""  # held-out file; empty: split data.eval_fraction of the records off data.train
-        c.data.eval_target = ""  # the target file beside data.eval, as data.train_target
-        c.data.eval_fraction = 0.1  # share of the training records held out when data.eval is empty
-        c.data.source_field = "dialogue"  # the source column (put into data.prompt_template)
-        c.data.target_field = "summary"  # the target column (what the model learns to write)
-        c.data.prompt_template = "Summarize this dialogue in one or two sentences.\n\n{source}"  # {source}: it
-        c.data.chat_template = True  # the prompt as a user turn of the tokenizer's chat template; False: the
-        #                              prompt followed directly by the target (end the template with a newline)
-        c.train.seq_len = 512  # covers 99% of the dialogues with their summaries; longer ones are skipped
-        c.train.steps = 150  # about 3 epochs of the 736 training dialogues
-        c.train.eval_every = 50  # the evaluation generates every held-out summary
-        seq2seq.add_eval_config(c, max_new_tokens=80, metrics="rouge", batch_size=32)
+    c = config_lib.read(Path(__file__).with_name("default_lora.py"))
+    c.task = "seq2seq"  # loss on the target given the source; generation-based evaluation
+    c.data.train = "../shared/data/summarization/val.csv"  # CSV id,summary,dialogue (multi-line quoted)
+    c.data.eval_fraction = 0.1  # share of the training records held out when data.eval is empty
+    c.data.source_field = "dialogue"  # the source column (put into data.prompt_template)
+    c.data.target_field = "summary"  # the target column (what the model learns to write)
+    c.data.prompt_template = "Summarize this dialogue in one or two sentences.\n\n{source}"  # {source}: it
+    c.train.seq_len = 512  # covers 99% of the dialogues with their summaries; longer ones are skipped
+    c.train.steps = 150  # about 3 epochs of the 736 training dialogues
+    c.train.eval_every = 50  # the evaluation generates every held-out summary
+    c.eval.metrics = "rouge"  # scored on generated summaries
+    c.eval.generate_max_new_tokens = 80  # the most tokens generated per held-out example
+    c.eval.batch_size = 32  # prompts generated together
     return c

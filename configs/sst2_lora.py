@@ -15,13 +15,12 @@ from jaxft import config as config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = config_lib.load(Path(__file__).with_name("minilm_sst2_lora.py"))
-    with c.unlocked():
-        c.model = "default"
-        c.train.batch_size = 16
-        c.train.learning_rate = 5e-4
-        c.lora.rank = 16
-        c.lora.alpha = 32.0
-        c.lora.dropout = 0.05
-        c.lora.targets = "all-linear"
+    c = config_lib.read(Path(__file__).with_name("minilm_sst2_lora.py"))
+    c.model = "default"
+    c.train.batch_size = 16
+    c.train.learning_rate = 5e-4
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.dropout = 0.05
+    c.lora.targets = "all-linear"
     return c

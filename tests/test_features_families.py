@@ -175,9 +175,9 @@ def test_features_run_continues_from_a_saved_head(tmp_path):
               "param_dtype=float32", "train.seq_len=12", "train.batch_size=16", "train.warmup_steps=0",
               "data.eval_fraction=0.2", "train.eval_every=0"]
     first = train(config_lib.load(CONFIG, common + ["train.steps=30", "train.learning_rate=3e-2"]), tmp_path / "a")
-    # learning rate 0: the continued run's head is exactly the saved one, so its step-0 evaluation is the end of
-    # the first run's
-    again = train(config_lib.load(CONFIG, common + ["train.steps=1", "train.learning_rate=0",
+    # no steps: the continued run's head is exactly the saved one, so its step-0 evaluation is the end of the
+    # first run's
+    again = train(config_lib.load(CONFIG, common + ["train.steps=0",
                                                     f"peft.init_from={tmp_path / 'a'}"]), tmp_path / "b")
     assert again["eval_history"][0][1:] == first["eval_history"][-1][1:]
     head, _, _ = adapter_io.load(tmp_path / "b" / "adapter")

@@ -8,12 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from jaxft.models import bert, llama, t5
 from jaxft.models.config import LlamaConfig
 from jaxft.peft import lora
-from jaxft.train.build import unroll_layers
+from jaxft.train.build import unrolled
 
 rs = np.random.RandomState(0)
 TOKENS = rs.randint(1, 64, (2, 7)).astype(np.int32)
@@ -110,28 +109,20 @@ def test_rematerialized_layers_save_memory(unroll):
     assert remat < plain / 3, (plain, remat)  # measured: 228 -> 48 MB scanned, 250 -> 47 MB unrolled
 
 
-def _config(loop=None, quant="none"):
-    c = ConfigDict({"train": {}, "quant": {"format": quant}})
-    if loop is not None:
-        c.train.layer_loop = loop
-    return c
-
-
 def test_auto_unrolls_only_bf16_on_cpu_without_quantization():
-    assert unroll_layers(_config("auto"), jnp.bfloat16, "cpu")
-    assert not unroll_layers(_config("auto"), jnp.float32, "cpu")
-    assert not unroll_layers(_config("auto"), jnp.bfloat16, "tpu")
-    assert not unroll_layers(_config("auto"), jnp.bfloat16, "gpu")
-    assert unroll_layers(_config("unroll"), jnp.float32, "tpu")
-    assert not unroll_layers(_config("scan"), jnp.bfloat16, "cpu")
-    assert unroll_layers(_config(), jnp.bfloat16, "cpu")  # a config from before the key: auto
-    assert not unroll_layers(_config("auto", quant="nf4"), jnp.bfloat16, "cpu")  # QLoRA keeps its memory saving
-    assert unroll_layers(_config("unroll", quant="nf4"), jnp.bfloat16, "cpu")
+    assert unrolled("auto", jnp.bfloat16, False, "cpu")
+    assert not unrolled("auto", jnp.float32, False, "cpu")
+    assert not unrolled("auto", jnp.bfloat16, False, "tpu")
+    assert not unrolled("auto", jnp.bfloat16, False, "gpu")
+    assert unrolled("unroll", jnp.float32, False, "tpu")
+    assert not unrolled("scan", jnp.bfloat16, False, "cpu")
+    assert not unrolled("auto", jnp.bfloat16, True, "cpu")  # QLoRA keeps its memory saving
+    assert unrolled("unroll", jnp.bfloat16, True, "cpu")
 
 
 def test_unknown_layer_loop_is_named():
     with pytest.raises(ValueError, match=r"train.layer_loop: 'rolled' is not one of auto, scan, unroll"):
-        unroll_layers(_config("rolled"), jnp.float32, "cpu")
+        unrolled("rolled", jnp.float32, False, "cpu")
 
 
 @pytest.fixture(scope="module")

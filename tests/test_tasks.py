@@ -174,7 +174,7 @@ class _Cfg(dict):
 def _config(train, eval_="", labels="", **data):
     d = _Cfg({"train": str(train), "eval": str(eval_), "eval_fraction": 0.0, "text_field": "sentence",
               "label_field": "label", "labels": labels, "tag_scheme": "iob2", **data})
-    return _Cfg(data=d, train=_Cfg(seq_len=T, batch_size=2), seed=0)
+    return _Cfg(data=d, train=_Cfg(seq_len=T, batch_size=2), eval=_Cfg(batch_size=0, max_examples=0), seed=0)
 
 
 def test_classification_labels_from_files_and_errors(tmp_path, llama):
@@ -272,7 +272,8 @@ def test_a_model_of_the_wrong_kind_is_refused_before_loading(tmp_path, bert):
 
     cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4)
     transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
-    base = f"{tmp_path / 'missing.jsonl'}"  # never read: the model's kind is checked first
+    base = tmp_path / "unread.jsonl"  # not JSON, never read: the model's kind is checked first
+    base.write_text("{not json")
     for file, model, message in [
             ("default_lora.py", tmp_path / "t5", r"t5: an encoder-decoder model \(t5\) cannot run task 'causal_lm', "
                                                  r"which needs decoder models"),

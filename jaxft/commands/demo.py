@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from jaxft.commands import CommandError
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_dates.py"
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -14,6 +20,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from jaxft import config as config_lib
+
+    try:  # before the model loads; the demo writes its own data.train
+        config_lib.validate(config_lib.load(DEMO_CONFIG, args.overrides), require_data=False)
+    except config_lib.ConfigFileError as e:
+        raise CommandError(str(e)) from None
     from jaxft import demo
 
     return demo.main(args.workdir, tuple(args.overrides))

@@ -38,6 +38,7 @@ def run(args) -> int:
 
     try:
         config = config_lib.load(args.config, args.overrides)
+        config_lib.validate(config, require_data=False)  # data.eval alone is enough to evaluate on
         results, source = evaluate(config, args.workdir)
     except (config_lib.ConfigFileError, DataError, LoadError, ValueError, FileNotFoundError) as e:
         raise CommandError(str(e)) from None

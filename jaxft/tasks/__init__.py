@@ -70,8 +70,8 @@ def get(name: str) -> ModuleType:
 
 
 def name_of(config) -> str:
-    """config.task, or causal_lm for configs written before tasks existed."""
-    return config.task if "task" in config else "causal_lm"
+    """config.task (the base config's default: causal_lm)."""
+    return config.task
 
 
 def check_kind(name: str, task: ModuleType, family: ModuleType, model: str) -> None:

@@ -38,7 +38,7 @@ def batches(config, tokenizer) -> tuple:
     if held:
         eval_arrays = _arrays(held, config, tokenizer)
         fill = {k: 0 for k in eval_arrays}
-        score_field = config.data.score_field if "score_field" in config.data else ""
+        score_field = config.data.score_field
         if score_field:
             values = rows.column(held, score_field, "data.score_field")
             eval_arrays["scores"] = np.asarray([_number(v, r.where, score_field) for v, r in zip(values, held)],

@@ -118,9 +118,7 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, fill: dict[str,
 
 
 def eval_settings(config) -> tuple[int, int]:
-    """(eval batch size, most examples evaluated; 0 = all) from config.eval, else train.batch_size and all."""
-    if "eval" not in config:
-        return config.train.batch_size, 0
+    """(eval batch size, most examples evaluated; 0 = all) from config.eval; batch size 0: train.batch_size."""
     return config.eval.batch_size or config.train.batch_size, config.eval.max_examples
 
 

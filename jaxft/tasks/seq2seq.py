@@ -43,25 +43,9 @@ METRICS = ("rouge", "bleu")  # eval.metrics: rouge -> ROUGE-1/2/L P/R/F1; bleu -
 _T5_KEYS = ("tokens", "segment_ids", "dec_tokens", "dec_segment_ids", "targets", "loss_mask")
 
 
-def add_eval_config(c, *, max_new_tokens: int, metrics: str, batch_size: int) -> None:
-    """Adds the `eval.*` fields of generation-based evaluation to the config `c` (for configs/*.py)."""
-    import ml_collections
-
-    if "eval" not in c:
-        c.eval = ml_collections.ConfigDict()
-    c.eval.metrics = metrics  # comma-separated: rouge (ROUGE-1/2/L P/R/F1), bleu (BLEU, chrF); "": loss only
-    c.eval.generate_max_new_tokens = max_new_tokens  # the most tokens generated per held-out example
-    c.eval.batch_size = batch_size  # prompts generated together
-    c.eval.max_examples = 0  # held-out examples generated for the metrics; 0: all
-    c.eval.temperature = 0.0  # 0: greedy decoding; > 0: sampling (seeded by config.seed)
-    c.eval.top_k = 0  # sampling: only the k most likely tokens (0: all)
-    c.eval.top_p = 1.0  # sampling: the smallest set of tokens reaching this probability (1: all)
-
-
 def batches(config, tokenizer) -> tuple:
     """(endless training iterator, evaluation batches, info) as the task interface (`jaxft.tasks`) describes;
     the layout depends on the kind of config.model (module docstring)."""
-    _check_keys(config)
     metric_names(config)  # a misspelt eval.metrics fails now, not at the first evaluation
     train, held = split(config)
     kind, start_id = _model_kind(config)
@@ -78,22 +62,6 @@ def batches(config, tokenizer) -> tuple:
     info = {"kind": kind, "train": stats, "eval": eval_stats}
     log.info("seq2seq data: %s", info)
     return rows.stream(arrays, t.batch_size, config.seed), eval_list, info
-
-
-KEYS = {"data": ("train", "train_target", "eval", "eval_target", "eval_fraction", "source_field", "target_field",
-                 "prompt_template", "chat_template", "system_prompt", "pack"),
-        "eval": ("metrics", "generate_max_new_tokens", "batch_size", "max_examples", "temperature", "top_k",
-                 "top_p")}
-
-
-def _check_keys(config) -> None:
-    """TaskError naming the config keys this task reads that the config lacks (e.g. a causal-LM config run
-    with --config.task=seq2seq)."""
-    missing = [f"{group}.{k}" for group, keys in KEYS.items() for k in keys
-               if group not in config or k not in config[group]]
-    if missing:
-        raise TaskError(f"task 'seq2seq' needs the config keys {', '.join(missing)} "
-                        "(start from configs/samsum_lora.py or configs/multi30k_lora.py)")
 
 
 def init_head(key, cfg, config, n_labels):

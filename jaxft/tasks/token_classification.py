@@ -69,7 +69,7 @@ def batches(config, tokenizer) -> tuple:
 def read(path, config) -> list[Sentence]:
     """The sentences of a CoNLL file or of JSON(L) / Parquet records, tags converted to IOB2."""
     d = config.data
-    scheme = d.tag_scheme if "tag_scheme" in d else "iob2"
+    scheme = d.tag_scheme
     if scheme not in SCHEMES:
         raise TaskError(f"data.tag_scheme: {scheme!r} is not one of {', '.join(SCHEMES)}")
     if Path(path).suffix.lower() in _RECORD_SUFFIXES:

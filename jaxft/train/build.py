@@ -76,7 +76,7 @@ def trainable_builder(config, cfg, tokenizer, task, n_labels: int, key):
 
 def task_model(config, fam, cfg, spec, tokenizer, layout) -> tasks.Model:
     """The static description of the forward pass the task runs (`jaxft.tasks.Model`)."""
-    pool = config.head.pool if "head" in config else "default"
+    pool = config.head.pool
     pad = 0 if tokenizer is None else (tokenizer.pad_token_id or 0)
     dtype = dtype_of(config, "dtype")
     return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype, layout=layout, remat=config.train.remat,
@@ -87,20 +87,23 @@ LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 def unroll_layers(config, dtype, backend: str | None = None) -> bool:
-    """Whether the model's layers run unrolled (config.train.layer_loop): `scan` compiles one layer body
-    whatever the depth; `unroll` compiles straight-line code (longer compilation, growing with the depth);
-    `auto` unrolls where that is known to pay: bfloat16 compute on the CPU backend, where XLA converts each
-    bf16 array that the scan slices (frozen weights, saved residuals) to float32 outside the loop and back
-    inside it, every step (bench/train_step.py: 1.4-1.9x faster bf16 steps for the default model; float32 steps
-    are faster scanned), unless the base is quantized: QLoRA is there to save memory, and unrolled, XLA:CPU
-    keeps dequantized weights alive across the step (bench/qlora.py: NF4 step peak 2894 MB unrolled, above bf16
-    LoRA's 2391; 2170 MB scanned). Configs written before the key existed mean `auto`."""
-    loop = config.train.get("layer_loop", "auto")
+    """Whether the model's layers run unrolled (config.train.layer_loop; see `unrolled`)."""
+    return unrolled(config.train.layer_loop, dtype, config.quant.format != "none", backend)
+
+
+def unrolled(loop: str, dtype, quantized: bool, backend: str | None = None) -> bool:
+    """Whether layers run unrolled for train.layer_loop=`loop`: `scan` compiles one layer body whatever the
+    depth; `unroll` compiles straight-line code (longer compilation, growing with the depth); `auto` unrolls
+    where that is known to pay: bfloat16 compute on the CPU backend, where XLA converts each bf16 array that
+    the scan slices (frozen weights, saved residuals) to float32 outside the loop and back inside it, every
+    step (bench/train_step.py: 1.4-1.9x faster bf16 steps for the default model; float32 steps are faster
+    scanned), unless the base is quantized: QLoRA is there to save memory, and unrolled, XLA:CPU keeps
+    dequantized weights alive across the step (bench/qlora.py: NF4 step peak 2894 MB unrolled, above bf16
+    LoRA's 2391; 2170 MB scanned)."""
     if loop not in LAYER_LOOPS:
         raise ValueError(f"train.layer_loop: {loop!r} is not one of {', '.join(LAYER_LOOPS)}")
     if loop == "auto":
         backend = backend or jax.default_backend()
-        quantized = config.get("quant", {}).get("format", "none") != "none"
         return backend == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 and not quantized
     return loop == "unroll"
 

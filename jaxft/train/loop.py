@@ -18,15 +18,15 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from jaxft import parallel, peft, plots, tasks, tree
+from jaxft import config as config_lib, parallel, peft, plots, tasks, tree
 from jaxft.peft import io as adapter_io
 from jaxft.train import workdir as workdir_lib
 from jaxft.train.checkpoints import CheckpointError, Checkpoints
 from jaxft.train.guard import Guard, all_finite
 from jaxft.train.metrics import MetricsWriter, read_rows
 from jaxft.tasks import heads
-from jaxft.train.build import (TASK_FILE, Evaluator, batch_shardings, dtype_of, load_model, put_batch, stack_micro,
-                               task_model, trainable_builder, unroll_layers)
+from jaxft.train.build import (TASK_FILE, Evaluator, batch_shardings, load_model, put_batch, stack_micro, task_model,
+                               trainable_builder)
 from jaxft.train.optim import make_optimizer
 from jaxft.train.step import init_state, make_train_step
 
@@ -45,11 +45,13 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
     either, a workdir holding a run is refused (`jaxft.train.workdir`).
     """
     workdir = Path(workdir)
+    config_lib.validate(config, jax.device_count())  # a bad value fails in milliseconds, before anything loads
+    for line in config_lib.describe(config):  # the settings in force, and where each comes from
+        log.info("config: %s", line)
     if config.peft.method == "features":  # a head on frozen features: its own short loop (no LM steps)
         from jaxft.train import features
         return features.train(config, workdir)
     workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)  # writes nothing
-    unroll_layers(config, dtype_of(config, "dtype"))  # a bad train.layer_loop or dtype fails before anything loads
     task_name = tasks.name_of(config)
     task = tasks.get(task_name)
     layout = parallel.from_config(config)  # the device mesh, and the rules from logical axes to its axes
@@ -73,7 +75,7 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
         meta["task"] = {"name": task_name, "labels": info.get("labels")}
     m = task_model(config, fam, cfg, spec, tokenizer, layout)
     log.info("layers: %s (train.layer_loop=%s, %s compute on %s%s)", "unrolled" if m.unroll else "scanned",
-             config.train.get("layer_loop", "auto"), config.dtype, jax.default_backend(),
+             config.train.layer_loop, config.dtype, jax.default_backend(),
              "" if config.quant.format == "none" else f", {config.quant.format} base")
 
     def forward(base_, trainable_, mb, rng):

@@ -22,7 +22,11 @@ def schedule(lr: float, steps: int, warmup: int, kind: str) -> optax.Schedule:
 
 
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer for the trainable tree, and its learning-rate schedule (for logging)."""
+    """The optimizer for the trainable tree, and its learning-rate schedule (for logging). train_cfg's
+    learning_rate is filled in by `jaxft.config.load` (the method's default unless set)."""
+    if train_cfg.learning_rate is None:
+        raise ValueError("train.learning_rate: None; load the config with jaxft.config.load (which fills in the "
+                         "method's default) or set it")
     lr = schedule(train_cfg.learning_rate, train_cfg.steps, train_cfg.warmup_steps, train_cfg.schedule)
     parts = []
     if train_cfg.max_grad_norm > 0:

@@ -27,7 +27,8 @@ import torch
 import transformers
 
 from jaxft import checkpoint
-from jaxft.generate import UNROLL_FROM, generate
+from jaxft.backend import decode_unrolled, resolve
+from jaxft.generate import generate
 
 RESULTS = Path(__file__).parent / "results"
 TEXTS = [  # each at least 32 tokens long
@@ -115,7 +116,7 @@ def main() -> None:
         best = {name: min(r) for name, r in runs.items()}  # by wall time
         tok_s = {name: b * n_new / wall for name, (wall, _) in best.items()}
         baseline = max((n for n in sides if n not in mine), key=tok_s.get)
-        default = "jaxft_unrolled" if b >= UNROLL_FROM else "jaxft"  # what generate(unroll=None) does
+        default = "jaxft_unrolled" if decode_unrolled(resolve("cpu"), b) else "jaxft"  # generate(unroll=None)
         results[f"b{b}"] = {
             "new_tokens": b * n_new, "jaxft_tok_s": tok_s["jaxft"], "transformers_tok_s": tok_s[baseline],
             "ratio": tok_s["jaxft"] / tok_s[baseline], "transformers_baseline": baseline,
@@ -140,7 +141,7 @@ def main() -> None:
               + f"  {r['ratio']:>5.2f}  {r['ratio_unrolled']:>14.2f}  {r['ratio_default']:>13.2f}  "
               f"{r['jaxft_compile_s']:>9.1f} ({r['jaxft_unrolled_compile_s']:>6.1f})  {r['same_tokens']}")
     print(f"ratio: jaxft over the faster transformers setting; default: generate's own choice (unrolled from batch "
-          f"{UNROLL_FROM}); CPU seconds of the best runs: "
+          f"{resolve('cpu').decode_unroll_from} on the CPU); CPU seconds of the best runs: "
           + "; ".join(f"batch {b[1:]}: " + ", ".join(f"{n} {c:.1f}" for n, c in r["cpu_s"].items())
                       for b, r in results.items()))
 

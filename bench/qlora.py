@@ -150,7 +150,7 @@ def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, load
     from jaxft.models import llama
 
     from jaxft.peft import lora
-    from jaxft.train.build import unrolled
+    from jaxft.backend import resolve
     from jaxft.train.step import init_state, make_train_step
 
     model = loaded or _load(base)
@@ -159,7 +159,7 @@ def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, load
         params = (quant.quantize_params(params, base) if base in quant.FORMATS
                   else jax.tree.map(lambda x: x.astype(base), params))
     dtype = jnp.dtype(compute)
-    unroll = unrolled(layer_loop, dtype, quantized=base in quant.FORMATS)
+    unroll = resolve(None, dtype, base in quant.FORMATS, layer_loop).unroll_layers
     spec = lora.LoraSpec(rank=16, alpha=32)
     trainable = lora.init(jax.random.PRNGKey(0), params, spec, lora.target_paths(params, "all-linear"))
     optimizer = optax.adamw(1e-4)

@@ -32,7 +32,8 @@ import torch
 from jaxft import checkpoint, hub
 from jaxft.models import llama
 from jaxft.peft import lora
-from jaxft.train.build import DTYPES, unrolled
+from jaxft.backend import resolve
+from jaxft.train.build import DTYPES
 from jaxft.train.step import init_state, make_train_step
 
 RESULTS = Path(__file__).parent / "results"
@@ -170,7 +171,7 @@ def main():
     print(f"{'precision':<10} {'side':<13} {'s/step':>8} {'tok/s':>8} {'GFLOP/s':>8} {'% peak':>7} {'compile':>8}")
     for precision in ("f32", "bf16"):
         dtype = DTYPES["bfloat16" if precision == "bf16" else "float32"]
-        auto = "unroll" if unrolled("auto", dtype, False, "cpu") else "scan"  # the trainer's default
+        auto = "unroll" if resolve("cpu", dtype).unroll_layers else "scan"  # the trainer's default
         other = "scan" if auto == "unroll" else "unroll"
         sides = {"jaxft": f"jaxft-{auto}", f"jaxft_{other}": f"jaxft-{other}", "peft": "peft"}
         measured = {}

@@ -1,5 +1,6 @@
 """The backend policy: every choice that is about one backend's speed or memory, resolved once per run from
-(backend, compute dtype, quantization) and passed down like the mesh layout.
+(backend, compute dtype, quantization) and passed down like the mesh layout (the trainer's layer loop,
+`jaxft.train.build.unroll_layers`; `jaxft.generate`'s decode unrolling and output head).
 
 Model and generation code take the policy's fields as plain arguments and carry no backend knowledge of
 their own; the measurements behind each CPU choice are in bench/README.md (bench/train_step.py,
@@ -29,8 +30,6 @@ class Policy:
     unroll_layers: bool  # training / evaluation: the layer stack as straight-line code instead of a scan
     decode_unroll_from: int | None  # batch size from which decoding splits the layer stack (None: never)
     tied_head_table_first: bool  # decoding with a tied head: (V, D) table as the left operand of the matmul
-    remat: bool  # rematerialize each layer in the backward pass unless the config says otherwise
-    prng_impl: str  # the PRNG for dropout: threefry bits fused into the LoRA matmuls compile for minutes on TPU
 
 
 def resolve(backend: str | None = None, dtype=jnp.float32, quantized: bool = False,
@@ -45,8 +44,8 @@ def resolve(backend: str | None = None, dtype=jnp.float32, quantized: bool = Fal
     - decoding from 4 prompts on reads per-layer weight buffers instead of slicing the stack each step (costs a
       second copy of the layer weights while generating);
     - the tied output head at decode puts the (V, D) table on the left of the matmul.
-    GPU / TPU: the layer scan (short compiles, no copies), remat on (a step without it fits a few hundred
-    tokens of an 8B model on a 16 GiB chip), and the `rbg` PRNG for dropout.
+    GPU / TPU: the layer scan (short compiles, no copies), decoding over the stacked weights, the head's
+    operands in their natural order.
     """
     backend = backend or jax.default_backend()
     if backend not in BACKENDS:
@@ -59,7 +58,7 @@ def resolve(backend: str | None = None, dtype=jnp.float32, quantized: bool = Fal
     else:
         unroll = layer_loop == "unroll"
     return Policy(backend=backend, unroll_layers=unroll, decode_unroll_from=4 if cpu else None,
-                  tied_head_table_first=cpu, remat=not cpu, prng_impl="threefry2x32" if cpu else "rbg")
+                  tied_head_table_first=cpu)
 
 
 def decode_unrolled(policy: Policy, batch: int) -> bool:

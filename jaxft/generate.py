@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.backend import Policy, decode_unrolled
+from jaxft.backend import resolve as resolve_policy
 from jaxft.models import family_of, t5
 from jaxft.models.config import LlamaConfig
 from jaxft.peft import method as peft_method
@@ -23,13 +25,10 @@ from jaxft.tree import overlay
 MIN_BUCKET = 16  # smallest padded prompt length / new-token budget: a compilation per power of two above it
 
 
-UNROLL_FROM = 4  # batch size from which `generate` unrolls the decode steps' layers by default
-
-
 def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_ids=(), trainable: dict | None = None, peft=None, lora=None,
-             dtype=jnp.float32, unroll: bool | None = None) -> list[list[int]]:
+             dtype=jnp.float32, unroll: bool | None = None, policy: Policy | None = None) -> list[list[int]]:
     """The new tokens of each prompt, up to `max_new_tokens`; a row stops at its first EOS, which is excluded.
 
     prompts: B lists of token ids (non-empty, any lengths). Greedy (argmax) when `temperature` is 0, otherwise
@@ -44,7 +43,8 @@ def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_
     split once before decoding (the family's `split_layers`, `split_cache`), so that no step slices a weight
     out of its stack: measured on a 2-core CPU, 1.15x faster decoding at batch 8 and 0.9x at batch 1, at the
     cost of a 3x longer compilation and a second copy of the layer weights while generating (bench/generate.py).
-    None (the default) unrolls from 4 prompts on.
+    None (the default) leaves it to the backend `policy` (default: `jaxft.backend.resolve` for JAX's backend and
+    `dtype`): from 4 prompts on on CPUs, never on GPUs and TPUs (where it would hold a second copy of the weights).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -61,8 +61,9 @@ def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_
                          f"max_seq_len={cfg.max_seq_len}")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    policy = policy or resolve_policy(None, dtype)
     if unroll is None:  # (a family without split_layers runs its scan)
-        unroll = len(prompts) >= UNROLL_FROM and hasattr(family_of(cfg), "split_layers")
+        unroll = decode_unrolled(policy, len(prompts)) and hasattr(family_of(cfg), "split_layers")
 
     tokens, segment_ids, positions = pad_left(prompts, _bucket(longest))
     is_eos = np.zeros((cfg.vocab_size,), bool)
@@ -70,7 +71,7 @@ def generate(cfg: LlamaConfig, base: dict, prompts: list[list[int]], *, max_new_
     knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
     out = _generate(cfg, base, trainable, tokens, segment_ids, positions, np.int32(max_new_tokens), is_eos,
                     jax.random.key(seed), knobs, peft=spec, dtype=jnp.dtype(dtype), budget=_bucket(max_new_tokens),
-                    unroll=unroll)
+                    unroll=unroll, policy=policy)
     return [_until_eos(row[:max_new_tokens], is_eos) for row in np.asarray(out)]
 
 
@@ -118,9 +119,9 @@ def top_k_top_p(logits, top_k, top_p):
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("peft", "dtype", "budget", "unroll"))
+@partial(jax.jit, static_argnums=0, static_argnames=("peft", "dtype", "budget", "unroll", "policy"))
 def _generate(cfg, base, trainable, tokens, segment_ids, positions, max_new, is_eos, key, knobs, *, peft, dtype,
-              budget, unroll=False):
+              budget, unroll=False, policy=None):
     """The compiled part of `generate`: prefill, then the decode loop -> (B, budget) int32 new tokens.
 
     tokens / segment_ids / positions: (B, P) from `pad_left`; is_eos: (V,) bool. The columns past a row's EOS
@@ -139,7 +140,7 @@ def _generate(cfg, base, trainable, tokens, segment_ids, positions, max_new, is_
         decoding = family.split_layers(decoding)
         cache = family.split_cache(cache)
     # Left padding puts every row's last prompt token in the last column: only its logits are needed.
-    head = partial(family.decode_logits, cfg, base, trainable, dtype=dtype)
+    head = partial(family.decode_logits, cfg, base, trainable, dtype=dtype, policy=policy)
     first = sample(head(hidden[:, -1]), jax.random.fold_in(key, 0), knobs)
     lengths = jnp.sum(segment_ids, axis=1)  # positions continue from the real prompt lengths
 

@@ -12,7 +12,6 @@ def test_accelerators_keep_the_scan_and_copy_nothing(name):
         for quantized in (False, True):
             p = backend.resolve(name, dtype, quantized)
             assert not p.unroll_layers and p.decode_unroll_from is None and not p.tied_head_table_first
-            assert p.remat and p.prng_impl == "rbg"
             assert not backend.decode_unrolled(p, 64)
 
 
@@ -22,7 +21,7 @@ def test_cpu_unrolls_bf16_only_without_a_quantized_base():
     assert not backend.resolve("cpu", jnp.bfloat16, quantized=True).unroll_layers
     p = backend.resolve("cpu", jnp.float32)
     assert (backend.decode_unrolled(p, 3), backend.decode_unrolled(p, 4)) == (False, True)
-    assert p.tied_head_table_first and not p.remat
+    assert p.tied_head_table_first
 
 
 def test_explicit_layer_loop_wins_and_bad_values_name_the_key():
@@ -45,3 +44,26 @@ def test_aot_reads_the_tpu_compilers_out_of_memory_messages():
     assert out_of_memory(new) == (28 * 2**30, int(15.75 * 2**30))
     assert out_of_memory(old) == (int(20.81 * 2**30), int(15.48 * 2**30))
     assert out_of_memory("INVALID_ARGUMENT: shapes do not match") is None
+
+
+def test_generation_follows_the_policy_with_equal_tokens():
+    """The CPU policy's choices (tied head as the left operand, split layers from 4 prompts on) give the tokens
+    the accelerator policy (neither) gives, and its tied-head logits equal the plain product's."""
+    import jax
+    import numpy as np
+
+    from jaxft.generate import generate
+    from jaxft.models import llama
+    from jaxft.models.config import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64,
+                      tie_embeddings=True, max_seq_len=64)
+    base = llama.init(jax.random.PRNGKey(0), cfg)
+    hidden = jax.random.normal(jax.random.PRNGKey(1), (5, 32))
+    cpu, tpu = backend.resolve("cpu"), backend.resolve("tpu")
+    np.testing.assert_allclose(llama.decode_logits(cfg, base, None, hidden, jnp.float32, cpu),
+                               np.asarray(hidden) @ np.asarray(base["embed"]["w"]).T, atol=1e-5)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    assert backend.decode_unrolled(cpu, len(prompts)) and not backend.decode_unrolled(tpu, len(prompts))
+    assert (generate(cfg, base, prompts, max_new_tokens=6, policy=cpu)
+            == generate(cfg, base, prompts, max_new_tokens=6, policy=tpu))

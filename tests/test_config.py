@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxft import config as config_lib, peft, tasks
+from jaxft import backend, config as config_lib, peft, tasks
 from jaxft.config import checks
 from jaxft.peft import adapters, features, method as peft_method, prefix, prompt
 from jaxft.quant import weight
@@ -99,7 +99,7 @@ def test_the_choices_validate_checks_are_those_the_code_accepts():
     c = checks.CHOICES
     assert c["task"] == tuple(tasks.TASKS)
     assert c["peft.method"] == peft.METHODS
-    assert c["train.schedule"] == optim.SCHEDULES and c["train.layer_loop"] == build.LAYER_LOOPS
+    assert c["train.schedule"] == optim.SCHEDULES and c["train.layer_loop"] == backend.LAYER_LOOPS
     assert c["dtype"] == c["param_dtype"] == tuple(build.DTYPES)
     assert c["quant.format"] == ("none", *weight.FORMATS)
     assert c["adapter.placement"] == tuple(adapters.PLACEMENTS) and c["adapter.activation"] == peft_method.ACTIVATIONS

@@ -129,7 +129,7 @@ def _mini_forward(cfg, base, tokens, *, trainable=None, positions=None, segment_
     return einsum("btd,dv->btv", x, params["lm_head"]["w"].astype(dtype)), new_cache
 
 
-def _mini_logits(cfg, base, trainable, hidden, dtype):
+def _mini_logits(cfg, base, trainable, hidden, dtype, policy=None):
     return einsum("bd,dv->bv", hidden, tree.overlay(base, trainable)["lm_head"]["w"].astype(dtype))
 
 

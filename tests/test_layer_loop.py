@@ -12,7 +12,7 @@ import pytest
 from jaxft.models import bert, llama, t5
 from jaxft.models.config import LlamaConfig
 from jaxft.peft import lora
-from jaxft.train.build import unrolled
+from jaxft.backend import resolve
 
 rs = np.random.RandomState(0)
 TOKENS = rs.randint(1, 64, (2, 7)).astype(np.int32)
@@ -107,6 +107,10 @@ def test_rematerialized_layers_save_memory(unroll):
 
     plain, remat = temp_mb(False), temp_mb(True)
     assert remat < plain / 3, (plain, remat)  # measured: 228 -> 48 MB scanned, 250 -> 47 MB unrolled
+
+
+def unrolled(loop, dtype, quantized, backend):
+    return resolve(backend, dtype, quantized, loop).unroll_layers
 
 
 def test_auto_unrolls_only_bf16_on_cpu_without_quantization():

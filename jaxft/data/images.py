@@ -29,14 +29,14 @@ class ImageError(ValueError):
     """An image file that cannot be used; the message names the file and why."""
 
 
-def image_processor(config: dict, source: str = "preprocessor_config.json"):
+def image_processor(settings: dict, source: str = "preprocessor_config.json"):
     """A transformers image processor from a preprocessor_config.json dict; `image_processor_type` picks the
     class (one of PROCESSORS; a "...Fast" suffix is accepted). Raises ValueError naming `source` otherwise."""
-    kind = str(config.get("image_processor_type", "")).removesuffix("Fast")
+    kind = str(settings.get("image_processor_type", "")).removesuffix("Fast")
     if kind not in PROCESSORS:
-        raise ValueError(f"{source}: image_processor_type {config.get('image_processor_type')!r} is not supported "
+        raise ValueError(f"{source}: image_processor_type {settings.get('image_processor_type')!r} is not supported "
                          f"(expected one of {', '.join(PROCESSORS)})")
-    kwargs = {k: v for k, v in config.items() if k not in ("image_processor_type", "processor_class")}
+    kwargs = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
     return PROCESSORS[kind](**kwargs)
 
 

@@ -14,7 +14,7 @@ The family protocol (what `register_family` expects; `jaxft.models.llama` is the
           return_hidden=, ...) -> (logits or hidden states, cache), calling the hook points of `peft`
           (`jaxft.models.hooks`) and nothing of jaxft.peft
   decoders also: init_cache(cfg, batch, length, dtype) and decode_logits(cfg, base, trainable, hidden (B, D),
-          dtype) -> (B, V), the decode step of `jaxft.generate`
+          dtype, policy) -> (B, V), the decode step of `jaxft.generate` (policy: the `jaxft.backend.Policy`)
 
 `family(model_type)` finds a family; `config_from_hf` reads a config.json dict into the right family's Config.
 jaxft's own families are imported on first use, so a family costs nothing until used.

@@ -108,9 +108,6 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> 
             "positions": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
-FEW_ROWS = 64  # at most this many token rows (decoding steps), the tied output head multiplies table x rows
-
-
 def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = None, positions=None,
             segment_ids=None, cache: dict | None = None, peft=None, lora=None, rng=None, dtype=jnp.float32,
             remat: bool = False, unroll: bool = False, return_hidden: bool = False, embeddings=None, layout=None):
@@ -181,21 +178,21 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     if return_hidden:
         return x, new_cache
     if cfg.tie_embeddings:
-        head = as_dense(params["embed"]["w"], dtype)
-        if b * x.shape[1] <= FEW_ROWS:  # decoding: XLA:CPU reads the (V, D) table ~2x faster as the left operand
-            logits = einsum("vd,btd->vbt", head, x).transpose(1, 2, 0)
-        else:
-            logits = einsum("btd,vd->btv", x, head)
+        logits = einsum("btd,vd->btv", x, as_dense(params["embed"]["w"], dtype))
     else:
         head = as_dense(params["lm_head"]["w"], dtype)
         logits = einsum("btd,dv->btv", x, head)
     return constrain(logits, ("batch", "seq", "vocab"), layout), new_cache
 
 
-def decode_logits(cfg: LlamaConfig, base: dict, trainable, hidden, dtype):
+def decode_logits(cfg: LlamaConfig, base: dict, trainable, hidden, dtype, policy=None):
     """hidden (B, D) final-normed -> logits (B, V) float32: the output head of `forward`, for one position of a
-    decoding step (`jaxft.generate`)."""
+    decoding step (`jaxft.generate`). A `jaxft.backend.Policy` may ask for the tied (V, D) table as the left
+    operand of the product."""
     params = overlay(base, trainable)
+    if cfg.tie_embeddings and policy is not None and policy.tied_head_table_first:
+        head = as_dense(params["embed"]["w"], dtype)
+        return jnp.einsum("vd,bd->vb", head, hidden.astype(dtype), preferred_element_type=jnp.float32).T
     if cfg.tie_embeddings:
         head, spec = params["embed"]["w"], "bd,vd->bv"
     else:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft import backend as backend_lib
 from jaxft import checkpoint, parallel, peft, quant, tasks
 from jaxft.checkpoint import hf
 from jaxft.models import family, family_of
@@ -83,29 +84,10 @@ def task_model(config, fam, cfg, spec, tokenizer, layout) -> tasks.Model:
                        unroll=unroll_layers(config, dtype), pad_id=pad, pool=pool)
 
 
-LAYER_LOOPS = ("auto", "scan", "unroll")
-
-
 def unroll_layers(config, dtype, backend: str | None = None) -> bool:
-    """Whether the model's layers run unrolled (config.train.layer_loop; see `unrolled`)."""
-    return unrolled(config.train.layer_loop, dtype, config.quant.format != "none", backend)
-
-
-def unrolled(loop: str, dtype, quantized: bool, backend: str | None = None) -> bool:
-    """Whether layers run unrolled for train.layer_loop=`loop`: `scan` compiles one layer body whatever the
-    depth; `unroll` compiles straight-line code (longer compilation, growing with the depth); `auto` unrolls
-    where that is known to pay: bfloat16 compute on the CPU backend, where XLA converts each bf16 array that
-    the scan slices (frozen weights, saved residuals) to float32 outside the loop and back inside it, every
-    step (bench/train_step.py: 1.4-1.9x faster bf16 steps for the default model; float32 steps are faster
-    scanned), unless the base is quantized: QLoRA is there to save memory, and unrolled, XLA:CPU keeps
-    dequantized weights alive across the step (bench/qlora.py: NF4 step peak 2894 MB unrolled, above bf16
-    LoRA's 2391; 2170 MB scanned)."""
-    if loop not in LAYER_LOOPS:
-        raise ValueError(f"train.layer_loop: {loop!r} is not one of {', '.join(LAYER_LOOPS)}")
-    if loop == "auto":
-        backend = backend or jax.default_backend()
-        return backend == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 and not quantized
-    return loop == "unroll"
+    """Whether the model's layers run unrolled: train.layer_loop, with `auto` left to the backend policy
+    (`jaxft.backend.resolve`) for `backend` (default: JAX's) computing in `dtype`."""
+    return backend_lib.resolve(backend, dtype, config.quant.format != "none", config.train.layer_loop).unroll_layers
 
 
 def _names(ndim: int, micro: bool) -> tuple:

@@ -21,6 +21,7 @@ from jaxft.peft import features
 from jaxft.peft import io as adapter_io
 from jaxft.peft.method import PeftError
 from jaxft.train.loop import train
+from jaxft.train.workdir import WorkdirError
 from test_tasks import bert_dir
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "minilm_sst2_lora.py")
@@ -148,13 +149,19 @@ def test_bert_features_run_trains_a_head_that_classifies(tmp_path, monkeypatch, 
     calls = []
     real_extract = features.extract
     monkeypatch.setattr(features, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
-    again = train(config, tmp_path / "run")
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in ("config.json", "summary.json", "metrics.jsonl")}
+    with pytest.raises(WorkdirError, match=r"already holds a run \(config\.json, metrics\.jsonl, summary\.json, "
+                                           r"adapter.*Pass --resume"):  # a fresh run never replaces a finished one
+        train(config, tmp_path / "run")
+    assert {f: (tmp_path / "run" / f).read_bytes() for f in before} == before
+    again = train(config, tmp_path / "run", resume=True)  # the head again, on the cached features
     assert not calls and again["eval_history"] == summary["eval_history"]  # read back, not recomputed
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]  # one row per step
     cached = np.load(tmp_path / "run" / "features" / "train.npy")
     bert_dir(path, seed=1)  # another checkpoint at the same path: its own features
     stamp = (path / "model.safetensors").stat()
     os.utime(path / "model.safetensors", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
-    last = train(config, tmp_path / "run")
+    last = train(config, tmp_path / "run", resume=True)
     assert len(calls) == 2 and np.abs(np.load(tmp_path / "run" / "features" / "train.npy") - cached).max() > 1e-3
 
     capsys.readouterr()

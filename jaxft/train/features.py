@@ -6,9 +6,9 @@ encoder: `jaxft.peft.features` says which hidden states each gives). Each part's
 computed once and cached in WORKDIR/features: a later run with the same model, texts and settings reads them
 back; another model, family or checkpoint computes its own. The head is then trained on them with the trainer's
 optimizer and schedule (train.steps, train.batch_size, train.learning_rate, ...). Writes metrics.jsonl,
-WORKDIR/adapter (the head and its FeatureSpec) and summary.json, like the language-model trainer. There is no
-checkpoint to resume: a second run over the same workdir reads the cached features and retrains only the head,
-which takes seconds.
+WORKDIR/adapter (the head and its FeatureSpec) and summary.json, like the language-model trainer, under the same
+workdir rules (`jaxft.train.workdir`). There is no checkpoint to resume: `--resume` over a finished features run
+(same model and settings) reads the cached features back and trains the head again, which takes seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from jaxft import checkpoint
 from jaxft.data import DataError, read_records
 from jaxft.peft import features
 from jaxft.peft import io as adapter_io
+from jaxft.train import workdir as workdir_lib
 from jaxft.train.metrics import MetricsWriter
 from jaxft.train.optim import make_optimizer
 
@@ -35,8 +36,10 @@ log = logging.getLogger("jaxft.train")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def train(config, workdir: str | Path) -> dict:
-    """Runs the feature-based fine-tuning described by `config` in `workdir`; returns a summary."""
+def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """Runs the feature-based fine-tuning described by `config` in `workdir` (checked by the caller with
+    `workdir.check`); returns a summary. resume: retrain the head of the features run in `workdir` on its
+    cached features; overwrite: move the run in `workdir` aside first."""
     workdir = Path(workdir)
     c, t = config.features, config.train
     model = checkpoint.load(config.model, dtype=DTYPES[config.param_dtype])
@@ -49,8 +52,7 @@ def train(config, workdir: str | Path) -> dict:
     if config.peft.init_from:
         head = _init_from(config.peft.init_from, head, spec)
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    workdir_lib.commit(workdir, config, resume=resume, overwrite=overwrite)  # the first write
     t0 = time.perf_counter()
     x_train = _features(config, workdir, model, spec, "train", texts)
     x_eval = _features(config, workdir, model, spec, "eval", eval_texts) if eval_texts else None
@@ -74,7 +76,7 @@ def train(config, workdir: str | Path) -> dict:
         logits = features.apply_head(head, jnp.asarray(x_eval))
         return float(_cross_entropy(logits, y_eval)), float(np.mean(np.asarray(jnp.argmax(logits, -1)) == y_eval))
 
-    metrics = MetricsWriter(workdir)
+    metrics = MetricsWriter(workdir, resumed_at=0 if resume else None)  # the head trains again from step 0
     t1 = time.perf_counter()
     rng = np.random.default_rng(config.seed)
     order, at, history, ends = rng.permutation(len(x_train)), 0, [], []
@@ -105,7 +107,7 @@ def train(config, workdir: str | Path) -> dict:
                "eval_history": history, "adapter": str(adapter_dir), "feature_seconds": feature_seconds,
                "train_seconds": train_seconds, "step_seconds": steady[len(steady) // 2] if steady else None,
                "data": {"train": len(x_train), "eval": len(eval_texts), "classes": classes}}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    workdir_lib.write_atomic(workdir / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
 
 

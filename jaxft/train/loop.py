@@ -48,10 +48,10 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
     config_lib.validate(config, jax.device_count())  # a bad value fails in milliseconds, before anything loads
     for line in config_lib.describe(config):  # the settings in force, and where each comes from
         log.info("config: %s", line)
+    workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)  # writes nothing
     if config.peft.method == "features":  # a head on frozen features: its own short loop (no LM steps)
         from jaxft.train import features
-        return features.train(config, workdir)
-    workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)  # writes nothing
+        return features.train(config, workdir, resume=resume, overwrite=overwrite)
     task_name = tasks.name_of(config)
     task = tasks.get(task_name)
     layout = parallel.from_config(config)  # the device mesh, and the rules from logical axes to its axes

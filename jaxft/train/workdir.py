@@ -74,7 +74,7 @@ def commit(workdir: Path, config, *, resume: bool, overwrite: bool) -> Path | No
         os.rename(workdir, aside)
     workdir.mkdir(parents=True, exist_ok=True)
     if not resume:  # (a resumed run's checkpoints are checked first: `record_resume`)
-        _write_atomic(workdir / CONFIG, config.to_json_best_effort(indent=1) + "\n")
+        write_atomic(workdir / CONFIG, config.to_json_best_effort(indent=1) + "\n")
     return aside
 
 
@@ -83,7 +83,7 @@ def record_resume(workdir: Path, config, step: int) -> dict:
     (and writes config.json where the workdir has none); returns the changes."""
     saved = stored(workdir)
     if saved is None:  # a workdir of a jaxft that did not write config.json: this run's settings are the record
-        _write_atomic(workdir / CONFIG, config.to_json_best_effort(indent=1) + "\n")
+        write_atomic(workdir / CONFIG, config.to_json_best_effort(indent=1) + "\n")
     changed = {} if saved is None else {k: list(v) for k, v in changes(saved, config).items()}
     entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "resumed_at_step": step,
              "changes": changed}
@@ -141,7 +141,7 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _write_atomic(file: Path, text: str) -> None:
+def write_atomic(file: Path, text: str) -> None:
     tmp = file.with_name(f".{file.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, file)

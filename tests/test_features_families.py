@@ -131,6 +131,7 @@ def test_bert_features_run_trains_a_head_that_classifies(tmp_path, monkeypatch, 
     history = summary["eval_history"]
     assert [h[0] for h in history] == [0, 20, 40] and history[-1][1] < 0.5 * history[0][1], history
     assert summary["eval_accuracy"] >= 0.9 and summary["data"] == {"train": 96, "eval": 24, "classes": ["0", "1"]}
+    assert {"loss.png", "eval_accuracy.png"} <= {p.name for p in (tmp_path / "run" / "plots").iterdir()}
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(x)]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])

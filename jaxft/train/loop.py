@@ -51,7 +51,9 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
     workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)  # writes nothing
     if config.peft.method == "features":  # a head on frozen features: its own short loop (no LM steps)
         from jaxft.train import features
-        return features.train(config, workdir, resume=resume, overwrite=overwrite)
+        summary = features.train(config, workdir, resume=resume, overwrite=overwrite)
+        plots.after_run(workdir)
+        return summary
     task_name = tasks.name_of(config)
     task = tasks.get(task_name)
     layout = parallel.from_config(config)  # the device mesh, and the rules from logical axes to its axes

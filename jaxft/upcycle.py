@@ -22,11 +22,10 @@ from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
 from jaxft import checkpoint
 from jaxft.checkpoint.assemble import hf_names, hf_tensors
-from jaxft.checkpoint.hf import INDEX, SINGLE, _replace_dir, read_config
+from jaxft.checkpoint.hf import _replace_dir, read_config, write_shards
 from jaxft.tree import flatten
 
 __all__ = ["UpcycleError", "upcycle", "mixtral_config"]
@@ -115,7 +114,7 @@ def upcycle(model, out, *, experts: int = 8, top_k: int = 2, dtype=jnp.bfloat16,
     try:
         (tmp / "config.json").write_text(json.dumps(dict(config, dtype=str(np_dtype)), indent=2) + "\n")
         tensors = _tensors(hf_tensors(cfg, flatten(dense.params), np_dtype), experts, routers)
-        size = _write(tmp, plan, tensors, np_dtype, max_shard_bytes)
+        size = write_shards(tmp, plan, tensors, np_dtype, max_shard_bytes)  # an expert copy: a reference
         if dense.tokenizer is not None:
             dense.tokenizer.save_pretrained(str(tmp))
         if path.is_dir() and (path / "generation_config.json").is_file():
@@ -181,32 +180,3 @@ def _tensors(dense: Iterator[tuple[str, np.ndarray]], experts: int, routers: np.
         yield from ((new, x) for new in _rename(name, experts))
         if (router := _router_of(name)) is not None:
             yield router, routers[int(name.split(".")[2])]
-
-
-def _write(out: Path, plan: list, tensors: Iterator, dtype, max_shard_bytes: int) -> int:
-    """Writes the tensors as model.safetensors, or shards of at most `max_shard_bytes` with an index (planned
-    from the shapes of `plan`, so that one shard at a time is held); returns the bytes written."""
-    shards, current, used = [], [], 0
-    for name, shape in plan:
-        size = math.prod(shape) * dtype.itemsize
-        if current and used + size > max_shard_bytes:
-            shards.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += size
-    shards.append(current)
-    files = [SINGLE] if len(shards) == 1 else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                                               for k in range(len(shards))]
-    shard_of = {name: file for file, names in zip(files, shards) for name in names}
-    batch, file = {}, files[0]
-    for name, x in tensors:
-        if shard_of[name] != file:
-            save_file(batch, str(out / file), metadata={"format": "pt"})
-            batch, file = {}, shard_of[name]
-        batch[name] = x  # safetensors writes from the array's memory: E references to a copy cost nothing
-    save_file(batch, str(out / file), metadata={"format": "pt"})
-    total = sum(math.prod(shape) * dtype.itemsize for _, shape in plan)
-    if len(files) > 1:
-        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": shard_of},
-                                            indent=2) + "\n")
-    return total

@@ -118,10 +118,17 @@ def save_hf(cfg, params: dict, out_dir, *, dtype=jnp.bfloat16, max_shard_bytes: 
 
 
 def _write_tensors(cfg, flat: dict, out: Path, dtype, max_shard_bytes: int) -> None:
-    # Shards are planned from shapes alone, so that each is materialized only while it is written.
-    sizes = {name: math.prod(shape) * dtype.itemsize for name, (_, _, shape) in hf_names(cfg).items()}
+    plan = [(name, shape) for name, (_, _, shape) in hf_names(cfg).items()]
+    write_shards(out, plan, hf_tensors(cfg, flat, dtype), dtype, max_shard_bytes)
+
+
+def write_shards(out: Path, plan: list, tensors, dtype, max_shard_bytes: int) -> int:
+    """Writes `tensors` ((name, array) in `plan`'s order) into `out` as model.safetensors, or as shards of at
+    most `max_shard_bytes` with their index; returns the bytes written. The shards are planned from `plan`'s
+    (name, shape) alone, so that each shard's arrays are materialized only while it is written."""
     shards, current, used = [], [], 0
-    for name, size in sizes.items():
+    for name, shape in plan:
+        size = math.prod(shape) * dtype.itemsize
         if current and used + size > max_shard_bytes:
             shards.append(current)
             current, used = [], 0
@@ -131,16 +138,18 @@ def _write_tensors(cfg, flat: dict, out: Path, dtype, max_shard_bytes: int) -> N
     files = [SINGLE] if len(shards) == 1 else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
                                                for k in range(len(shards))]
     shard_of = {name: file for file, names in zip(files, shards) for name in names}
-    tensors, file = {}, files[0]
-    for name, x in hf_tensors(cfg, flat, dtype):
+    batch, file = {}, files[0]
+    for name, x in tensors:
         if shard_of[name] != file:
-            save_file(tensors, str(out / file), metadata={"format": "pt"})
-            tensors, file = {}, shard_of[name]
-        tensors[name] = x
-    save_file(tensors, str(out / file), metadata={"format": "pt"})
+            save_file(batch, str(out / file), metadata={"format": "pt"})
+            batch, file = {}, shard_of[name]
+        batch[name] = x
+    save_file(batch, str(out / file), metadata={"format": "pt"})
+    total = sum(math.prod(shape) * dtype.itemsize for _, shape in plan)
     if len(files) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": shard_of}
+        index = {"metadata": {"total_size": total}, "weight_map": shard_of}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return total
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

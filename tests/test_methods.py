@@ -284,7 +284,7 @@ def test_prompt_init_from_text_and_l2sp_only_where_it_means_something(model):
 
 def test_features_classifier_end_to_end(model, tmp_path, monkeypatch):
     """Through `jaxft train` (peft.method=features): features cached once, a head that separates the classes,
-    the saved head restoring the same predictions, and the cache reused by a second run."""
+    the saved head restoring the same predictions, and the cache reused by a resumed run."""
     path, loaded, _ = model
     rng = np.random.RandomState(0)
     animals, sky = ["fox", "dog", "lazy", "brown", "jumps"], ["owls", "stars", "night", "seven", "count"]
@@ -308,7 +308,7 @@ def test_features_classifier_end_to_end(model, tmp_path, monkeypatch):
         raise AssertionError("features were recomputed instead of read from the cache")
 
     monkeypatch.setattr(features, "extract", no_extraction)
-    again = train(config, tmp_path / "run")
+    again = train(config, tmp_path / "run", resume=True)  # the head again, on the cached features
     assert [list(h) for h in again["eval_history"]] == [list(h) for h in summary["eval_history"]]
 
 

@@ -8,7 +8,6 @@ The 8-device part runs once, in a subprocess (`python tests/test_sharding.py OUT
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -23,14 +22,8 @@ STEPS = 5
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharding") / "results.json"
-    # Optimization level 0: the same computation, compiled in half the time (this is about layouts, not speed).
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    import tiny  # (not at the top: this file is also the subprocess's script, which needs no torch)
+    return tiny.on_simulated_devices(__file__, tmp_path_factory.mktemp("sharding") / "results.json")
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))

@@ -17,10 +17,11 @@ import torch
 import transformers
 from PIL import Image
 
+import tiny
 from jaxft import tree
 from jaxft.checkpoint import LoadError
-from jaxft.models import connectors, llama, tables, vit
-from jaxft.models.config import ConfigError, LlamaConfig
+from jaxft.models import connectors, llama, vit
+from jaxft.models.config import ConfigError
 from jaxft.peft.lora import LoraSpec
 
 QUICK = {"xla_backend_optimization_level": 0}  # numbers, not speed
@@ -45,12 +46,7 @@ def _pixels(processor):
 
 def _perturbed(model, seed=0):
     """Non-trivial biases, norms and class token (transformers initializes biases at 0 and norms at 1)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "class_embedding" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return tiny.perturbed(model, seed, also=("norm", "class_embedding"))
 
 
 def _state(model) -> dict:
@@ -230,15 +226,7 @@ def test_llava_logits_equal_transformers(clip):
     with torch.no_grad():
         theirs = model(input_ids=torch.tensor(tokens), pixel_values=torch.tensor(pixels)).logits
 
-    tower_cfg = vit.Config.from_hf(hf["vision_config"])
-    tower = vit.from_state_dict(tower_cfg, state, prefix="model.vision_tower.")
-    proj_cfg = connectors.LlavaProjector.from_hf(hf)
-    proj = connectors.from_state_dict(proj_cfg, state)
-    lm_cfg = LlamaConfig.from_hf(hf["text_config"])
-    lm_state = {k.replace("model.language_model.", "model."): v for k, v in state.items()
-                if k.startswith(("model.language_model.", "lm_head."))}
-    lm_shapes = {p: x.shape for p, x in tree.items(jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), lm_cfg)))}
-    lm = tables.from_state_dict(llama.TABLE, lm_shapes, lm_state, what="llama")
+    tower_cfg, tower, proj_cfg, proj, lm_cfg, lm = tiny.llava_parts(hf, state)
 
     @functools.partial(jax.jit, compiler_options=QUICK)
     def logits(tower, proj, lm, pixels, tokens, embeds):

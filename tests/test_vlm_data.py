@@ -17,10 +17,8 @@ import transformers
 from PIL import Image
 
 import tiny
-from jaxft import tree
 from jaxft.data import DataError, images, vlm, vlm_batches
-from jaxft.models import connectors, llama, tables, vit
-from jaxft.models.config import LlamaConfig
+from jaxft.models import connectors, llama
 
 QUICK = {"xla_backend_optimization_level": 0}
 CLIP = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32},
@@ -199,15 +197,7 @@ def test_packed_loss_equals_unpacked_and_transformers(tmp_path, tok):
 
     model = _tiny_llava(tok)
     hf, state = model.config.to_dict(), {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    tower_cfg = vit.Config.from_hf(hf["vision_config"])
-    tower = vit.from_state_dict(tower_cfg, state, prefix="model.vision_tower.")
-    proj_cfg = connectors.LlavaProjector.from_hf(hf)
-    proj = connectors.from_state_dict(proj_cfg, state)
-    lm_cfg = LlamaConfig.from_hf(hf["text_config"])
-    lm_state = {k.replace("model.language_model.", "model."): v for k, v in state.items()
-                if k.startswith(("model.language_model.", "lm_head."))}
-    shapes = {p: x.shape for p, x in tree.items(jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), lm_cfg)))}
-    lm = tables.from_state_dict(llama.TABLE, shapes, lm_state, what="llama")
+    tower_cfg, tower, proj_cfg, proj, lm_cfg, lm = tiny.llava_parts(hf, state)
 
     @functools.partial(jax.jit, compiler_options=QUICK)
     def loss(batch):

@@ -26,12 +26,13 @@ def tokenizer() -> transformers.PreTrainedTokenizerFast:
                                                 chat_template=CHATML)
 
 
-def perturbed(model, seed: int = 0):
-    """`model` with non-trivial biases and norms (transformers initializes them at 0 and 1), in eval mode."""
+def perturbed(model, seed: int = 0, also: tuple[str, ...] = ("LayerNorm", "layer_norm")):
+    """`model` with non-trivial biases and norms (transformers initializes them at 0 and 1), in eval mode:
+    every bias and every parameter whose name holds one of `also`."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name:
+            if name.endswith("bias") or any(part in name for part in also):
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
 
@@ -66,3 +67,39 @@ def alpaca_file(path: Path, n: int) -> Path:
              "output": " ".join(words[(i + j) % len(words)] for j in range(3 + i % 4))} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def llava_parts(hf: dict, state: dict):
+    """jaxft's parts of a transformers LLaVA (its config dict and numpy state dict): (tower Config, tower,
+    projector Config, projector, language-model Config, language model), each read by its own name table."""
+    import jax
+
+    from jaxft import tree
+    from jaxft.models import connectors, llama, tables, vit
+    from jaxft.models.config import LlamaConfig
+
+    tower_cfg = vit.Config.from_hf(hf["vision_config"])
+    tower = vit.from_state_dict(tower_cfg, state, prefix="model.vision_tower.")
+    proj_cfg = connectors.LlavaProjector.from_hf(hf)
+    proj = connectors.from_state_dict(proj_cfg, state)
+    lm_cfg = LlamaConfig.from_hf(hf["text_config"])
+    lm_state = {k.replace("model.language_model.", "model."): v for k, v in state.items()
+                if k.startswith(("model.language_model.", "lm_head."))}
+    shapes = {p: x.shape for p, x in tree.items(jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), lm_cfg)))}
+    return tower_cfg, tower, proj_cfg, proj, lm_cfg, tables.from_state_dict(llama.TABLE, shapes, lm_state,
+                                                                            what="llama")
+
+
+def on_simulated_devices(script: str, out: Path, devices: int = 8) -> dict:
+    """Runs `script` (a test file's own __main__, writing JSON to `out`) in a subprocess with `devices` simulated
+    CPU devices, so that the rest of the suite keeps its single device; returns what it wrote. Optimization level
+    0: the same computation compiled in half the time (these tests are about layouts and numbers, not speed)."""
+    import os
+    import subprocess
+    import sys
+
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, script, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(Path(out).read_text())

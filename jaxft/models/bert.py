@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxft.models.config import ConfigError
 from jaxft.models.hooks import hooks_of
 from jaxft.models.layers import attend, dense, einsum, remat_layer
-from jaxft.models.table import Entry
+from jaxft.models.table import Entry, module_rows
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
 from jaxft.tree import overlay, unflatten
@@ -137,30 +137,23 @@ class Config:
                 "pad_token_id": self.pad_token_id, "tie_word_embeddings": True}
 
 
-def _rows(hf: str, path: str) -> tuple[Entry, ...]:
-    """A linear module's weight (transposed) and bias, or a LayerNorm's weight and bias."""
-    if path.endswith("norm"):
-        return Entry(f"{hf}.weight", f"{path}/scale", False), Entry(f"{hf}.bias", f"{path}/bias", False)
-    return Entry(f"{hf}.weight", f"{path}/w", True), Entry(f"{hf}.bias", f"{path}/b", False)
-
-
 _L = "encoder.layer.{i}."
 TABLE = (
     Entry("embeddings.word_embeddings.weight", "embed/word/w", False),
     Entry("embeddings.position_embeddings.weight", "embed/position/w", False),
     Entry("embeddings.token_type_embeddings.weight", "embed/type/w", False),
-    *_rows("embeddings.LayerNorm", "embed/norm"),
-    *_rows(_L + "attention.self.query", "layers/attn/q_proj"),
-    *_rows(_L + "attention.self.key", "layers/attn/k_proj"),
-    *_rows(_L + "attention.self.value", "layers/attn/v_proj"),
-    *_rows(_L + "attention.output.dense", "layers/attn/o_proj"),
-    *_rows(_L + "attention.output.LayerNorm", "layers/attn_norm"),
-    *_rows(_L + "intermediate.dense", "layers/mlp/up_proj"),
-    *_rows(_L + "output.dense", "layers/mlp/down_proj"),
-    *_rows(_L + "output.LayerNorm", "layers/mlp_norm"),
-    *_rows("pooler.dense", "pooler"),
-    *_rows("cls.predictions.transform.dense", "mlm/transform"),
-    *_rows("cls.predictions.transform.LayerNorm", "mlm/norm"),
+    *module_rows("embeddings.LayerNorm", "embed/norm"),
+    *module_rows(_L + "attention.self.query", "layers/attn/q_proj"),
+    *module_rows(_L + "attention.self.key", "layers/attn/k_proj"),
+    *module_rows(_L + "attention.self.value", "layers/attn/v_proj"),
+    *module_rows(_L + "attention.output.dense", "layers/attn/o_proj"),
+    *module_rows(_L + "attention.output.LayerNorm", "layers/attn_norm"),
+    *module_rows(_L + "intermediate.dense", "layers/mlp/up_proj"),
+    *module_rows(_L + "output.dense", "layers/mlp/down_proj"),
+    *module_rows(_L + "output.LayerNorm", "layers/mlp_norm"),
+    *module_rows("pooler.dense", "pooler"),
+    *module_rows("cls.predictions.transform.dense", "mlm/transform"),
+    *module_rows("cls.predictions.transform.LayerNorm", "mlm/norm"),
     Entry("cls.predictions.bias", "mlm/bias", False),
 )
 

@@ -19,6 +19,14 @@ class Entry(NamedTuple):
     transpose: bool  # HF (out, in) <-> jaxft (in, out)
 
 
+def module_rows(hf: str, path: str) -> tuple[Entry, Entry]:
+    """The rows of a module with a weight and a bias: a LayerNorm's (scale, bias) where `path` ends in "norm",
+    else a linear map's (w transposed, b)."""
+    if path.endswith("norm"):
+        return Entry(f"{hf}.weight", f"{path}/scale", False), Entry(f"{hf}.bias", f"{path}/bias", False)
+    return Entry(f"{hf}.weight", f"{path}/w", True), Entry(f"{hf}.bias", f"{path}/b", False)
+
+
 class LoadError(ValueError):
     """A checkpoint jaxft cannot load. The one-line message names the file and the tensors or field."""
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxft.models import tables
 from jaxft.models.bert import layer_norm  # the one LayerNorm (it belongs in layers.py)
 from jaxft.models.config import ConfigError
-from jaxft.models.table import Entry
+from jaxft.models.table import Entry, module_rows
 from jaxft.models.layers import attend, dense, remat_layer
 from jaxft.parallel.rules import constrain
 from jaxft.tree import overlay, unflatten
@@ -116,29 +116,22 @@ class Config:
                 "layer_norm_eps": self.norm_eps, "hidden_act": self.act}
 
 
-def _rows(hf: str, path: str) -> tuple[Entry, ...]:
-    """A linear module's weight (transposed) and bias, or a LayerNorm's weight and bias."""
-    if path.endswith("norm"):
-        return Entry(f"{hf}.weight", f"{path}/scale", False), Entry(f"{hf}.bias", f"{path}/bias", False)
-    return Entry(f"{hf}.weight", f"{path}/w", True), Entry(f"{hf}.bias", f"{path}/b", False)
-
-
 _L = "encoder.layers.{i}."
 # CLIPVisionModel / SiglipVisionModel names (transformers >= 5; earlier ones put `vision_model.` first).
 TABLE = (
-    *_rows("embeddings.patch_embedding", "embed/patch"),
+    *module_rows("embeddings.patch_embedding", "embed/patch"),
     Entry("embeddings.class_embedding", "embed/class", False),
     Entry("embeddings.position_embedding.weight", "embed/position/w", False),
-    *_rows("pre_layrnorm", "pre_norm"),
-    *_rows(_L + "layer_norm1", "layers/attn_norm"),
-    *_rows(_L + "self_attn.q_proj", "layers/attn/q_proj"),
-    *_rows(_L + "self_attn.k_proj", "layers/attn/k_proj"),
-    *_rows(_L + "self_attn.v_proj", "layers/attn/v_proj"),
-    *_rows(_L + "self_attn.out_proj", "layers/attn/o_proj"),
-    *_rows(_L + "layer_norm2", "layers/mlp_norm"),
-    *_rows(_L + "mlp.fc1", "layers/mlp/up_proj"),
-    *_rows(_L + "mlp.fc2", "layers/mlp/down_proj"),
-    *_rows("post_layernorm", "post_norm"),
+    *module_rows("pre_layrnorm", "pre_norm"),
+    *module_rows(_L + "layer_norm1", "layers/attn_norm"),
+    *module_rows(_L + "self_attn.q_proj", "layers/attn/q_proj"),
+    *module_rows(_L + "self_attn.k_proj", "layers/attn/k_proj"),
+    *module_rows(_L + "self_attn.v_proj", "layers/attn/v_proj"),
+    *module_rows(_L + "self_attn.out_proj", "layers/attn/o_proj"),
+    *module_rows(_L + "layer_norm2", "layers/mlp_norm"),
+    *module_rows(_L + "mlp.fc1", "layers/mlp/up_proj"),
+    *module_rows(_L + "mlp.fc2", "layers/mlp/down_proj"),
+    *module_rows("post_layernorm", "post_norm"),
 )
 # Read by nothing here: buffers, and SigLIP's attention-pooling head (`vision_use_head`).
 _UNUSED = r"embeddings\.position_ids|head\..*"

@@ -182,11 +182,8 @@ def checkpoint_names(cfg: Config, names) -> tuple[Config, dict[str, str]]:
     return cfg, present
 
 
-# The logical axes of every parameter, by path (first full regex match), for sharding (see `jaxft.parallel`).
-PARAM_AXES = (
-    (r"embed/word/w", ("vocab", "embed")),
-    (r"embed/(position|type)/w", (None, "embed")),
-    (r"embed/norm/(scale|bias)", (None,)),
+# The logical axes of an encoder block's parameters (with biases and LayerNorms; the ViT towers share them).
+ENCODER_LAYER_AXES = (
     (r"layers/attn/(q|k|v)_proj/w", ("layers", "embed", "heads")),
     (r"layers/attn/(q|k|v)_proj/b", ("layers", "heads")),
     (r"layers/attn/o_proj/w", ("layers", "heads", "embed")),
@@ -195,6 +192,13 @@ PARAM_AXES = (
     (r"layers/mlp/down_proj/w", ("layers", "mlp", "embed")),
     (r"layers/(attn/o_proj|mlp/down_proj)/b", ("layers", None)),
     (r"layers/(attn|mlp)_norm/(scale|bias)", ("layers", None)),
+)
+# The logical axes of every parameter, by path (first full regex match), for sharding (see `jaxft.parallel`).
+PARAM_AXES = (
+    (r"embed/word/w", ("vocab", "embed")),
+    (r"embed/(position|type)/w", (None, "embed")),
+    (r"embed/norm/(scale|bias)", (None,)),
+    *ENCODER_LAYER_AXES,
     (r"pooler/w", ("embed", None)),
     (r"mlm/transform/w", ("embed", None)),
     (r"(pooler|mlm/transform)/b|mlm/norm/(scale|bias)", (None,)),

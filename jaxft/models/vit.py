@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.models import tables
-from jaxft.models.bert import layer_norm  # the one LayerNorm (it belongs in layers.py)
+from jaxft.models.bert import ENCODER_LAYER_AXES, layer_norm  # the one LayerNorm (it belongs in layers.py)
 from jaxft.models.config import ConfigError
 from jaxft.models.table import Entry, module_rows
 from jaxft.models.layers import attend, dense, remat_layer
@@ -141,14 +141,7 @@ PARAM_AXES = (
     (r"embed/(patch/b|class)", ("embed",)),
     (r"embed/position/w", (None, "embed")),
     (r"(pre|post)_norm/(scale|bias)", (None,)),
-    (r"layers/attn/(q|k|v)_proj/w", ("layers", "embed", "heads")),
-    (r"layers/attn/(q|k|v)_proj/b", ("layers", "heads")),
-    (r"layers/attn/o_proj/w", ("layers", "heads", "embed")),
-    (r"layers/mlp/up_proj/w", ("layers", "embed", "mlp")),
-    (r"layers/mlp/up_proj/b", ("layers", "mlp")),
-    (r"layers/mlp/down_proj/w", ("layers", "mlp", "embed")),
-    (r"layers/(attn/o_proj|mlp/down_proj)/b", ("layers", None)),
-    (r"layers/(attn|mlp)_norm/(scale|bias)", ("layers", None)),
+    *ENCODER_LAYER_AXES,
 )
 
 

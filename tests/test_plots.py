@@ -200,8 +200,13 @@ def test_runs_table_equals_the_files(tmp_path, capsys):
     os.utime(tmp_path / "sweep" / "lora" / "metrics.jsonl", (future, future))
     assert runs.status(runs.read(tmp_path / "sweep" / "lora")) == "running"
 
+    with open(tmp_path / "sweep" / "ia3" / "metrics.jsonl", "a") as f:  # the step that diverged: a NaN loss
+        f.write(json.dumps({"step": 3, "loss": float("nan")}) + "\n")
     assert cli.main(["runs", str(tmp_path / "sweep"), "--json"]) == 0
-    listed = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    out = capsys.readouterr().out
+    assert "NaN" not in out  # strict JSON, which every JSON reader takes
+    listed = {r["run"]: r for r in json.loads(out)}
+    assert listed["ia3"]["train_loss"] is None
     assert listed["qlora"] == {**rows["qlora"], "run": "qlora"} and listed["lora"]["train_loss"] == done[-1]["loss"]
     assert cli.main(["runs", str(tmp_path / "sweep")]) == 0
     text = capsys.readouterr().out.splitlines()

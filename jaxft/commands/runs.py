@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -45,7 +46,18 @@ def run(args) -> int:
             print(f"jaxft runs: {e}", file=sys.stderr)
             failed += 1
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(_finite(rows), indent=1, allow_nan=False))  # strict JSON: NaN / inf become null
     elif rows:
         print(runs.table(rows))
     return 1 if failed else 0
+
+
+def _finite(value):
+    """`value` with every non-finite float (a diverged run's loss) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -81,6 +81,8 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
     evaluator runs every evaluation batch instead of train.eval_batches of them.
     """
     n_devices = len(devices) if devices is not None else jax.device_count()
+    if abstract:  # no data is read, so its files need not exist here (they may be a pod's)
+        config = _without_data(config)
     config_lib.validate(config, n_devices, require_data=training and not abstract)
     task_name = tasks.name_of(config)
     task = tasks.get(task_name)
@@ -151,8 +153,11 @@ def _add_training(run: Run, state_key, abstract: bool) -> None:
     sh = lambda tree_: jax.tree.map(lambda x: x.sharding, tree_)
     state_sh, base_sh = sh(run.state), sh(run.base)
     batch_sh = batch_shardings(run.batch, layout, True) if not abstract else sh(run.batch)
+    # keep_unused: base weights a task does not read (BERT's pooler under a token head) stay in the compiled
+    # program's arguments, so that its memory plan (`jaxft aot`) counts every byte the devices hold.
     run.train_step = jax.jit(make_train_step(forward, run.optimizer, penalty, loss=task.loss), donate_argnums=(0,),
-                             in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, layout.replicated))
+                             in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, layout.replicated),
+                             keep_unused=True)
 
 
 def abstract_base(config, cfg, layout) -> dict:
@@ -216,6 +221,14 @@ def _config_of(model: str):
                          f"(pass model_config, or `jaxft aot --model CONFIG_JSON`)")
     path = checkpoint.resolve(model) if model == "minilm" else Path(model)
     return hf.read_config(path if path.is_dir() else path.parent)
+
+
+def _without_data(config):
+    """A copy of `config` naming no data file."""
+    config = config.copy_and_resolve_references()
+    for key in ("train", "eval", "train_target", "eval_target"):
+        config.data[key] = ""
+    return config
 
 
 def _labels_of_config(config) -> int:

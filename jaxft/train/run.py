@@ -49,10 +49,10 @@ class Run:
     # None when not training (`init_trainable` makes it)
     spec: Any  # the method's MethodSpec
     model: tasks.Model  # the static half of the task's forward pass
-    train_data: Any  # endless iterator of host batches with get_state / set_state; None when abstract
+    train_data: Any  # endless iterator of host batches with get_state / set_state; None without data
     eval_batches: list  # host batches the evaluator runs (train.eval_batches of them when training)
     info: dict  # the data's info (labels, counts); {} when abstract
-    batch: dict  # one (A, B/A, ...) micro-batched training batch: host arrays, or ShapeDtypeStructs when abstract
+    batch: dict  # one (A, B/A, ...) micro-batched training batch: host arrays, or ShapeDtypeStructs without data
     optimizer: optax.GradientTransformation | None = None
     lr_schedule: Callable | None = None
     state: dict | None = None  # {step, trainable, opt_state, rng}, in its shards
@@ -72,38 +72,42 @@ class Run:
                          self.tokenizer)
 
 
-def build_run(config, *, abstract: bool = False, devices=None, model_config=None, training: bool = True) -> Run:
+def build_run(config, *, abstract: bool = False, devices=None, model_config=None, training: bool = True,
+              data: bool = True) -> Run:
     """The run `config` describes (see the module docstring).
 
     devices: the mesh's devices (default: JAX's), e.g. a TPU topology's compile-only devices for `abstract`.
-    model_config: the family Config to use instead of config.model's config.json (abstract runs: an HF
-    config.json without weights). training=False (`jaxft eval`): no optimizer, state or train step, and the
-    evaluator runs every evaluation batch instead of train.eval_batches of them.
+    model_config: the family Config to use instead of config.model (`jaxft aot`: an HF config.json without
+    weights); a concrete run then has random weights (`random_base`) and no data (benchmarks). training=False (`jaxft eval`): no optimizer, state or train step, and the
+    evaluator runs every evaluation batch instead of train.eval_batches of them. data=False (benchmarks): the
+    model is read but no data; `batch` is abstract as in an abstract run, to be filled with synthetic arrays of
+    its shapes (`Run.put`), and there is no evaluator.
     """
     n_devices = len(devices) if devices is not None else jax.device_count()
-    if abstract:  # no data is read, so its files need not exist here (they may be a pod's)
+    data = data and model_config is None
+    if abstract or not data:  # no data is read, so its files need not exist here (they may be a pod's)
         config = _without_data(config)
-    config_lib.validate(config, n_devices, require_data=training and not abstract)
+    config_lib.validate(config, n_devices, require_data=training and data and not abstract)
     task_name = tasks.name_of(config)
     task = tasks.get(task_name)
     layout = parallel.from_config(config, devices)
     key = jax.random.PRNGKey(config.seed)
     init_key, state_key = jax.random.split(key)
 
-    if abstract:
+    if abstract or model_config is not None:
         cfg = model_config if model_config is not None else _config_of(config.model)
         fam = family_of(cfg)
         tasks.check_kind(task_name, task, fam, str(config.model))
-        base, tokenizer, model_path = abstract_base(config, cfg, layout), None, str(config.model)
+        base, tokenizer, model_path = random_base(config, cfg, layout, abstract), None, str(config.model)
         train_data, eval_batches, info = None, [], {}
         n_labels = _labels_of_config(config)
     else:
         model, fam = load_model(config, layout, task)
         cfg, base, tokenizer, model_path = model.cfg, model.params, model.tokenizer, str(model.path)
-        train_data, eval_batches, info = task.batches(config, tokenizer)
+        train_data, eval_batches, info = task.batches(config, tokenizer) if data else (None, [], {})
         if training:
             eval_batches = eval_batches[:config.train.eval_batches]
-        n_labels = len(info.get("labels", ()))
+        n_labels = len(info.get("labels", ())) if data else _labels_of_config(config)
 
     build = trainable_builder(config, cfg, tokenizer, task, n_labels, key)
     if abstract:
@@ -113,7 +117,7 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
     else:  # evaluation: only made if no saved adapter replaces it (`Run.init_trainable`)
         trainable, spec = None, _traced(build, init_key, base)[1]
     m = task_model(config, fam, cfg, spec, tokenizer, layout)
-    if abstract:
+    if abstract or not data:
         batch = abstract_batch(config, task_name, fam.KIND, layout)
     elif training:
         batch = stack_micro(_peek(train_data), config.train.grad_accum)
@@ -126,7 +130,7 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
         run.init_trainable = lambda: build(init_key, base)[0]
     if training:
         _add_training(run, state_key, abstract)
-        if not abstract:
+        if data and not abstract:
             run.evaluate = Evaluator(task, m, config, info, base, eval_batches, layout, tokenizer,
                                      parallel.shardings_of(trainable))
     return run
@@ -152,7 +156,8 @@ def _add_training(run: Run, state_key, abstract: bool) -> None:
         penalty = lambda trainable, base: backbone_penalty(heads.backbone(trainable), base)
     sh = lambda tree_: jax.tree.map(lambda x: x.sharding, tree_)
     state_sh, base_sh = sh(run.state), sh(run.base)
-    batch_sh = batch_shardings(run.batch, layout, True) if not abstract else sh(run.batch)
+    host_batch = not isinstance(next(iter(run.batch.values())), jax.ShapeDtypeStruct)  # else it has shardings
+    batch_sh = batch_shardings(run.batch, layout, True) if host_batch else sh(run.batch)
     # keep_unused: base weights a task does not read (BERT's pooler under a token head) stay in the compiled
     # program's arguments, so that its memory plan (`jaxft aot`) counts every byte the devices hold.
     run.train_step = jax.jit(make_train_step(forward, run.optimizer, penalty, loss=task.loss), donate_argnums=(0,),
@@ -160,9 +165,9 @@ def _add_training(run: Run, state_key, abstract: bool) -> None:
                              keep_unused=True)
 
 
-def abstract_base(config, cfg, layout) -> dict:
-    """The base of `cfg`'s family as ShapeDtypeStructs with their shardings: its `init` under `jax.eval_shape`,
-    quantized as config.quant says (nothing is computed or allocated)."""
+def random_base(config, cfg, layout, abstract: bool = False) -> dict:
+    """A base of `cfg`'s family from its `init` (seeded with 0; no checkpoint), quantized as config.quant says,
+    created in its shards; abstract: ShapeDtypeStructs with their shardings (nothing computed or allocated)."""
     fam = family_of(cfg)
     param_dtype = dtype_of(config, "param_dtype")
     q = config.quant
@@ -174,7 +179,8 @@ def abstract_base(config, cfg, layout) -> dict:
                                          include=q.include, dense_dtype=param_dtype)
         return base
 
-    return _with_shardings(jax.eval_shape(make), lambda a: parallel.base_shardings(a, layout, fam.PARAM_AXES))
+    shardings = lambda a: parallel.base_shardings(a, layout, fam.PARAM_AXES)
+    return _with_shardings(jax.eval_shape(make), shardings) if abstract else parallel.create_sharded(make, shardings)
 
 
 # Each task's training batch keys (its module docstring's "Batch keys"): key -> (per-row shape: "T" one value

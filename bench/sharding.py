@@ -88,8 +88,8 @@ def main() -> None:
               f"{mib(r['opt_bytes_per_device']):>13.3f} {1e3 * r['step_s']:>9.1f} {r['compile_s']:>10.1f} "
               f"{r['loss']:>9.4f}")
     one = rows[0]
-    result = {"params": sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0),
-                                                                                             CFG)))), "batch": BATCH, "seq": SEQ, "rank": RANK,
+    shapes = jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), CFG))
+    result = {"params": sum(x.size for x in jax.tree.leaves(shapes)), "batch": BATCH, "seq": SEQ, "rank": RANK,
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "date": str(date.today()),
               "jax": jax.__version__, "rows": rows}
     RESULTS.mkdir(exist_ok=True)

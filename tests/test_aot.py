@@ -23,7 +23,8 @@ CASES = {  # (bert_classification, LoRA: through the command line, `test_aot_com
     "bert_token_classification_ia3": ("bert", "minilm_conll_lora.py", ["peft.method=ia3"]),
     "bert_embedding": ("bert", "minilm_embed.py", []),
     "bert_mlm_full": ("bert", "minilm_sst2_lora.py", ["task=mlm", "peft.method=full", "train.learning_rate=1e-4"]),
-    "t5_seq2seq_adapter_grad_accum": ("t5", "samsum_lora.py", ["train.grad_accum=2", "peft.method=adapter", "adapter.size=8"]),
+    "t5_seq2seq_adapter_grad_accum": ("t5", "samsum_lora.py",
+                                      ["train.grad_accum=2", "peft.method=adapter", "adapter.size=8"]),
 }
 
 

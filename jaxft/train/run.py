@@ -78,10 +78,11 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
 
     devices: the mesh's devices (default: JAX's), e.g. a TPU topology's compile-only devices for `abstract`.
     model_config: the family Config to use instead of config.model (`jaxft aot`: an HF config.json without
-    weights); a concrete run then has random weights (`random_base`) and no data (benchmarks). training=False (`jaxft eval`): no optimizer, state or train step, and the
-    evaluator runs every evaluation batch instead of train.eval_batches of them. data=False (benchmarks): the
-    model is read but no data; `batch` is abstract as in an abstract run, to be filled with synthetic arrays of
-    its shapes (`Run.put`), and there is no evaluator.
+    weights); a concrete run then has random weights (`random_base`) and no data (benchmarks).
+    training=False (`jaxft eval`): no optimizer, state or train step; `evaluator(spec)` runs every evaluation
+    batch instead of train.eval_batches of them. data=False (benchmarks): the model is read but no data;
+    `batch` is abstract as in an abstract run, to be filled with synthetic arrays of its shapes (`Run.put`),
+    and there is no evaluator.
     """
     n_devices = len(devices) if devices is not None else jax.device_count()
     data = data and model_config is None

@@ -6,9 +6,10 @@
       (`jaxft.quant.leaf_fn`), each in a fresh process, beside the size of the base plus the largest tensor
       read (float32: the GGUF file is dequantized on the host): the weights alone (also with the quantizer
       compiled beforehand, to tell XLA's compilation apart) and the whole `checkpoint.load` with its tokenizer;
-  (c) peak process memory of a LoRA training step (r=16 all-linear, AdamW, random tokens) for fp32 LoRA, bf16
-      LoRA (bf16 base and compute, fp32 LoRA parameters) and NF4 QLoRA (bf16 compute), with and without
-      rematerialization, each in a fresh process; the high-water mark is reset once the step is compiled;
+  (c) peak process memory of the trainer's LoRA step (`build_run`: r=16 all-linear, AdamW, random tokens) for
+      fp32 LoRA, bf16 LoRA (bf16 base and compute, fp32 LoRA parameters) and NF4 QLoRA (bf16 compute), with
+      and without rematerialization, each in a fresh process; the high-water mark is reset once the step is
+      compiled;
   (d) step time of QLoRA relative to bf16 LoRA, both in one process, repetitions interleaved (wall and CPU
       time: on a shared machine the CPU time of the process is the steadier of the two), at batch 4 x 128 and
       4 x 256;
@@ -38,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
+CONFIG = str(ROOT / "configs" / "default_lora.py")  # the trainer's config, overridden per case
 MB = 2 ** 20
 STEP_CASES = {  # name -> (base, compute dtype, remat)
     "fp32 LoRA": ("float32", "float32", False),
@@ -138,44 +140,28 @@ def worker_load(base: str, tokenizer: str = "cached", warm: bool = False) -> dic
             "largest_tensor": largest["path"], "load_s": time.perf_counter() - t}
 
 
-def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, loaded=None, layer_loop: str = "auto"):
-    """(compiled train step, state, base params, batch) of LoRA r=16 on all linear layers, AdamW; the layers
-    scanned or unrolled as the trainer's `train.layer_loop` decides (`jaxft.train.build.unrolled`)."""
-    import jax
-    import jax.numpy as jnp
+def _step_setup(base: str, compute: str, remat: bool, batch: int, seq: int, layer_loop: str = "auto"):
+    """(compiled train step, state, base params, batch on the mesh) of the trainer's run (`build_run`) of the
+    default model with its base as `base` (float32, bfloat16 or a quantized format, with bf16 dense leaves),
+    quantized while loading: LoRA r=16 on all linear layers, AdamW, on random tokens."""
     import numpy as np
-    import optax
 
-    from jaxft import quant
-    from jaxft.models import llama
+    from jaxft import config as config_lib, quant
+    from jaxft.train.run import build_run
 
-    from jaxft.peft import lora
-    from jaxft.backend import resolve
-    from jaxft.train.step import init_state, make_train_step
-
-    model = loaded or _load(base)
-    cfg, params = model.cfg, model.params
-    if loaded is not None:  # the float32 base of the timing run, converted as loading would have done
-        params = (quant.quantize_params(params, base) if base in quant.FORMATS
-                  else jax.tree.map(lambda x: x.astype(base), params))
-    dtype = jnp.dtype(compute)
-    unroll = resolve(None, dtype, base in quant.FORMATS, layer_loop).unroll_layers
-    spec = lora.LoraSpec(rank=16, alpha=32)
-    trainable = lora.init(jax.random.PRNGKey(0), params, spec, lora.target_paths(params, "all-linear"))
-    optimizer = optax.adamw(1e-4)
-
-    def forward(b, t, mb, rng):
-        return llama.forward(cfg, b, mb["tokens"], trainable=t, positions=mb["positions"],
-                             segment_ids=mb["segment_ids"], lora=spec, rng=rng, dtype=dtype, remat=remat,
-                             unroll=unroll)[0]
-
-    tok = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
-    mb = {"tokens": tok[..., :-1], "targets": tok[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32),
-          "segment_ids": np.ones((1, batch, seq), np.int32),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy()}
-    state = init_state(trainable, optimizer, jax.random.PRNGKey(1))
-    step = jax.jit(make_train_step(forward, optimizer), donate_argnums=(0,)).lower(state, params, mb).compile()
-    return step, state, params, mb
+    quantized = base in quant.FORMATS
+    config = config_lib.load(CONFIG, [
+        f"quant.format={base if quantized else 'none'}", f"param_dtype={'bfloat16' if quantized else base}",
+        f"dtype={compute}", f"train.remat={remat}", f"train.layer_loop={layer_loop}", "lora.rank=16",
+        "lora.alpha=32.0", "lora.targets=all-linear", "lora.dropout=0.0", f"train.batch_size={batch}",
+        f"train.seq_len={seq}", "train.learning_rate=1e-4"])
+    run = build_run(config, data=False)
+    tok = np.random.RandomState(0).randint(0, run.cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+    mb = run.put({"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
+                  "segment_ids": np.ones((batch, seq), np.int32),
+                  "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()})
+    step = run.train_step.lower(run.state, run.base, mb).compile()
+    return step, run.state, run.base, mb
 
 
 def worker_step(base: str, compute: str, remat: bool, batch: int, seq: int, layer_loop: str = "auto") -> dict:
@@ -200,8 +186,7 @@ def worker_time(batch: int, seq: int, reps: int, layer_loop: str = "auto") -> di
     """(d): bf16 LoRA and NF4 QLoRA steps in one process, repetitions interleaved; wall and CPU seconds."""
     import numpy as np
 
-    loaded = _load("float32")
-    cases = {name: list(_step_setup(base, "bfloat16", False, batch, seq, loaded, layer_loop))
+    cases = {name: list(_step_setup(base, "bfloat16", False, batch, seq, layer_loop))
              for name, base in (("bf16", "bfloat16"), ("nf4", "nf4"))}
     wall = {name: [] for name in cases}
     cpu = {name: [] for name in cases}

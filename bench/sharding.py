@@ -27,43 +27,29 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from jaxft import parallel  # noqa: E402
+from jaxft import config as config_lib, parallel  # noqa: E402
 from jaxft.models import llama  # noqa: E402
 from jaxft.models.config import LlamaConfig  # noqa: E402
-from jaxft.peft import lora  # noqa: E402
-from jaxft.train.step import init_state, make_train_step  # noqa: E402
+from jaxft.train.run import build_run  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)]
-RULES = (("batch", ("data", "fsdp")), ("seq", ()), ("embed", ("fsdp",)), ("heads", ("tensor",)),
-         ("kv_heads", ("tensor",)), ("head_dim", ()), ("mlp", ("tensor",)), ("vocab", ("tensor",)),
-         ("layers", ()), ("lora_rank", ()))  # as configs/default_lora.py
+CONFIG = str(Path(__file__).parents[1] / "configs" / "default_lora.py")  # its rules table, as a run has it
 CFG = LlamaConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, mlp_dim=1024)
 BATCH, SEQ, RANK = 16, 128, 16
 
 
-def run(shape, steps: int, base_host, lora_host, batch) -> dict:
-    layout = parallel.Layout(parallel.make_mesh(shape, jax.devices()[:int(np.prod(shape))]), RULES)
-    spec = lora.LoraSpec(rank=RANK, alpha=2.0 * RANK)
-    opt = optax.adamw(1e-4)
-    base = jax.device_put(base_host, parallel.base_shardings(base_host, layout, llama.PARAM_AXES))
-    trainable = jax.device_put(lora_host, parallel.trainable_shardings(lora_host, base_host, layout,
-                                                                       llama.PARAM_AXES))
-    state = parallel.create_sharded(lambda t, k: init_state(t, opt, k),
-                                    lambda a: parallel.state_shardings(a, trainable, layout),
-                                    trainable, jax.random.PRNGKey(2))
-
-    def forward(base_, trainable_, mb, rng):
-        return llama.forward(CFG, base_, mb["tokens"], trainable=trainable_, positions=mb["positions"],
-                             segment_ids=mb["segment_ids"], lora=spec, rng=rng, layout=layout)[0]
-
-    state_sh = parallel.shardings_of(state)
-    step = jax.jit(make_train_step(forward, opt), donate_argnums=(0,),
-                   in_shardings=(state_sh, parallel.shardings_of(base), layout.sharding(parallel.MICRO_BATCH)),
-                   out_shardings=(state_sh, layout.replicated))
-    placed = parallel.put_batch(batch, layout)
+def run(shape, steps: int, batch) -> dict:
+    """The trainer's run (`build_run`) of a random CFG on the first prod(shape) devices, timed on `batch`."""
+    overrides = [f"mesh.{axis}={n}" for axis, n in zip(("data", "fsdp", "tensor"), shape)]
+    config = config_lib.load(CONFIG, overrides + [
+        "dtype=float32", "param_dtype=float32", f"lora.rank={RANK}", f"lora.alpha={2.0 * RANK}",
+        "lora.targets=all-linear", "lora.dropout=0.0", f"train.batch_size={BATCH}", f"train.seq_len={SEQ}",
+        "train.learning_rate=1e-4", "train.layer_loop=scan"])
+    r = build_run(config, devices=jax.devices()[:int(np.prod(shape))], model_config=CFG)
+    state, base, step = r.state, r.base, r.train_step
+    placed = r.put(batch)
     t0 = time.perf_counter()
     compiled = step.lower(state, base, placed).compile()
     compile_s = time.perf_counter() - t0
@@ -88,14 +74,11 @@ def main() -> None:
     args = p.parse_args()
     if jax.device_count() < 8:
         raise SystemExit(f"needs 8 devices, found {jax.device_count()} (XLA_FLAGS={os.environ.get('XLA_FLAGS')})")
-    base_host = jax.device_get(llama.init(jax.random.PRNGKey(0), CFG))
-    lora_host = jax.device_get(lora.init(jax.random.PRNGKey(1), base_host, lora.LoraSpec(rank=RANK),
-                                         lora.target_paths(base_host, "all-linear")))
-    tokens = np.random.RandomState(0).randint(1, CFG.vocab_size, (1, BATCH, SEQ)).astype(np.int32)
+    tokens = np.random.RandomState(0).randint(1, CFG.vocab_size, (BATCH, SEQ)).astype(np.int32)
     batch = {"tokens": tokens, "targets": np.roll(tokens, -1, -1), "loss_mask": np.ones(tokens.shape, np.float32),
              "segment_ids": np.ones(tokens.shape, np.int32),
              "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape).copy()}
-    rows = [run(shape, args.steps, base_host, lora_host, batch) for shape in MESHES]
+    rows = [run(shape, args.steps, batch) for shape in MESHES]
 
     mib = lambda n: n / 2**20
     print(f"{'mesh d x f x t':>15} {'base MiB/dev':>13} {'LoRA MiB/dev':>13} {'Adam MiB/dev':>13} "
@@ -105,7 +88,8 @@ def main() -> None:
               f"{mib(r['opt_bytes_per_device']):>13.3f} {1e3 * r['step_s']:>9.1f} {r['compile_s']:>10.1f} "
               f"{r['loss']:>9.4f}")
     one = rows[0]
-    result = {"params": sum(x.size for x in jax.tree.leaves(base_host)), "batch": BATCH, "seq": SEQ, "rank": RANK,
+    shapes = jax.eval_shape(lambda: llama.init(jax.random.PRNGKey(0), CFG))
+    result = {"params": sum(x.size for x in jax.tree.leaves(shapes)), "batch": BATCH, "seq": SEQ, "rank": RANK,
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "date": str(date.today()),
               "jax": jax.__version__, "rows": rows}
     RESULTS.mkdir(exist_ok=True)

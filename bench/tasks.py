@@ -317,24 +317,19 @@ def generate(model, tokenizer, config, prompts: list[str], autocast: bool) -> li
 # ---- both ----------------------------------------------------------------------------------------------------
 
 def prepare(config, recipe: Recipe) -> dict:
-    """What the PEFT side takes from jaxft: the tokenizer, the initial head, the number of adapted modules."""
+    """What the PEFT side takes from jaxft's run (`build_run`): the tokenizer, the initial head, the number of
+    adapted modules."""
     import jax
 
-    from jaxft import checkpoint
-    from jaxft.models import family_of
     from jaxft.peft.lora import target_paths
+    from jaxft.train.run import build_run
 
-    path = model_path(recipe.model)
-    loaded = checkpoint.load(path)
-    cfg, fam = loaded.cfg, family_of(loaded.cfg)
-    task = tasks.get(tasks.name_of(config))
-    head = None
-    if tasks.name_of(config) in ("classification", "token_classification"):
-        _, _, info = task.batches(config, loaded.tokenizer)
-        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)  # as jaxft.train.build.trainable_builder
-        head = jax.tree.map(np.asarray, task.init_head(key, cfg, config, len(info["labels"])))
-    n = len(target_paths(loaded.params, config.lora.targets, cfg.model_type)) * cfg.n_layers
-    return {"path": path, "kind": fam.KIND, "tokenizer": loaded.tokenizer, "head": head, "lora_modules": n}
+    run = build_run(config, training=False)
+    head = run.init_trainable().get("head")
+    head = None if head is None else jax.tree.map(np.asarray, head)
+    n = len(target_paths(run.base, config.lora.targets, run.cfg.model_type)) * run.cfg.n_layers
+    return {"path": model_path(recipe.model), "kind": run.family.KIND, "tokenizer": run.tokenizer, "head": head,
+            "lora_modules": n}
 
 
 def run_recipe(name: str, recipe: Recipe, quick: bool, dtype: str) -> dict:

@@ -26,17 +26,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 
-from jaxft import checkpoint, hub
-from jaxft.models import llama
-from jaxft.peft import lora
+from jaxft import checkpoint, config as config_lib, hub
 from jaxft.backend import resolve
 from jaxft.train.build import DTYPES
-from jaxft.train.step import init_state, make_train_step
+from jaxft.train.run import build_run
 
 RESULTS = Path(__file__).parent / "results"
+CONFIG = str(Path(__file__).parents[1] / "configs" / "default_lora.py")
 
 
 def model_flops(cfg, tokens: int, rank: int) -> float:
@@ -70,24 +68,21 @@ def matmul_peak(framework: str, dtype: str, n: int = 2048, reps: int = 5) -> flo
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def jaxft_step_time(loaded, precision: str, batch: int, seq: int, steps: int, unroll: bool) -> tuple[float, float]:
-    cfg = loaded.cfg
-    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-    base = jax.tree.map(lambda x: x.astype(dtype), loaded.params)
-    spec = lora.LoraSpec(rank=16, alpha=32)
-    trainable = lora.init(jax.random.PRNGKey(0), base, spec, lora.target_paths(base, "all-linear"))
-    opt = optax.adamw(1e-4)
-
-    def forward(b, t, mb, rng):
-        return llama.forward(cfg, b, mb["tokens"], trainable=t, positions=mb["positions"],
-                             segment_ids=mb["segment_ids"], lora=spec, rng=rng, dtype=dtype, unroll=unroll)[0]
-
-    step = jax.jit(make_train_step(forward, opt), donate_argnums=(0,))
-    tok = np.random.RandomState(0).randint(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
-    mb = {"tokens": tok[..., :-1], "targets": tok[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32),
-          "segment_ids": np.ones((1, batch, seq), np.int32),
-          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy()}
-    state = init_state(trainable, opt, jax.random.PRNGKey(1))
+def jaxft_step_time(precision: str, batch: int, seq: int, steps: int, unroll: bool) -> tuple[float, float]:
+    """(seconds per step, seconds of the first step: compilation) of the trainer's own step
+    (`jaxft.train.run.build_run`: the default model, LoRA r=16 on all linear layers, AdamW with clipping) on
+    random tokens."""
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    config = config_lib.load(CONFIG, [f"dtype={dtype}", f"param_dtype={dtype}", "lora.rank=16", "lora.alpha=32.0",
+                                      "lora.targets=all-linear", "lora.dropout=0.0", f"train.batch_size={batch}",
+                                      f"train.seq_len={seq}", "train.learning_rate=1e-4",
+                                      f"train.layer_loop={'unroll' if unroll else 'scan'}"])
+    run = build_run(config, data=False)
+    tok = np.random.RandomState(0).randint(0, run.cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+    mb = run.put({"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
+                  "segment_ids": np.ones((batch, seq), np.int32),
+                  "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()})
+    state, base, step = run.state, run.base, run.train_step
     t = time.perf_counter()
     state, m = step(state, base, mb)
     float(m["loss"])
@@ -132,8 +127,7 @@ def worker(side: str, precision: str, batch: int, seq: int, steps: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     gguf_path = hub.default_model_path()
     if side.startswith("jaxft"):
-        s, compile_s = jaxft_step_time(checkpoint.load(gguf_path, dtype=jnp.float32), precision, batch, seq, steps,
-                                       unroll=side == "jaxft-unroll")
+        s, compile_s = jaxft_step_time(precision, batch, seq, steps, unroll=side == "jaxft-unroll")
         return {"s": s, "compile_s": compile_s, "peak": matmul_peak("jax", precision)}
     return {"s": peft_step_time(gguf_path, precision, batch, seq, steps), "peak": matmul_peak("torch", precision)}
 

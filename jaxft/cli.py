@@ -16,7 +16,7 @@ import sys
 from jaxft.commands import CommandError
 
 # modules of jaxft/commands/, in the order `jaxft --help` lists them
-COMMANDS = ("train", "eval", "demo", "generate", "export", "upcycle", "plot", "runs")
+COMMANDS = ("train", "eval", "demo", "generate", "export", "upcycle", "plot", "runs", "aot")
 
 
 class Parser(argparse.ArgumentParser):

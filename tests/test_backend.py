@@ -35,8 +35,8 @@ def test_explicit_layer_loop_wins_and_bad_values_name_the_key():
 
 def test_aot_reads_the_tpu_compilers_out_of_memory_messages():
     """The two forms XLA's TPU compiler reports a program that does not fit in (the first captured from libtpu
-    0.0.42.1 compiling for v5e:2x2 here); `jaxft.parallel.aot` turns them into one line."""
-    from jaxft.parallel.aot import out_of_memory
+    0.0.42.1 compiling for v5e:2x2 here); `jaxft aot` (jaxft.train.aot) turns them into one line."""
+    from jaxft.train.aot import out_of_memory
     new = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (28.00G) "
            "exceeds available HBM (15.75G).")
     old = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 20.81G "

@@ -93,11 +93,12 @@ def test_errors_name_the_axis_and_sizes(results):
 
 
 def test_ahead_of_time_compile_of_the_train_step(results):
-    """`jaxft.parallel.aot` (the check one runs for a TPU topology, here on the 8 CPU devices)."""
+    """`jaxft aot` (`jaxft.train.aot`, the check one runs for a TPU topology, here on the 8 CPU devices)."""
     aot = results["aot"]
     assert aot["argument_bytes"] > 0 and aot["temp_bytes"] > 0
-    # A batch of 6 rows over data * fsdp = 4: refused before anything is compiled.
-    assert "dimension 1 (batch) of size 6 cannot be split over mesh axes data=2 * fsdp=2 = 4" in aot["error"]
+    # A batch of 6 rows over data * fsdp = 4: refused (by the config's validation) before anything is built.
+    assert aot["error"] == ("train.batch_size: 6 is not a multiple of train.grad_accum=1 * the mesh's data-parallel "
+                            "size 4 (mesh.data * mesh.fsdp)")
 
 
 def test_unknown_names_in_the_rules_table_are_errors():
@@ -323,18 +324,18 @@ def _aot(cfg) -> dict:
     import jax
 
     from jaxft import config as config_lib, parallel
-    from jaxft.parallel import aot
+    from jaxft.train import aot
 
     overrides = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "quant.format=nf4", "quant.block_size=8",
                  "train.batch_size=8", "train.seq_len=16", "lora.rank=4"]
     config = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "default_lora.py"), overrides)
-    mem = aot.compile_train_step(config, cfg, jax.devices()).memory_analysis()
+    mem = aot.compile_train_step(config, jax.devices(), model_config=cfg).memory_analysis()
     try:
         aot.compile_train_step(config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs",
                                                             "default_lora.py"), overrides + ["train.batch_size=6"]),
-                               cfg, jax.devices())
+                               jax.devices(), model_config=cfg)
         error = "no error"
-    except parallel.ShardingError as e:
+    except (config_lib.ConfigFileError, parallel.ShardingError) as e:
         error = str(e)
     return {"argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes, "error": error}
 

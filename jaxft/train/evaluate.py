@@ -11,14 +11,12 @@ import json
 import logging
 from pathlib import Path
 
-import jax
-
-from jaxft import parallel, tasks
 from jaxft.data import DataError
 from jaxft.peft import io as adapter_io
 from jaxft.peft.features import FeatureSpec
 from jaxft.peft.method import as_method
-from jaxft.train.build import TASK_FILE, Evaluator, load_model, task_model, trainable_builder
+from jaxft.train.build import TASK_FILE
+from jaxft.train.run import build_run
 
 log = logging.getLogger("jaxft.eval")
 RESULTS = "eval.json"
@@ -33,17 +31,13 @@ def evaluate(config, workdir: str | Path) -> tuple[dict[str, float], str]:
 
         results = features.evaluate(config, workdir)
         return results, str(workdir / "adapter")
-    adapter, saved = workdir / "adapter", {}
+    adapter = workdir / "adapter"
     has_ckpt = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
     if has_ckpt and not (adapter / "adapter.json").is_file():
         raise ValueError(f"{workdir}: holds checkpoints but no adapter yet; finish the run with "
                          f"`jaxft train --resume` first")
-    name = tasks.name_of(config)
-    task = tasks.get(name)
-    layout = parallel.from_config(config)
-    model, fam = load_model(config, layout, task)
-    cfg, base, tokenizer = model.cfg, model.params, model.tokenizer
-    _, batches, info = task.batches(config, tokenizer)
+    run = build_run(config, training=False)
+    batches, info, name = run.eval_batches, run.info, run.task_name
     if not batches:
         raise DataError(f"{config.data.train}: no evaluation data (set data.eval, or data.eval_fraction > 0)")
     labels = info.get("labels")
@@ -61,18 +55,15 @@ def evaluate(config, workdir: str | Path) -> tuple[dict[str, float], str]:
         if labels is not None and saved.get("labels") != labels:
             raise DataError(f"{adapter}: trained with labels {saved.get('labels')}, but the config's data gives "
                             f"{labels} (set data.labels as in training)")
-        source = str(adapter)
+        if saved.get("pool", run.model.pool) != run.model.pool:
+            raise ValueError(f"{adapter}: trained with head.pool={saved['pool']!r}, but the config has "
+                             f"{run.model.pool!r}")
+        source, evaluator = str(adapter), run.evaluator(spec)
     else:
-        key = jax.random.PRNGKey(config.seed)
-        init_key, _ = jax.random.split(key)
-        build = trainable_builder(config, cfg, tokenizer, task, len(labels or ()), key)
-        trainable, spec = build(init_key, base)
+        trainable, evaluator = run.init_trainable(), run.evaluator(run.spec)
         source = f"{config.peft.init_from or 'the base model'}" + (" with an untrained head" if "head" in trainable
                                                                   else "")
-    m = task_model(config, fam, cfg, spec, tokenizer, layout)
-    if saved.get("pool", m.pool) != m.pool:
-        raise ValueError(f"{adapter}: trained with head.pool={saved['pool']!r}, but the config has {m.pool!r}")
-    results = Evaluator(task, m, config, info, base, batches, layout, tokenizer)(trainable)
+    results = evaluator(trainable)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
     log.info("%s: %s", source, results)

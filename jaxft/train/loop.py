@@ -24,11 +24,8 @@ from jaxft.train import workdir as workdir_lib
 from jaxft.train.checkpoints import CheckpointError, Checkpoints
 from jaxft.train.guard import Guard, all_finite
 from jaxft.train.metrics import MetricsWriter, read_rows
-from jaxft.tasks import heads
-from jaxft.train.build import (TASK_FILE, Evaluator, batch_shardings, load_model, put_batch, stack_micro, task_model,
-                               trainable_builder)
-from jaxft.train.optim import make_optimizer
-from jaxft.train.step import init_state, make_train_step
+from jaxft.train.build import TASK_FILE
+from jaxft.train.run import build_run
 
 log = logging.getLogger("jaxft.train")
 
@@ -54,45 +51,17 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
         summary = features.train(config, workdir, resume=resume, overwrite=overwrite)
         plots.after_run(workdir)
         return summary
-    task_name = tasks.name_of(config)
-    task = tasks.get(task_name)
-    layout = parallel.from_config(config)  # the device mesh, and the rules from logical axes to its axes
-    model, fam = load_model(config, layout, task)
-    cfg, base, tokenizer = model.cfg, model.params, model.tokenizer
-    train_data, eval_batches, info = task.batches(config, tokenizer)
+    run = build_run(config)  # model, method, data, state and the jitted steps
+    task_name, spec, m, base, train_data = run.task_name, run.spec, run.model, run.base, run.train_data
+    state, train_step, evaluate, info, lr_schedule = run.state, run.train_step, run.evaluate, run.info, run.lr_schedule
     log.info("data: %s", info)
-    eval_batches = eval_batches[:config.train.eval_batches]
-
-    key = jax.random.PRNGKey(config.seed)
-    init_key, state_key = jax.random.split(key)
-    build = trainable_builder(config, cfg, tokenizer, task, len(info.get("labels", ())), key)
-    trainable, spec = parallel.create_trainable(build, init_key, base, layout, fam.PARAM_AXES)
-    optimizer, lr_schedule = make_optimizer(config.train)
-    state = parallel.create_sharded(lambda t, k: init_state(t, optimizer, k),
-                                    lambda abstract: parallel.state_shardings(abstract, trainable, layout),
-                                    trainable, state_key)
-    meta = {"model": str(model.path), "peft": peft.describe(config), "lora_paths": sorted(tree.flatten(trainable)),
+    meta = {"model": run.model_path, "peft": peft.describe(config), "lora_paths": sorted(tree.flatten(run.trainable)),
             "quant": {"format": config.quant.format, "block_size": config.quant.block_size}}
     if task_name != "causal_lm":  # (checkpoints of runs from before tasks have no such entry)
         meta["task"] = {"name": task_name, "labels": info.get("labels")}
-    m = task_model(config, fam, cfg, spec, tokenizer, layout)
     log.info("layers: %s (train.layer_loop=%s, %s compute on %s%s)", "unrolled" if m.unroll else "scanned",
              config.train.layer_loop, config.dtype, jax.default_backend(),
              "" if config.quant.format == "none" else f", {config.quant.format} base")
-
-    def forward(base_, trainable_, mb, rng):
-        return task.forward(m, base_, trainable_, mb, rng)
-
-    state_sh, base_sh = parallel.shardings_of(state), parallel.shardings_of(base)
-    penalty = peft.penalty(spec, config.train.l2sp)  # L2-SP towards the pretrained weights, or None
-    if penalty is not None:
-        penalty = _without_head(penalty)
-    accum = config.train.grad_accum
-    first = _peek(train_data)
-    train_step = jax.jit(make_train_step(forward, optimizer, penalty, loss=task.loss), donate_argnums=(0,),
-                         in_shardings=(state_sh, base_sh, batch_shardings(stack_micro(first, accum), layout, True)),
-                         out_shardings=(state_sh, layout.replicated))
-    evaluate = Evaluator(task, m, config, info, base, eval_batches, layout, tokenizer, state_sh["trainable"])
 
     # Only now that model, data and method are known to work does the run write into the workdir.
     main = jax.process_index() == 0  # with several processes, the first one writes metrics and files
@@ -140,8 +109,8 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
     tokens_seen, t0 = 0, time.perf_counter()
     try:
         for step in range(start + 1, steps + 1):
-            batch = stack_micro(next(train_data), accum)
-            state, out = train_step(state, base, put_batch(batch, layout, micro=True))
+            batch = next(train_data)
+            state, out = train_step(state, base, run.put(batch))
             loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
             why = guard.check(step, loss, grad_norm, bool(all_finite(state["trainable"])))
             if why is not None:
@@ -198,7 +167,7 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
         trainable = parallel.to_host(state["trainable"])  # gathered on every process (a collective)
         adapter_dir = workdir / "adapter"
         if main:
-            adapter_io.save(adapter_dir, peft.finalize(spec, trainable), spec, config, model.path)
+            adapter_io.save(adapter_dir, peft.finalize(spec, trainable), spec, config, run.model_path)
             if task_name != "causal_lm":  # what `jaxft eval` and readers of the head need besides the arrays
                 (adapter_dir / TASK_FILE).write_text(json.dumps(
                     {"task": task_name, "labels": info.get("labels"), "pool": m.pool}, indent=1))
@@ -237,19 +206,6 @@ def _prefixed(metrics: dict) -> dict:
 
 def _table(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def _without_head(penalty):
-    """A penalty over the backbone's leaves only: the head has no pretrained value to be pulled towards."""
-    return lambda trainable, base: penalty(heads.backbone(trainable), base)
-
-
-def _peek(data_iter) -> dict:
-    """The next batch of a resumable iterator, without consuming it."""
-    position = data_iter.get_state()
-    batch = next(data_iter)
-    data_iter.set_state(position)
-    return batch
 
 
 class _NoMetrics:

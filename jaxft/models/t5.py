@@ -368,6 +368,33 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     return constrain(lm_logits(cfg, params, x), ("batch", "seq", "vocab"), layout), new_cache
 
 
+def prefill(cfg: Config, base: dict, trainable: dict | None, tokens, segment_ids, positions=None, *, length: int,
+            peft=None, dtype=jnp.float32, extras: dict | None = None):
+    """Generation's prefill (`jaxft.generate`): the encoder over tokens (B, S) (right-padded, segment_ids 0 there;
+    positions unused: T5's are relative), then the decoder's first step from decoder_start_token_id into a fresh
+    cache of `length` slots that also keeps the cross-attention keys -> (hidden (B, D), cache). `extras`: more
+    arguments of `forward`."""
+    b = tokens.shape[0]
+    start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
+    hidden, cache = forward(cfg, base, tokens, start, enc_segment_ids=segment_ids, trainable=trainable, peft=peft,
+                            dtype=dtype, cache=init_cache(cfg, b, length, dtype), return_hidden=True,
+                            **(extras or {}))
+    return hidden[:, -1], cache
+
+
+def decode_step(cfg: Config, base: dict, trainable: dict | None, tokens, cache: dict, *, peft=None,
+                dtype=jnp.float32):
+    """One decoder step over the cache of `prefill`: tokens (B, 1) -> (hidden (B, D), cache)."""
+    hidden, cache = forward(cfg, base, None, tokens, trainable=trainable, peft=peft, dtype=dtype, cache=cache,
+                            return_hidden=True)
+    return hidden[:, 0], cache
+
+
+def decode_logits(cfg: Config, base: dict, trainable: dict | None, hidden, dtype=jnp.float32, policy=None):
+    """hidden (B, D) final-normed decoder states -> logits (B, V) float32, for `jaxft.generate`."""
+    return lm_logits(cfg, overlay(base, trainable), hidden)
+
+
 def lm_logits(cfg: Config, params: dict, hidden):
     """hidden (..., D) final-normed decoder states -> logits (..., V) float32 (scaled by D**-0.5 first in v1.0)."""
     if cfg.scale_decoder_outputs:

@@ -259,12 +259,7 @@ def generate_texts(model: Model, base: dict, trainable, tokenizer, config, promp
     dtype = model.dtype or jnp.float32
     if model.family.KIND == "encoder-decoder":
         ids, _ = encode(prompts, tokenizer, config.train.seq_len)
-
-        def run(chunk, seed):
-            return gen.generate_seq2seq(model.cfg, base, chunk, max_new_tokens=e.generate_max_new_tokens,
-                                         eos_id=tokenizer.eos_token_id, trainable=trainable, peft=model.spec,
-                                         temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, seed=seed,
-                                         dtype=dtype)
+        stop = [tokenizer.eos_token_id]
     else:
         d = config.data
         ids = [prompt_ids(p, tokenizer, system_prompt=d.system_prompt, chat_template=d.chat_template)
@@ -280,10 +275,10 @@ def generate_texts(model: Model, base: dict, trainable, tokenizer, config, promp
         ids = [x[-room:] for x in ids]
         stop = stop_ids(tokenizer, d.chat_template)
 
-        def run(chunk, seed):
-            return gen.generate(model.cfg, base, chunk, max_new_tokens=e.generate_max_new_tokens,
-                                temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, seed=seed, eos_ids=stop,
-                                trainable=trainable, peft=model.spec, dtype=dtype)
+    def run(chunk, seed):
+        return gen.generate(model.cfg, base, chunk, max_new_tokens=e.generate_max_new_tokens, temperature=e.temperature,
+                            top_k=e.top_k, top_p=e.top_p, seed=seed, eos_ids=stop, trainable=trainable,
+                            peft=model.spec, dtype=dtype)
     # Longest first: prompts of similar lengths share a batch, so less padding and fewer compiled shapes.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = [None] * len(ids)

@@ -1,14 +1,14 @@
-"""`jaxft.models.loss.chunked_cross_entropy` equals the token loss of the full logits (`train.step.token_loss`),
-value and gradients, and its compiled step holds no (B, T, V) logits."""
+"""`jaxft.models.loss`: the token loss equals torch's cross-entropy; `chunked_cross_entropy` equals the token
+loss of the full logits, value and gradients, and its compiled step holds no (B, T, V) logits."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from jaxft.models.layers import einsum
-from jaxft.models.loss import LossError, chunked_cross_entropy
-from jaxft.train.step import token_loss
+from jaxft.models.loss import LossError, chunked_cross_entropy, token_loss
 
 B, T, D, V = 2, 24, 16, 50
 
@@ -20,6 +20,23 @@ def _inputs(tied: bool, dtype=jnp.float32):
     targets = jax.random.randint(kt, (B, T), 0, V)
     mask = (jax.random.uniform(km, (B, T)) < 0.4).astype(jnp.int32)  # about 19 of 48 tokens carry a target
     return hidden, head, targets, mask
+
+
+def test_token_loss_equals_torch_and_ignores_what_is_off_the_mask():
+    """Sum and count against torch's cross_entropy with ignore_index=-100; positions off the mask count nothing
+    and pass no NaN to the gradient, even with non-finite logits (an all-padding row) or a -100 target."""
+    logits = np.random.RandomState(0).randn(B, T, V).astype(np.float32) * 3
+    targets = np.random.RandomState(1).randint(0, V, (B, T))
+    mask = np.random.RandomState(2).rand(B, T) < 0.5
+    torch_targets = torch.tensor(np.where(mask, targets, -100))
+    want = torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, V), torch_targets.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    logits[~mask] = np.nan  # what an all-padding row's logits may hold
+    targets = np.where(mask, targets, -100)
+    (total, count), grad = jax.value_and_grad(lambda x: token_loss(x, targets, mask), has_aux=True)(logits)
+    np.testing.assert_allclose(total, want.item(), rtol=1e-5)
+    assert count == mask.sum()
+    assert np.all(np.isfinite(grad)) and not np.any(grad[~mask])
 
 
 def _full(hidden, head, targets, mask, tied):

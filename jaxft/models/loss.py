@@ -1,8 +1,8 @@
-"""Token cross-entropy that never holds all logits: the output head runs inside chunks of tokens.
+"""The token cross-entropy, the one implementation every loss over token (or class) logits uses.
 
-`chunked_cross_entropy` takes the final hidden states and the head's weight instead of logits. A scan over
-chunks of `chunk` token rows computes each chunk's (chunk, V) float32 logits, its log-sum-exp and the target's
-logit, and keeps only the running sum; the scan's body is rematerialized, so the backward pass recomputes a
+`token_loss` takes logits; `chunked_cross_entropy` takes the final hidden states and the head's weight instead:
+a scan over chunks of `chunk` token rows computes each chunk's (chunk, V) float32 logits and their
+`token_loss`, keeping only the running sum; the scan's body is rematerialized, so the backward pass recomputes a
 chunk's logits when it needs their gradient. Memory holds one chunk's logits instead of (B, T, V).
 
 With `capacity`, the rows that carry a target (loss mask) are gathered first into a static `capacity` rows, so
@@ -22,11 +22,23 @@ class LossError(ValueError):
     """A loss setting that cannot run."""
 
 
+def token_loss(logits, targets, mask):
+    """logits (..., V), targets (...) int, mask (...) -> (sum of the cross-entropies weighted by mask, sum of
+    mask), float32 scalars. Positions off the mask count nothing, even where their logits are not finite (an
+    all-padding row) or their target is no class (-100)."""
+    mask = mask.astype(jnp.float32)
+    on = mask != 0
+    # Off the mask the logits are replaced before the log-sum-exp: a NaN there would reach the gradient otherwise.
+    logits = jnp.where(on[..., None], logits.astype(jnp.float32), 0.0)
+    picked = jnp.take_along_axis(logits, jnp.where(on, targets, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(jnp.where(on, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0) * mask), jnp.sum(mask)
+
+
 def chunked_cross_entropy(hidden, head, targets, mask, *, tied: bool = False, chunk: int = 1024,
                           capacity: int | None = None):
     """hidden (B, T, D), head (D, V) or with `tied` the (V, D) embedding table, targets (B, T) int, mask (B, T)
     -> (sum of the masked token cross-entropies, number of masked tokens), both float32 scalars: the same as
-    `jaxft.train.step.token_loss` of the logits hidden @ head, without holding them.
+    `token_loss` of the logits hidden @ head, without holding them.
 
     chunk: token rows per step (capped at B*T, or at capacity; rows are padded up to a multiple of it).
     capacity: gather at most this many masked rows before the head (None: every row goes through the head).
@@ -64,9 +76,7 @@ def _chunked_sum(h, head, t, m, tied: bool, chunk: int):
     def step(total, x):
         hc, tc, mc = x
         logits = einsum("rd,vd->rv", hc, head) if tied else einsum("rd,dv->rv", hc, head)  # (chunk, V) f32
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-        return total + jnp.sum((logz - picked) * mc), None
+        return total + token_loss(logits, tc, mc)[0], None
 
     total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), xs)
     return total

@@ -37,11 +37,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxft.models.config import ConfigError
 from jaxft.models.hooks import hooks_of
 from jaxft.models.layers import NEG_INF, attention_mask, dense, einsum, remat_layer, rms_norm
+from jaxft.models.loss import token_loss
 from jaxft.models.table import Entry
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
@@ -423,8 +423,7 @@ def loss(cfg: Config, base: dict, enc_tokens, targets, target_mask, *, enc_segme
     targets = jnp.where(target_mask != 0, targets, cfg.pad_token_id)
     logits, _ = forward(cfg, base, enc_tokens, shift_right(targets, cfg), enc_segment_ids=enc_segment_ids,
                         trainable=trainable, peft=peft, rng=rng, dtype=dtype, layout=layout)
-    mask = target_mask.astype(jnp.float32)
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask), jnp.sum(mask)
+    return token_loss(logits, targets, target_mask)
 
 
 def bucket_table(cfg: Config, bidirectional: bool) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from jaxft import data, metrics
 from jaxft.tasks import Eval, Model, evaluate_batches
-from jaxft.train.step import token_loss
+from jaxft.models.loss import token_loss
 
 KINDS = ("decoder",)
 

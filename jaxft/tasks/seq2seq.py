@@ -25,7 +25,6 @@ import logging
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,6 +33,7 @@ from jaxft import metrics as metric_lib
 from jaxft.data import DataError, packing, read_records, tokenize_records
 from jaxft.data.formats import field_names, prompt_ids, seq2seq_texts
 from jaxft.data.sources import read_parallel
+from jaxft.models.loss import token_loss
 from jaxft.tasks import Eval, Model, TaskError, evaluate_batches, rows
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,7 @@ def forward(model: Model, base: dict, trainable: dict | None, batch: dict, rng=N
 def loss(out, batch) -> tuple:
     """(sum of the token cross-entropy where loss_mask is 1, number of such tokens); positions outside the mask
     count nothing even where their logits are not finite (all-padding rows)."""
-    logits = out.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"] > 0
-    ce = jnp.where(mask, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
-    return jnp.sum(ce), jnp.sum(mask.astype(jnp.float32))
+    return token_loss(out, batch["targets"], batch["loss_mask"])
 
 
 def predict(out, batch) -> dict:

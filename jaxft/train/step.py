@@ -15,14 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def token_loss(logits, targets, mask):
-    """logits (B, T, V), targets (B, T), mask (B, T) -> (sum of masked cross-entropy, number of targets)."""
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
-    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+from jaxft.models.loss import token_loss
 
 
 def lm_loss(logits, mb) -> tuple:

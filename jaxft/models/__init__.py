@@ -17,6 +17,8 @@ The family protocol (what `register_family` expects; `jaxft.models.llama` is the
           (policy: the `jaxft.backend.Policy`), and either init_cache(cfg, batch, length, dtype) (a decoder:
           the prefill and decode steps are its `forward` over that cache) or prefill(...) and decode_step(...)
           of its own (T5: the encoder pass and the cross-attention cache; see `jaxft.generate`)
+  optionally: output_head(cfg, params, hidden, dtype) -> (hidden, weight, tied), the output layer as forward
+          applies it, for a loss that runs it over chunks of tokens (`train.loss_chunk`)
 
 `family(model_type)` finds a family; `config_from_hf` reads a config.json dict into the right family's Config.
 jaxft's own families are imported on first use, so a family costs nothing until used.

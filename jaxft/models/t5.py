@@ -397,11 +397,19 @@ def decode_logits(cfg: Config, base: dict, trainable: dict | None, hidden, dtype
 
 def lm_logits(cfg: Config, params: dict, hidden):
     """hidden (..., D) final-normed decoder states -> logits (..., V) float32 (scaled by D**-0.5 first in v1.0)."""
+    hidden, head, tied = output_head(cfg, params, hidden)
+    return einsum("...d,vd->...v", hidden, head) if tied else einsum("...d,dv->...v", hidden, head)
+
+
+def output_head(cfg: Config, params: dict, hidden, dtype=None):
+    """The output layer as `lm_logits` applies it to final-normed decoder states (..., D): (hidden, scaled by
+    D**-0.5 in v1.0, the weight in the hidden states' dtype, tied): the (V, D) shared table when tied, else the
+    (D, V) lm_head. For a loss that runs the head itself (`jaxft.models.loss.chunked_cross_entropy`)."""
     if cfg.scale_decoder_outputs:
         hidden = hidden * jnp.asarray(cfg.dim ** -0.5, hidden.dtype)
     if cfg.tie_embeddings:
-        return einsum("...d,vd->...v", hidden, as_dense(params["shared"]["w"], hidden.dtype))
-    return einsum("...d,dv->...v", hidden, as_dense(params["lm_head"]["w"], hidden.dtype))
+        return hidden, as_dense(params["shared"]["w"], hidden.dtype), True
+    return hidden, as_dense(params["lm_head"]["w"], hidden.dtype), False
 
 
 def shift_right(targets, cfg: Config):

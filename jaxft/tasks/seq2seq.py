@@ -33,8 +33,7 @@ from jaxft import metrics as metric_lib
 from jaxft.data import DataError, packing, read_records, tokenize_records
 from jaxft.data.formats import field_names, prompt_ids, seq2seq_texts
 from jaxft.data.sources import read_parallel
-from jaxft.models.loss import token_loss
-from jaxft.tasks import Eval, Model, TaskError, evaluate_batches, rows
+from jaxft.tasks import Eval, Model, TaskError, causal_lm, evaluate_batches, rows
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +69,23 @@ def init_head(key, cfg, config, n_labels):
 
 
 def forward(model: Model, base: dict, trainable: dict | None, batch: dict, rng=None):
-    """Logits (B, T, V) float32 over the target positions: the decoder-only model over prompt + target rows, or
-    T5 over the encoder tokens and the shifted targets."""
-    f, dtype = model.family, model.dtype or jnp.float32
-    if f.KIND == "encoder-decoder":
-        logits, _ = f.forward(model.cfg, base, batch["tokens"], batch["dec_tokens"],
-                              enc_segment_ids=batch["segment_ids"], dec_segment_ids=batch["dec_segment_ids"],
-                              trainable=trainable, peft=model.spec, rng=rng, dtype=dtype, layout=model.layout,
-                              unroll=model.unroll, remat=model.remat)
-    else:
-        logits, _ = f.forward(model.cfg, base, batch["tokens"], trainable=trainable, positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], peft=model.spec, rng=rng, dtype=dtype,
-                              remat=model.remat, unroll=model.unroll, layout=model.layout)
-    return logits
+    """Logits (B, T, V) float32 over the target positions (with model.loss_chunk, `causal_lm.HeadInputs`): the
+    decoder-only model over prompt + target rows, as causal LM, or T5 over the encoder tokens and the shifted
+    targets."""
+    f = model.family
+    if f.KIND != "encoder-decoder":
+        return causal_lm.forward(model, base, trainable, batch, rng)
+    out, _ = f.forward(model.cfg, base, batch["tokens"], batch["dec_tokens"], enc_segment_ids=batch["segment_ids"],
+                       dec_segment_ids=batch["dec_segment_ids"], trainable=trainable, peft=model.spec, rng=rng,
+                       dtype=model.dtype or jnp.float32, layout=model.layout, unroll=model.unroll,
+                       remat=model.remat, return_hidden=bool(model.loss_chunk))
+    return causal_lm.head_inputs(model, base, trainable, out) if model.loss_chunk else out
 
 
 def loss(out, batch) -> tuple:
-    """(sum of the token cross-entropy where loss_mask is 1, number of such tokens); positions outside the mask
-    count nothing even where their logits are not finite (all-padding rows)."""
-    return token_loss(out, batch["targets"], batch["loss_mask"])
+    """(sum of the token cross-entropy where loss_mask is 1, number of such tokens), as causal LM's; positions
+    outside the mask count nothing even where their logits are not finite (all-padding rows)."""
+    return causal_lm.loss(out, batch)
 
 
 def predict(out, batch) -> dict:

@@ -208,6 +208,25 @@ def decoder_step(cfg, base, trainable, tokens, state, *, peft=None, dtype=jnp.fl
     return hidden[:, 0], {"cache": cache, "positions": state["positions"] + 1}
 
 
+def stop_ids(tokenizer, chat_template: bool) -> list[int]:
+    """The ids that end an answer (`generate`'s eos_ids) for a transformers tokenizer: EOS, and under a chat
+    template the special token that closes an assistant turn (ChatML's <|im_end|>), which is where a trained
+    model's answer ends."""
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if chat_template and getattr(tokenizer, "chat_template", None) is not None:
+        marker = "Xq7 answer"
+        user = [{"role": "user", "content": "question"}]
+        start = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": marker}], tokenize=False)
+        if full.startswith(start + marker):
+            after = tokenizer(full[len(start) + len(marker):], add_special_tokens=False)["input_ids"]
+            special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
+                                                        if t.special}
+            if after and after[0] in special and after[0] not in stop:
+                stop.append(after[0])
+    return stop
+
+
 def _bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft import generate as gen
+from jaxft.generate import stop_ids
 from jaxft import metrics as metric_lib
 from jaxft.data import DataError, packing, read_records, tokenize_records
 from jaxft.data.formats import field_names, prompt_ids, seq2seq_texts
@@ -280,24 +281,6 @@ def generate_texts(model: Model, base: dict, trainable, tokenizer, config, promp
         for i, new in zip(chunk, run([ids[i] for i in chunk], config.seed + k)):
             out[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return out
-
-
-def stop_ids(tokenizer, chat_template: bool) -> list[int]:
-    """EOS, and under a chat template the special token that closes an assistant turn (ChatML's <|im_end|>),
-    which is where a trained model's answer ends."""
-    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if chat_template and getattr(tokenizer, "chat_template", None) is not None:
-        marker = "Xq7 answer"
-        user = [{"role": "user", "content": "question"}]
-        start = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": marker}], tokenize=False)
-        if full.startswith(start + marker):
-            after = tokenizer(full[len(start) + len(marker):], add_special_tokens=False)["input_ids"]
-            special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
-                                                        if t.special}
-            if after and after[0] in special and after[0] not in stop:
-                stop.append(after[0])
-    return stop
 
 
 def metric_names(config) -> list[str]:

@@ -68,3 +68,9 @@ def test_extras_reach_the_prefill_only(picture):
     assert ours == [_greedy_alone(base, p, pixels[i], 6) for i, p in enumerate(PROMPTS)]
     # The images change what is generated: the comparison above is not blind to them.
     assert ours != gen.generate(CFG, base, PROMPTS, max_new_tokens=6, extras={"pixel_values": -pixels})
+
+
+def test_unrolled_decoding_needs_split_layers(picture):
+    base, _ = picture
+    with pytest.raises(ValueError, match=r"^unroll=True: the tiny_picture family has no split_layers"):
+        gen.generate(CFG, base, PROMPTS, max_new_tokens=2, unroll=True)

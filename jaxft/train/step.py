@@ -15,12 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft.models.loss import token_loss
-
-
-def lm_loss(logits, mb) -> tuple:
-    """The causal LM loss of a micro-batch: token_loss over its targets and loss_mask."""
-    return token_loss(logits, mb["targets"], mb["loss_mask"])
+from jaxft.models.loss import token_loss  # (bench/ scripts import it from here)
+from jaxft.tasks.causal_lm import loss as lm_loss  # the default: the causal LM loss of a micro-batch
 
 
 def make_loss_fn(forward: Callable, loss: Callable = lm_loss) -> Callable:

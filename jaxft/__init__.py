@@ -7,7 +7,7 @@ The public API (each name is imported on first use, so `import jaxft` loads noth
   build_method(key, base, config, cfg) -> (trainable, spec)   the method of config.peft.method over a base
   merge_method(base, trainable, spec)  a plain base computing the same, where the method allows it
   load_adapter(path, cfg)          a saved adapter (jaxft's or HF PEFT's), checked against the base
-  generate_tokens(cfg, base, prompts, ...), generate_seq2seq(...)   decoding (decoders; T5)
+  generate_tokens(cfg, base, prompts, ...)   decoding, any family that generates (decoders, T5)
   run_training(config, workdir), run_evaluation(config, workdir)     what `jaxft train` / `jaxft eval` run
   register_family(family), family(model_type)   model families (`jaxft.models`)
   register_method(name, module), MethodSpec, LoraSpec, Hooks      fine-tuning methods (`jaxft.peft`)
@@ -22,7 +22,6 @@ _API = {
     "merge_method": ("jaxft.peft", "merge"),
     "load_adapter": ("jaxft.peft.sources", "load"),
     "generate_tokens": ("jaxft.generate", "generate"),
-    "generate_seq2seq": ("jaxft.generate", "generate_seq2seq"),
     "run_training": ("jaxft.train.loop", "train"),
     "run_evaluation": ("jaxft.train.evaluate", "evaluate"),
     "register_family": ("jaxft.models", "register_family"),

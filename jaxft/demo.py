@@ -18,7 +18,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jaxft import checkpoint, config as config_lib
-from jaxft.generate import generate
+from jaxft.generate import generate, stop_ids
 from jaxft.peft import io as adapter_io
 from jaxft.train.loop import train
 
@@ -65,7 +65,7 @@ def exact_match(model, records, system_prompt, trainable=None, spec=None, dtype=
                         {"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}]
             prompts.append(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
         outs = generate(model.cfg, model.params, [list(_ids(p)) for p in prompts], max_new_tokens=12,
-                        eos_ids=_eos_ids(tok), trainable=trainable, lora=spec, dtype=dtype)
+                        eos_ids=stop_ids(tok, chat_template=True), trainable=trainable, lora=spec, dtype=dtype)
         answers += [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
     hits = sum(a == r["output"] for a, r in zip(answers, records))
     return hits / len(records), answers
@@ -101,11 +101,3 @@ def main(workdir: str = "runs/demo", overrides: tuple[str, ...] = ()) -> int:
 
 def _ids(p):
     return p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p
-
-
-def _eos_ids(tok) -> tuple[int, ...]:
-    ids = {tok.eos_token_id}
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        ids.add(im_end)
-    return tuple(i for i in ids if i is not None)

@@ -189,9 +189,8 @@ def test_t5_prompt_tuning_equals_peft(tmp_path):
     built, built_spec = peft.build(jax.random.PRNGKey(0), loaded.params, _config("prompt"), loaded.cfg)
     assert built_spec == spec and built["prompt"]["embeddings"].shape == (n, 32)
     # Generation encodes the prompt too: its first greedy token is the forward's after the start token.
-    out = gen.generate_seq2seq(loaded.cfg, loaded.params, [list(ENC[0]), list(ENC[1, :6])], max_new_tokens=1,
-                               eos_id=63,
-                      trainable=trainable, peft=spec)
+    out = gen.generate(loaded.cfg, loaded.params, [list(ENC[0]), list(ENC[1, :6])], max_new_tokens=1, eos_ids=[63],
+                       trainable=trainable, peft=spec)
     assert [row[:1] for row in out] == [[int(t)] for t in np.argmax(np.asarray(ours)[:, 0], -1)]
 
 

@@ -1,6 +1,6 @@
 """Sequence-to-sequence task: the loss mask of prompt + target rows token by token, packing, the loss against
 transformers' `labels=` loss (tiny Llama and tiny T5), generation-based evaluation against `jaxft.generate` /
-`jaxft.generate.generate_seq2seq` and `jaxft.metrics`, parallel files, and the errors of bad input."""
+`jaxft.generate.generate` (T5) and `jaxft.metrics`, parallel files, and the errors of bad input."""
 
 import json
 import re
@@ -371,7 +371,7 @@ def test_t5_evaluate_uses_t5_generate(tmp_path, t5_dir):
     results = seq2seq.evaluate(ev)
     _, held = seq2seq.split(config)
     enc = [tok("write this: " + r.fields["src"])["input_ids"] + [1] for r in held]
-    new = gen.generate_seq2seq(model.cfg, model.params, enc, max_new_tokens=5, eos_id=1)
+    new = gen.generate(model.cfg, model.params, enc, max_new_tokens=5, eos_ids=[1])
     preds = [tok.decode(x, skip_special_tokens=True).strip() for x in new]
     refs = [r.fields["tgt"] for r in held]
     assert seq2seq.generate_texts(fam, model.params, None, tok, config, seq2seq.texts(held, config)[0]) == preds

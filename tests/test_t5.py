@@ -157,7 +157,7 @@ def test_generate_equals_transformers_greedy(saved):
     expected = []
     for row in ref[:, 1:].tolist():  # without the start token; up to the first EOS, excluded
         expected.append(row[:row.index(1)] if 1 in row else row)
-    out = gen.generate_seq2seq(loaded.cfg, loaded.params, prompts, max_new_tokens=12)
+    out = gen.generate(loaded.cfg, loaded.params, prompts, max_new_tokens=12)
     assert out == expected
     assert max(len(r) for r in out) >= 5  # rows decode for a while: the comparison means something
 

@@ -9,9 +9,10 @@ import optax
 from jaxft import tree
 from jaxft.models import llama
 from jaxft.models.config import LlamaConfig
+from jaxft.models.loss import token_loss
 from jaxft.peft import lora
 from jaxft.train import optim
-from jaxft.train.step import init_state, make_train_step, token_loss
+from jaxft.train.step import init_state, make_train_step
 
 TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48)
 SPEC = lora.LoraSpec(rank=4, alpha=8)

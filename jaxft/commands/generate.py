@@ -59,7 +59,7 @@ def run(args) -> int:
     import jax.numpy as jnp  # here rather than at the top, so that `jaxft --help` does not wait for JAX
 
     from jaxft.checkpoint import LoadError, load
-    from jaxft.generate import generate
+    from jaxft.generate import generate, stop_ids
     from jaxft.models.config import ConfigError
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -101,8 +101,7 @@ def run(args) -> int:
     try:
         new = generate(model.cfg, model.params, [ids], max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       eos_ids=[] if tok.eos_token_id is None else [tok.eos_token_id], trainable=trainable, peft=spec,
-                       dtype=jnp.dtype(args.dtype))[0]
+                       eos_ids=stop_ids(tok, args.chat), trainable=trainable, peft=spec, dtype=jnp.dtype(args.dtype))[0]
     except ValueError as e:  # a prompt too long for the model
         raise CommandError(e) from None
     seconds = time.perf_counter() - start

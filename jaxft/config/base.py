@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.layer_loop = "auto"  # scan (one compiled layer), unroll (straight-line layers: slower compile), or
     # auto: unroll for bfloat16 on CPU (XLA:CPU's scan converts bf16 slices to f32 every step), scan elsewhere
     # and for a quantized base (unrolled, XLA:CPU keeps dequantized weights alive: QLoRA would save no memory)
+    c.train.loss_chunk = 0  # causal LM / seq2seq: the cross-entropy over chunks of N tokens, the output head inside
+    # each chunk and recomputed in the backward pass, only rows with a target (jaxft.models.loss); 0: full logits
     c.train.eval_every = 50  # evaluate every N steps (and at step 0 and at the end); 0: only start and end
     c.train.eval_batches = 8  # at most this many evaluation batches
     c.train.early_stopping_patience = 0  # stop after this many evaluations without improvement; 0: never

@@ -81,6 +81,8 @@ def _train(t) -> None:
     for key in ("b1", "b2"):
         if not 0 <= t[key] < 1:
             _fail(f"train.{key}", t[key], "must be in [0, 1)")
+    if isinstance(t.loss_chunk, bool) or not isinstance(t.loss_chunk, int) or t.loss_chunk < 0:
+        _fail("train.loss_chunk", t.loss_chunk, "must be an integer >= 0 (0: the full logits)")
     if t.batch_size % t.grad_accum:
         _fail("train.batch_size", t.batch_size, f"is not a multiple of train.grad_accum={t.grad_accum}")
 

@@ -13,8 +13,12 @@ The family protocol (what `register_family` expects; `jaxft.models.llama` is the
   forward(cfg, base, tokens, *, trainable=, peft=, rng=, dtype=, positions=, segment_ids=, cache=,
           return_hidden=, ...) -> (logits or hidden states, cache), calling the hook points of `peft`
           (`jaxft.models.hooks`) and nothing of jaxft.peft
-  decoders also: init_cache(cfg, batch, length, dtype) and decode_logits(cfg, base, trainable, hidden (B, D),
-          dtype, policy) -> (B, V), the decode step of `jaxft.generate` (policy: the `jaxft.backend.Policy`)
+  generation (`jaxft.generate`): decode_logits(cfg, base, trainable, hidden (B, D), dtype, policy) -> (B, V)
+          (policy: the `jaxft.backend.Policy`), and either init_cache(cfg, batch, length, dtype) (a decoder:
+          the prefill and decode steps are its `forward` over that cache) or prefill(...) and decode_step(...)
+          of its own (T5: the encoder pass and the cross-attention cache; see `jaxft.generate`)
+  optionally: output_head(cfg, params, hidden, dtype) -> (hidden, weight, tied), the output layer as forward
+          applies it, for a loss that runs it over chunks of tokens (`train.loss_chunk`)
 
 `family(model_type)` finds a family; `config_from_hf` reads a config.json dict into the right family's Config.
 jaxft's own families are imported on first use, so a family costs nothing until used.

@@ -177,12 +177,18 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], **new_meta}
     if return_hidden:
         return x, new_cache
-    if cfg.tie_embeddings:
-        logits = einsum("btd,vd->btv", x, as_dense(params["embed"]["w"], dtype))
-    else:
-        head = as_dense(params["lm_head"]["w"], dtype)
-        logits = einsum("btd,dv->btv", x, head)
+    x, head, tied = output_head(cfg, params, x, dtype)
+    logits = einsum("btd,vd->btv", x, head) if tied else einsum("btd,dv->btv", x, head)
     return constrain(logits, ("batch", "seq", "vocab"), layout), new_cache
+
+
+def output_head(cfg: LlamaConfig, params: dict, hidden, dtype=jnp.float32):
+    """The output layer as `forward` applies it to final-normed hidden states (..., D): (hidden, weight, tied),
+    the weight the (V, D) embedding table when tied, else the (D, V) lm_head. For a loss that runs the head
+    itself (`jaxft.models.loss.chunked_cross_entropy`)."""
+    if cfg.tie_embeddings:
+        return hidden, as_dense(params["embed"]["w"], dtype), True
+    return hidden, as_dense(params["lm_head"]["w"], dtype), False
 
 
 def decode_logits(cfg: LlamaConfig, base: dict, trainable, hidden, dtype, policy=None):

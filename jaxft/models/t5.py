@@ -37,11 +37,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxft.models.config import ConfigError
 from jaxft.models.hooks import hooks_of
 from jaxft.models.layers import NEG_INF, attention_mask, dense, einsum, remat_layer, rms_norm
+from jaxft.models.loss import token_loss
 from jaxft.models.table import Entry
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
@@ -368,13 +368,48 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
     return constrain(lm_logits(cfg, params, x), ("batch", "seq", "vocab"), layout), new_cache
 
 
+def prefill(cfg: Config, base: dict, trainable: dict | None, tokens, segment_ids, positions=None, *, length: int,
+            peft=None, dtype=jnp.float32, extras: dict | None = None):
+    """Generation's prefill (`jaxft.generate`): the encoder over tokens (B, S) (right-padded, segment_ids 0 there;
+    positions unused: T5's are relative), then the decoder's first step from decoder_start_token_id into a fresh
+    cache of `length` slots that also keeps the cross-attention keys -> (hidden (B, D), cache). `extras`: more
+    arguments of `forward`."""
+    b = tokens.shape[0]
+    start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
+    hidden, cache = forward(cfg, base, tokens, start, enc_segment_ids=segment_ids, trainable=trainable, peft=peft,
+                            dtype=dtype, cache=init_cache(cfg, b, length, dtype), return_hidden=True,
+                            **(extras or {}))
+    return hidden[:, -1], cache
+
+
+def decode_step(cfg: Config, base: dict, trainable: dict | None, tokens, cache: dict, *, peft=None,
+                dtype=jnp.float32):
+    """One decoder step over the cache of `prefill`: tokens (B, 1) -> (hidden (B, D), cache)."""
+    hidden, cache = forward(cfg, base, None, tokens, trainable=trainable, peft=peft, dtype=dtype, cache=cache,
+                            return_hidden=True)
+    return hidden[:, 0], cache
+
+
+def decode_logits(cfg: Config, base: dict, trainable: dict | None, hidden, dtype=jnp.float32, policy=None):
+    """hidden (B, D) final-normed decoder states -> logits (B, V) float32, for `jaxft.generate`."""
+    return lm_logits(cfg, overlay(base, trainable), hidden)
+
+
 def lm_logits(cfg: Config, params: dict, hidden):
     """hidden (..., D) final-normed decoder states -> logits (..., V) float32 (scaled by D**-0.5 first in v1.0)."""
+    hidden, head, tied = output_head(cfg, params, hidden)
+    return einsum("...d,vd->...v", hidden, head) if tied else einsum("...d,dv->...v", hidden, head)
+
+
+def output_head(cfg: Config, params: dict, hidden, dtype=None):
+    """The output layer as `lm_logits` applies it to final-normed decoder states (..., D): (hidden, scaled by
+    D**-0.5 in v1.0, the weight in the hidden states' dtype, tied): the (V, D) shared table when tied, else the
+    (D, V) lm_head. For a loss that runs the head itself (`jaxft.models.loss.chunked_cross_entropy`)."""
     if cfg.scale_decoder_outputs:
         hidden = hidden * jnp.asarray(cfg.dim ** -0.5, hidden.dtype)
     if cfg.tie_embeddings:
-        return einsum("...d,vd->...v", hidden, as_dense(params["shared"]["w"], hidden.dtype))
-    return einsum("...d,dv->...v", hidden, as_dense(params["lm_head"]["w"], hidden.dtype))
+        return hidden, as_dense(params["shared"]["w"], hidden.dtype), True
+    return hidden, as_dense(params["lm_head"]["w"], hidden.dtype), False
 
 
 def shift_right(targets, cfg: Config):
@@ -396,8 +431,7 @@ def loss(cfg: Config, base: dict, enc_tokens, targets, target_mask, *, enc_segme
     targets = jnp.where(target_mask != 0, targets, cfg.pad_token_id)
     logits, _ = forward(cfg, base, enc_tokens, shift_right(targets, cfg), enc_segment_ids=enc_segment_ids,
                         trainable=trainable, peft=peft, rng=rng, dtype=dtype, layout=layout)
-    mask = target_mask.astype(jnp.float32)
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask), jnp.sum(mask)
+    return token_loss(logits, targets, target_mask)
 
 
 def bucket_table(cfg: Config, bidirectional: bool) -> np.ndarray:

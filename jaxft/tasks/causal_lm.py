@@ -3,15 +3,38 @@
 The data and its batches are `jaxft.data`'s (packed rows of tokens, shifted targets and a loss mask; see
 `jaxft.data.for_training`); the loss is the mean token cross-entropy over the targets that count. No head: the
 model's own output layer predicts the next token. Metrics: loss and perplexity.
+
+With `train.loss_chunk` (`Model.loss_chunk`) the forward stops before the output layer and hands the loss its
+inputs (`HeadInputs`): the loss runs the head over chunks of tokens (`jaxft.models.loss.chunked_cross_entropy`)
+and never holds the (B, T, V) logits. The family provides `output_head` for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+from typing import Any
+
+import jax
+
 from jaxft import data, metrics
-from jaxft.tasks import Eval, Model, evaluate_batches
-from jaxft.train.step import token_loss
+from jaxft.models.loss import chunked_cross_entropy, token_loss
+from jaxft.peft import method
+from jaxft.tasks import Eval, Model, TaskError, evaluate_batches
+from jaxft.tree import overlay
 
 KINDS = ("decoder",)
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["hidden", "head"], meta_fields=["tied", "chunk"])
+@dataclasses.dataclass(frozen=True)
+class HeadInputs:
+    """What the chunked loss reads instead of logits: the hidden states (B, T, D) as the output layer reads them,
+    its weight ((V, D) when tied, else (D, V)), and the token rows per chunk."""
+    hidden: Any
+    head: Any
+    tied: bool
+    chunk: int
 
 
 def batches(config, tokenizer) -> tuple:
@@ -24,20 +47,33 @@ def init_head(key, cfg, config, n_labels: int):
 
 
 def forward(model: Model, base: dict, trainable, batch: dict, rng=None):
-    """-> next-token logits (B, T, V) float32."""
-    logits, _ = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable,
-                                     positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                     peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,
-                                     unroll=model.unroll, layout=model.layout)
-    return logits
+    """-> next-token logits (B, T, V) float32, or with model.loss_chunk the `HeadInputs` of the loss."""
+    out, _ = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable,
+                                  positions=batch["positions"], segment_ids=batch["segment_ids"],
+                                  peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,
+                                  unroll=model.unroll, layout=model.layout, return_hidden=bool(model.loss_chunk))
+    return head_inputs(model, base, trainable, out) if model.loss_chunk else out
 
 
-def loss(logits, batch: dict) -> tuple:
-    """(sum of cross-entropy over the counted targets, their number)."""
-    return token_loss(logits, batch["targets"], batch["loss_mask"])
+def head_inputs(model: Model, base: dict, trainable, hidden) -> HeadInputs:
+    """The `HeadInputs` of final-normed hidden states (B, T, D), from the family's `output_head`."""
+    if not hasattr(model.family, "output_head"):
+        raise TaskError(f"train.loss_chunk={model.loss_chunk}: the {model.cfg.model_type} family has no output_head "
+                        f"to run inside the loss (use train.loss_chunk=0)")
+    resolved, _ = method.resolve(model.spec, base, trainable)
+    hidden, head, tied = model.family.output_head(model.cfg, overlay(base, resolved), hidden, model.dtype)
+    return HeadInputs(hidden, head, tied, model.loss_chunk)
 
 
-def predict(logits, batch: dict):
+def loss(out, batch: dict) -> tuple:
+    """(sum of cross-entropy over the counted targets, their number), from logits or `HeadInputs`."""
+    if isinstance(out, HeadInputs):
+        return chunked_cross_entropy(out.hidden, out.head, batch["targets"], batch["loss_mask"], tied=out.tied,
+                                     chunk=out.chunk)
+    return token_loss(out, batch["targets"], batch["loss_mask"])
+
+
+def predict(out, batch: dict):
     return ()  # the loss is the whole evaluation
 
 

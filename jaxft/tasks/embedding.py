@@ -16,10 +16,10 @@ evaluation batches with scores also `scores` (B,) float32.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.models.loss import token_loss
 from jaxft.tasks import Eval, Model, evaluate_batches, heads, rows
 from jaxft.tasks.classification import encode
 
@@ -90,9 +90,7 @@ def loss(out: dict, batch: dict) -> tuple:
     """(sum over the pairs of the in-batch-negatives cross-entropy, the number of pairs); padding rows (no
     tokens) are neither anchors nor candidates."""
     scores, keep = _scores(out, batch)
-    logz = jax.nn.logsumexp(scores, axis=-1)
-    keep = keep.astype(jnp.float32)
-    return jnp.sum((logz - jnp.diagonal(scores)) * keep), jnp.sum(keep)
+    return token_loss(scores, jnp.arange(scores.shape[0]), keep)  # a_i's class is p_i
 
 
 def _scores(out: dict, batch: dict):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxft import tree
 from jaxft.models.layers import last_token, mean_pool
+from jaxft.models.loss import token_loss
 from jaxft.peft import method
 from jaxft.tasks import Model, TaskError
 
@@ -83,8 +84,4 @@ def pooled(model: Model, base: dict, trainable: dict | None, h, segment_ids, poo
 def labelled_loss(logits, labels, ignore: int) -> tuple:
     """(sum of cross-entropy over the labelled positions, their number): logits (..., C), labels (...) int,
     where `ignore` marks a position that counts nothing. Rows (classification) or tokens (NER) alike."""
-    keep = labels != ignore
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(keep, labels, 0)[..., None], axis=-1)[..., 0]
-    keep = keep.astype(jnp.float32)
-    return jnp.sum((logz - picked) * keep), jnp.sum(keep)
+    return token_loss(logits, labels, labels != ignore)

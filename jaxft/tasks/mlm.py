@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft import tree
-from jaxft.train.step import token_loss
+from jaxft.models.loss import token_loss
 
 KINDS = ("encoder",)
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the chosen tokens; the rest (0.1) are kept as they are

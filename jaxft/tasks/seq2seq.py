@@ -25,16 +25,16 @@ import logging
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxft import generate as gen
+from jaxft.generate import stop_ids
 from jaxft import metrics as metric_lib
 from jaxft.data import DataError, packing, read_records, tokenize_records
 from jaxft.data.formats import field_names, prompt_ids, seq2seq_texts
 from jaxft.data.sources import read_parallel
-from jaxft.tasks import Eval, Model, TaskError, evaluate_batches, rows
+from jaxft.tasks import Eval, Model, TaskError, causal_lm, evaluate_batches, rows
 
 log = logging.getLogger(__name__)
 
@@ -70,29 +70,23 @@ def init_head(key, cfg, config, n_labels):
 
 
 def forward(model: Model, base: dict, trainable: dict | None, batch: dict, rng=None):
-    """Logits (B, T, V) float32 over the target positions: the decoder-only model over prompt + target rows, or
-    T5 over the encoder tokens and the shifted targets."""
-    f, dtype = model.family, model.dtype or jnp.float32
-    if f.KIND == "encoder-decoder":
-        logits, _ = f.forward(model.cfg, base, batch["tokens"], batch["dec_tokens"],
-                              enc_segment_ids=batch["segment_ids"], dec_segment_ids=batch["dec_segment_ids"],
-                              trainable=trainable, peft=model.spec, rng=rng, dtype=dtype, layout=model.layout,
-                              unroll=model.unroll, remat=model.remat)
-    else:
-        logits, _ = f.forward(model.cfg, base, batch["tokens"], trainable=trainable, positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], peft=model.spec, rng=rng, dtype=dtype,
-                              remat=model.remat, unroll=model.unroll, layout=model.layout)
-    return logits
+    """Logits (B, T, V) float32 over the target positions (with model.loss_chunk, `causal_lm.HeadInputs`): the
+    decoder-only model over prompt + target rows, as causal LM, or T5 over the encoder tokens and the shifted
+    targets."""
+    f = model.family
+    if f.KIND != "encoder-decoder":
+        return causal_lm.forward(model, base, trainable, batch, rng)
+    out, _ = f.forward(model.cfg, base, batch["tokens"], batch["dec_tokens"], enc_segment_ids=batch["segment_ids"],
+                       dec_segment_ids=batch["dec_segment_ids"], trainable=trainable, peft=model.spec, rng=rng,
+                       dtype=model.dtype or jnp.float32, layout=model.layout, unroll=model.unroll,
+                       remat=model.remat, return_hidden=bool(model.loss_chunk))
+    return causal_lm.head_inputs(model, base, trainable, out) if model.loss_chunk else out
 
 
 def loss(out, batch) -> tuple:
-    """(sum of the token cross-entropy where loss_mask is 1, number of such tokens); positions outside the mask
-    count nothing even where their logits are not finite (all-padding rows)."""
-    logits = out.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"] > 0
-    ce = jnp.where(mask, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
-    return jnp.sum(ce), jnp.sum(mask.astype(jnp.float32))
+    """(sum of the token cross-entropy where loss_mask is 1, number of such tokens), as causal LM's; positions
+    outside the mask count nothing even where their logits are not finite (all-padding rows)."""
+    return causal_lm.loss(out, batch)
 
 
 def predict(out, batch) -> dict:
@@ -259,12 +253,7 @@ def generate_texts(model: Model, base: dict, trainable, tokenizer, config, promp
     dtype = model.dtype or jnp.float32
     if model.family.KIND == "encoder-decoder":
         ids, _ = encode(prompts, tokenizer, config.train.seq_len)
-
-        def run(chunk, seed):
-            return gen.generate_seq2seq(model.cfg, base, chunk, max_new_tokens=e.generate_max_new_tokens,
-                                         eos_id=tokenizer.eos_token_id, trainable=trainable, peft=model.spec,
-                                         temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, seed=seed,
-                                         dtype=dtype)
+        stop = [tokenizer.eos_token_id]
     else:
         d = config.data
         ids = [prompt_ids(p, tokenizer, system_prompt=d.system_prompt, chat_template=d.chat_template)
@@ -280,10 +269,10 @@ def generate_texts(model: Model, base: dict, trainable, tokenizer, config, promp
         ids = [x[-room:] for x in ids]
         stop = stop_ids(tokenizer, d.chat_template)
 
-        def run(chunk, seed):
-            return gen.generate(model.cfg, base, chunk, max_new_tokens=e.generate_max_new_tokens,
-                                temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, seed=seed, eos_ids=stop,
-                                trainable=trainable, peft=model.spec, dtype=dtype)
+    def run(chunk, seed):
+        return gen.generate(model.cfg, base, chunk, max_new_tokens=e.generate_max_new_tokens, temperature=e.temperature,
+                            top_k=e.top_k, top_p=e.top_p, seed=seed, eos_ids=stop, trainable=trainable,
+                            peft=model.spec, dtype=dtype)
     # Longest first: prompts of similar lengths share a batch, so less padding and fewer compiled shapes.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = [None] * len(ids)
@@ -292,24 +281,6 @@ def generate_texts(model: Model, base: dict, trainable, tokenizer, config, promp
         for i, new in zip(chunk, run([ids[i] for i in chunk], config.seed + k)):
             out[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return out
-
-
-def stop_ids(tokenizer, chat_template: bool) -> list[int]:
-    """EOS, and under a chat template the special token that closes an assistant turn (ChatML's <|im_end|>),
-    which is where a trained model's answer ends."""
-    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if chat_template and getattr(tokenizer, "chat_template", None) is not None:
-        marker = "Xq7 answer"
-        user = [{"role": "user", "content": "question"}]
-        start = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": marker}], tokenize=False)
-        if full.startswith(start + marker):
-            after = tokenizer(full[len(start) + len(marker):], add_special_tokens=False)["input_ids"]
-            special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items()
-                                                        if t.special}
-            if after and after[0] in special and after[0] not in stop:
-                stop.append(after[0])
-    return stop
 
 
 def metric_names(config) -> list[str]:

@@ -81,7 +81,7 @@ def task_model(config, fam, cfg, spec, tokenizer, layout) -> tasks.Model:
     pad = 0 if tokenizer is None else (tokenizer.pad_token_id or 0)
     dtype = dtype_of(config, "dtype")
     return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype, layout=layout, remat=config.train.remat,
-                       unroll=unroll_layers(config, dtype), pad_id=pad, pool=pool)
+                       unroll=unroll_layers(config, dtype), pad_id=pad, pool=pool, loss_chunk=config.train.loss_chunk)
 
 
 def unroll_layers(config, dtype, backend: str | None = None) -> bool:

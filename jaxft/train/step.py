@@ -15,19 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def token_loss(logits, targets, mask):
-    """logits (B, T, V), targets (B, T), mask (B, T) -> (sum of masked cross-entropy, number of targets)."""
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    mask = mask.astype(jnp.float32)
-    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
-
-
-def lm_loss(logits, mb) -> tuple:
-    """The causal LM loss of a micro-batch: token_loss over its targets and loss_mask."""
-    return token_loss(logits, mb["targets"], mb["loss_mask"])
+from jaxft.models.loss import token_loss  # (bench/ scripts import it from here)
+from jaxft.tasks.causal_lm import loss as lm_loss  # the default: the causal LM loss of a micro-batch
 
 
 def make_loss_fn(forward: Callable, loss: Callable = lm_loss) -> Callable:

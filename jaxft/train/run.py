@@ -115,6 +115,7 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
         trainable, spec = _abstract_trainable(build, init_key, base, layout, fam.PARAM_AXES)
     elif training:
         trainable, spec = parallel.create_trainable(build, init_key, base, layout, fam.PARAM_AXES)
+        trainable = _unaliased(trainable, base)
     else:  # evaluation: only made if no saved adapter replaces it (`Run.init_trainable`)
         trainable, spec = None, _traced(build, init_key, base)[1]
     m = task_model(config, fam, cfg, spec, tokenizer, layout)
@@ -242,6 +243,13 @@ def _labels_of_config(config) -> int:
     """The head's classes in an abstract run: data.labels where set, else 2 (the head is a few bytes)."""
     names = [x for x in str(config.data.labels or "").split(",") if x.strip()]
     return len(names) or 2
+
+
+def _unaliased(trainable: dict, base: dict) -> dict:
+    """`trainable` with a copy of each leaf that is a base array itself (full fine-tuning of a float32 base on
+    one device): the train step donates the state, and a donated buffer cannot also be the base argument."""
+    base_ids = {id(x) for x in jax.tree.leaves(base)}
+    return jax.tree.map(lambda x: jnp.copy(x) if id(x) in base_ids else x, trainable)
 
 
 def _traced(build, key, base) -> tuple[dict, Any]:

@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxft import checkpoint, config as config_lib, parallel, peft, quant, tasks

@@ -57,15 +57,15 @@ class Run:
     state: dict | None = None  # {step, trainable, opt_state, rng}, in its shards
     train_step: Callable | None = None  # jitted (state, base, batch on the mesh) -> (state, metrics); state donated
     evaluate: Evaluator | None = None  # evaluate(trainable) -> the task's metrics over eval_batches (training)
-    init_trainable: Callable | None = None  # () -> the fresh trainable tree (host-placed), for evaluation
+    init_trainable: Callable | None = None  # () -> the fresh trainable tree, when not training (`jaxft eval`)
 
     def put(self, batch: dict) -> dict:
         """A host batch of train.batch_size rows -> (A, B/A, ...) micro-batches on the mesh, as train_step takes."""
         return put_batch(stack_micro(batch, self.config.train.grad_accum), self.layout, micro=True)
 
     def evaluator(self, spec) -> Evaluator:
-        """An evaluator of this run's evaluation batches for the method `spec` (`jaxft eval`: the run's own, or a
-    saved adapter's)."""
+        """An evaluator of this run's evaluation batches for the method `spec` (`jaxft eval`: the run's own,
+        or a saved adapter's)."""
         m = task_model(self.config, self.family, self.cfg, spec, self.tokenizer, self.layout)
         return Evaluator(self.task, m, self.config, self.info, self.base, self.eval_batches, self.layout,
                          self.tokenizer)

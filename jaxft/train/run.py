@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxft import checkpoint, config as config_lib, parallel, peft, quant, tasks
-from jaxft.checkpoint import hf
+from jaxft.checkpoint import gguf, hf
 from jaxft.models import family_of
 from jaxft.tasks import heads
 from jaxft.train.build import (Evaluator, batch_shardings, dtype_of, load_model, put_batch,
@@ -222,11 +222,11 @@ def abstract_batch(config, task_name: str, kind: str, layout) -> dict:
 
 
 def _config_of(model: str):
-    """The family Config of config.model for an abstract run: its config.json (a directory or the file)."""
-    if model == "default" or model.endswith(".gguf"):
-        raise ValueError(f"model: {model!r} is a GGUF file; an abstract run needs the model's config.json "
-                         f"(pass model_config, or `jaxft aot --model CONFIG_JSON`)")
-    path = checkpoint.resolve(model) if model == "minilm" else Path(model)
+    """The family Config of config.model for an abstract run: its config.json (a directory or the file), or a
+    GGUF file's header (the file is memory-mapped; no tensor is read)."""
+    path = checkpoint.resolve(model) if model in ("default", "minilm") else Path(model)
+    if path.suffix == ".gguf":
+        return gguf.read_config(gguf.open_reader(path), str(path))
     return hf.read_config(path if path.is_dir() else path.parent)
 
 

@@ -3,10 +3,11 @@
 LoRA r=16 (alpha 32) on all linear layers, batch 4 x 256 tokens, AdamW; float32, and mixed precision
 (bf16 compute with fp32 LoRA parameters; PEFT under torch.autocast("cpu", dtype=torch.bfloat16), jaxft with a
 bf16 base). Reports seconds per step, tokens/s, the ratio, and each side's achieved FLOP/s as a fraction of a
-matmul peak measured for that precision and framework. Each side runs in its own fresh process (one after the
-other), so that one framework's idle threads never take CPU from the other. jaxft runs with its layers scanned
-and unrolled (`train.layer_loop`); the ratio is that of the loop `auto` picks for the precision (the trainer's
-default), the other is printed beside it.
+matmul peak measured for that precision and framework. The jaxft side is the trainer's own step
+(`jaxft.train.run.build_run` of configs/default_lora.py, with its gradient clipping) on random tokens. Each
+side runs in its own fresh process (one after the other), so that one framework's idle threads never take CPU
+from the other. jaxft runs with its layers scanned and unrolled (`train.layer_loop`); the ratio is that of the
+loop `auto` picks for the precision (the trainer's default), the other is printed beside it.
 
     .venv/bin/python bench/train_step.py [--steps 3] [--batch 4] [--seq 256] [--rounds 2]
 """

@@ -1,8 +1,9 @@
-"""The training entry point: config -> model -> task data -> trainable state -> loop -> checkpoint and adapter.
+"""The training entry point: the run (`jaxft.train.run.build_run`: model, method, data, state, jitted step)
+-> the loop -> checkpoints, metrics and the adapter in the workdir.
 
-Read top to bottom, this is the whole life of a run; every piece it calls lives in its own module. The model
-family (`jaxft.models.family_of`) gives the forward pass and the sharding table; the task (`jaxft.tasks`,
-config.task) gives the batches, the head, the loss and the evaluation metrics.
+Read top to bottom, this is the whole life of a run after it is built: evaluation at step 0 and every
+train.eval_every steps, the divergence guard, checkpoints and exact resume, preemption, early stopping, and the
+summary. (`peft.method=features` trains its head in `jaxft.train.features`.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from jaxft import config as config_lib, parallel, peft, plots, tasks, tree
+from jaxft import config as config_lib, parallel, peft, plots, tree
 from jaxft.peft import io as adapter_io
 from jaxft.train import workdir as workdir_lib
 from jaxft.train.checkpoints import CheckpointError, Checkpoints

@@ -19,11 +19,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxft import checkpoint, config as config_lib, parallel, peft, quant, tasks
-from jaxft.checkpoint import hf
+from jaxft.checkpoint import gguf, hf
 from jaxft.models import family_of
 from jaxft.tasks import heads
 from jaxft.train.build import (Evaluator, batch_shardings, dtype_of, load_model, put_batch,
@@ -58,15 +57,15 @@ class Run:
     state: dict | None = None  # {step, trainable, opt_state, rng}, in its shards
     train_step: Callable | None = None  # jitted (state, base, batch on the mesh) -> (state, metrics); state donated
     evaluate: Evaluator | None = None  # evaluate(trainable) -> the task's metrics over eval_batches (training)
-    init_trainable: Callable | None = None  # () -> the fresh trainable tree (host-placed), for evaluation
+    init_trainable: Callable | None = None  # () -> the fresh trainable tree, when not training (`jaxft eval`)
 
     def put(self, batch: dict) -> dict:
         """A host batch of train.batch_size rows -> (A, B/A, ...) micro-batches on the mesh, as train_step takes."""
         return put_batch(stack_micro(batch, self.config.train.grad_accum), self.layout, micro=True)
 
     def evaluator(self, spec) -> Evaluator:
-        """An evaluator of this run's evaluation batches for the method `spec` (`jaxft eval`: the run's own, or a
-    saved adapter's)."""
+        """An evaluator of this run's evaluation batches for the method `spec` (`jaxft eval`: the run's own,
+        or a saved adapter's)."""
         m = task_model(self.config, self.family, self.cfg, spec, self.tokenizer, self.layout)
         return Evaluator(self.task, m, self.config, self.info, self.base, self.eval_batches, self.layout,
                          self.tokenizer)
@@ -115,6 +114,7 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
         trainable, spec = _abstract_trainable(build, init_key, base, layout, fam.PARAM_AXES)
     elif training:
         trainable, spec = parallel.create_trainable(build, init_key, base, layout, fam.PARAM_AXES)
+        trainable = _unaliased(trainable, base)
     else:  # evaluation: only made if no saved adapter replaces it (`Run.init_trainable`)
         trainable, spec = None, _traced(build, init_key, base)[1]
     m = task_model(config, fam, cfg, spec, tokenizer, layout)
@@ -222,11 +222,11 @@ def abstract_batch(config, task_name: str, kind: str, layout) -> dict:
 
 
 def _config_of(model: str):
-    """The family Config of config.model for an abstract run: its config.json (a directory or the file)."""
-    if model == "default" or model.endswith(".gguf"):
-        raise ValueError(f"model: {model!r} is a GGUF file; an abstract run needs the model's config.json "
-                         f"(pass model_config, or `jaxft aot --model CONFIG_JSON`)")
-    path = checkpoint.resolve(model) if model == "minilm" else Path(model)
+    """The family Config of config.model for an abstract run: its config.json (a directory or the file), or a
+    GGUF file's header (the file is memory-mapped; no tensor is read)."""
+    path = checkpoint.resolve(model) if model in ("default", "minilm") else Path(model)
+    if path.suffix == ".gguf":
+        return gguf.read_config(gguf.open_reader(path), str(path))
     return hf.read_config(path if path.is_dir() else path.parent)
 
 
@@ -242,6 +242,13 @@ def _labels_of_config(config) -> int:
     """The head's classes in an abstract run: data.labels where set, else 2 (the head is a few bytes)."""
     names = [x for x in str(config.data.labels or "").split(",") if x.strip()]
     return len(names) or 2
+
+
+def _unaliased(trainable: dict, base: dict) -> dict:
+    """`trainable` with a copy of each leaf that is a base array itself (full fine-tuning of a float32 base on
+    one device): the train step donates the state, and a donated buffer cannot also be the base argument."""
+    base_ids = {id(x) for x in jax.tree.leaves(base)}
+    return jax.tree.map(lambda x: jnp.copy(x) if id(x) in base_ids else x, trainable)
 
 
 def _traced(build, key, base) -> tuple[dict, Any]:

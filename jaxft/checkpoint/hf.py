@@ -74,8 +74,11 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
     names = getattr(family_of(cfg), "checkpoint_names", None)  # families whose tensors complete the config
     if names is not None:
         cfg, present = names(cfg, list(weight_map))
-    params = assemble(cfg, present, lambda name: files[weight_map[name]].read(name),
-                      file=where, dtype=dtype, leaf_fn=leaf_fn)
+    read = lambda name: files[weight_map[name]].read(name)
+    view = getattr(family_of(cfg), "checkpoint_view", None)  # families storing tensors as TABLE does not name them
+    if view is not None:
+        present, read = view(cfg, present, read)
+    params = assemble(cfg, present, read, file=where, dtype=dtype, leaf_fn=leaf_fn)
     return cfg, params, tokenizer(path)
 
 

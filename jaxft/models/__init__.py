@@ -15,6 +15,9 @@ The family protocol (what `register_family` expects; `jaxft.models.llama` is the
           (`jaxft.models.hooks`) and nothing of jaxft.peft
   decoders also: init_cache(cfg, batch, length, dtype) and decode_logits(cfg, base, trainable, hidden (B, D),
           dtype, policy) -> (B, V), the decode step of `jaxft.generate` (policy: the `jaxft.backend.Policy`)
+  optionally: checkpoint_names(cfg, names) -> (cfg, present) (tensors that complete the config) and
+          checkpoint_view(cfg, present, read) -> (present, read) (tensors stored other than TABLE names them:
+          a mixture of experts' per-expert or fused expert tensors, `jaxft.models.mixtral.expert_view`)
 
 `family(model_type)` finds a family; `config_from_hf` reads a config.json dict into the right family's Config.
 jaxft's own families are imported on first use, so a family costs nothing until used.
@@ -35,6 +38,8 @@ FAMILIES: dict[str, Any] = {
     "llama": "jaxft.models.llama",
     "mistral": "jaxft.models.llama",
     "qwen2": "jaxft.models.llama",
+    "mixtral": "jaxft.models.mixtral",
+    "qwen2_moe": "jaxft.models.qwen2_moe",
     "bert": "jaxft.models.bert",
     "t5": "jaxft.models.t5",
 }

@@ -1,0 +1,102 @@
+"""The mixture-of-experts families (Mixtral, Qwen2-MoE) against transformers: tiny random models saved with
+`save_pretrained` (one tensor per expert) or as transformers 5's fused in-memory state dict, loaded by
+`jaxft.checkpoint.load`; logits, router logits and greedy generation. Float32."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from jaxft import checkpoint
+from jaxft.checkpoint import LoadError
+from jaxft.generate import generate
+from jaxft.models import ConfigError, config_from_hf, family_of
+
+TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, num_experts_per_tok=2, initializer_range=0.2)
+VARIANTS = {  # name: (config class, model class, overrides)
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(intermediate_size=24, num_local_experts=4)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                  dict(intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=20,
+                       num_experts=4, norm_topk_prob=False)),
+}
+TOKENS = np.random.RandomState(0).randint(0, TINY["vocab_size"], (2, 9))
+
+
+@functools.cache
+def _model(variant):
+    config_cls, model_cls, overrides = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**TINY, **overrides)).eval()
+    with torch.no_grad():  # norms away from one, so that a swapped norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _save(model, path, layout):
+    if layout == "per_expert":
+        model.save_pretrained(path)
+    else:  # transformers 5's in-memory names: experts.gate_up_proj (E, 2F, D), experts.down_proj (E, D, F)
+        path.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    return path
+
+
+@functools.cache
+def _forward(cfg):
+    return jax.jit(lambda params, tokens: family_of(cfg).forward(cfg, params, tokens, return_aux=True))
+
+
+@pytest.mark.parametrize("variant,layout", [("mixtral", "per_expert"), ("mixtral", "fused"),
+                                            ("qwen2_moe", "per_expert"), ("qwen2_moe", "fused")])
+def test_logits_and_router_logits_equal_transformers(tmp_path, variant, layout):
+    model = _model(variant)
+    if layout == "fused":
+        assert any(k.endswith("experts.gate_up_proj") for k in model.state_dict())
+    loaded = checkpoint.load(_save(model, tmp_path / "m", layout))
+    assert (loaded.cfg.model_type, loaded.cfg.n_experts, loaded.cfg.top_k) == (variant, 4, 2)
+    with torch.no_grad():
+        out = model(torch.tensor(TOKENS), output_router_logits=True)
+    logits, _, router = _forward(loaded.cfg)(loaded.params, jnp.asarray(TOKENS))
+    np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=1e-4)
+    want_router = np.stack([r.numpy().reshape(TOKENS.shape + (4,)) for r in out.router_logits])
+    np.testing.assert_allclose(np.asarray(router), want_router, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+def test_greedy_generation_token_equal(tmp_path, variant):
+    model = _model(variant)
+    loaded = checkpoint.load(_save(model, tmp_path / "m", "per_expert"))
+    prompts = [list(TOKENS[0, :5]), list(TOKENS[1, :3])]
+    got = generate(loaded.cfg, loaded.params, prompts, max_new_tokens=6, unroll=False)
+    for prompt, new in zip(prompts, got):
+        with torch.no_grad():
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert new == want
+
+
+def test_config_round_trip_and_bad_input(tmp_path):
+    for variant in VARIANTS:
+        once = config_from_hf(_model(variant).config.to_dict())
+        assert config_from_hf(once.to_hf()) == once
+        assert transformers.AutoConfig.for_model(**once.to_hf()).to_dict()["num_experts_per_tok"] == 2
+    hf = _model("qwen2_moe").config.to_dict()
+    with pytest.raises(ConfigError, match=r"decoder_sparse_step=2, mlp_only_layers=\[\]: dense layers"):
+        config_from_hf(dict(hf, decoder_sparse_step=2))
+    # A checkpoint with more experts than its config: the loader names the extra experts' tensors.
+    path = _save(_model("mixtral"), tmp_path / "more", "per_expert")
+    hf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(hf, num_local_experts=3)))
+    with pytest.raises(LoadError, match=r"unexpected tensors model\.layers\.\{0,1\}\.block_sparse_moe\.experts\.3"):
+        checkpoint.load(path)

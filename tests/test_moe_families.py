@@ -100,3 +100,60 @@ def test_config_round_trip_and_bad_input(tmp_path):
     (path / "config.json").write_text(json.dumps(dict(hf, num_local_experts=3)))
     with pytest.raises(LoadError, match=r"unexpected tensors model\.layers\.\{0,1\}\.block_sparse_moe\.experts\.3"):
         checkpoint.load(path)
+
+
+def test_training_loss_adds_the_router_losses_as_transformers(tmp_path):
+    """causal_lm's training loss on a padded batch = transformers' Mixtral loss (cross-entropy +
+    router_aux_loss_coef * load_balancing_loss_func with the attention mask) + the z-loss weight times the masked
+    router z-loss; evaluation (no rng) leaves the router losses out."""
+    import dataclasses
+
+    from jaxft import config as config_lib
+    from jaxft.config.checks import moe_settings
+    from jaxft.tasks import Model, causal_lm
+
+    model = _model("mixtral")
+    loaded = checkpoint.load(_save(model, tmp_path / "m", "per_expert"))
+    config = config_lib.base.get_config()
+    config.moe.aux_loss_coef, config.moe.router_z_loss_coef = 0.3, 0.01
+    cfg = moe_settings(config, loaded.cfg, "m")
+    assert (cfg.router_aux_loss_coef, cfg.router_z_loss_coef) == (0.3, 0.01)
+    assert moe_settings(config_lib.base.get_config(), loaded.cfg, "m").router_aux_loss_coef == \
+        model.config.router_aux_loss_coef  # None: the checkpoint's own
+    mask = np.ones(TOKENS.shape, np.int32)
+    mask[1, 5:] = 0  # right padding in the second row
+    batch = {"tokens": jnp.asarray(TOKENS), "segment_ids": jnp.asarray(mask),
+             "positions": jnp.asarray(np.broadcast_to(np.arange(TOKENS.shape[1]), TOKENS.shape)),
+             "targets": jnp.asarray(np.roll(TOKENS, -1, axis=1)),
+             "loss_mask": jnp.asarray(mask * np.roll(mask, -1, axis=1) * (np.arange(TOKENS.shape[1]) < 8))}
+    m = Model(family=family_of(cfg), cfg=cfg)
+    total, count = jax.jit(lambda b, r: causal_lm.loss(causal_lm.forward(m, loaded.params, None, b, r), b))(
+        batch, jax.random.PRNGKey(0))
+    labels = torch.tensor(np.where(mask > 0, TOKENS, -100))
+    coef, model.router_aux_loss_coef = model.router_aux_loss_coef, 0.3  # (read by forward; restored for the others)
+    with torch.no_grad():
+        out = model(torch.tensor(TOKENS), attention_mask=torch.tensor(mask), labels=labels, output_router_logits=True)
+    model.router_aux_loss_coef = coef
+    logits = np.stack([r.numpy().reshape(TOKENS.shape + (4,)) for r in out.router_logits]).astype(np.float64)
+    z = (np.log(np.exp(logits).sum(-1)) ** 2 * mask).sum() / (2 * mask.sum())
+    assert out.aux_loss.item() > 0.5 and z > 0.01  # both terms there to see
+    np.testing.assert_allclose(float(total / count), out.loss.item() + 0.01 * z, rtol=2e-5)
+    plain = causal_lm.loss(causal_lm.forward(m, loaded.params, None, batch, None), batch)
+    np.testing.assert_allclose(float(plain[0] / plain[1]), out.loss.item() - 0.3 * out.aux_loss.item(), rtol=2e-5)
+
+
+def test_moe_keys_on_a_dense_model_and_bad_values_are_one_line_errors():
+    from jaxft import config as config_lib
+    from jaxft.config.checks import ConfigFileError, moe_settings
+    from jaxft.models.config import LlamaConfig
+
+    config = config_lib.base.get_config()
+    dense = LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, mlp_dim=8)
+    assert moe_settings(config, dense, "d") is dense
+    config.moe.router_z_loss_coef = 0.001
+    with pytest.raises(ConfigFileError, match=r"^moe.router_z_loss_coef: 0.001 is for mixture-of-experts models, "
+                                              r"but d is a dense llama model"):
+        moe_settings(config, dense, "d")
+    config.moe.aux_loss_coef, config.train.learning_rate = -1.0, 1e-4
+    with pytest.raises(ConfigFileError, match=r"^moe.aux_loss_coef: -1.0 must be a number >= 0"):
+        config_lib.validate(config, require_data=False)

@@ -96,6 +96,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.quant.include = "((encoder|decoder)/)?layers/.*/w"  # regex over weight paths to quantize (T5: both stacks;
     # embeddings, norms and the head stay dense); one that matches no weight of the model is an error
 
+    c.moe = ml_collections.ConfigDict()  # mixture-of-experts models only (Mixtral, Qwen2-MoE): the router's losses
+    c.moe.aux_loss_coef = placeholder(float)  # load-balancing loss weight (training); None: the model's router_aux_loss_coef
+    c.moe.router_z_loss_coef = placeholder(float)  # router z-loss weight in training; None: 0 (the models define none)
+
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "lora"  # lora, adapter, prefix, prompt, ia3, full, partial or features; settings below
     c.peft.init_from = ""  # start from this adapter (PEFT dir, jaxft adapter or workdir), not a fresh init; "": none

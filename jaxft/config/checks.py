@@ -8,6 +8,7 @@ model is known (`jaxft.peft.build`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -65,6 +66,7 @@ def validate(config, devices: int | None = None, require_data: bool = True) -> N
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             _fail(key, value, "must be >= 0")
     _train(config.train)
+    _moe(config.moe)
     _method(config)
     _task(config, require_data)
     _mesh(config, devices)
@@ -103,6 +105,27 @@ def _method(config) -> None:
     if config.train.l2sp and method not in ("full", "partial"):
         _fail("train.l2sp", config.train.l2sp, f"needs peft.method full or partial (method {method!r} retrains "
                                                "no pretrained weight)")
+
+
+def _moe(m) -> None:
+    for key in ("aux_loss_coef", "router_z_loss_coef"):
+        value = m[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (math.isfinite(value) and value >= 0)):
+            _fail(f"moe.{key}", value, "must be a number >= 0, or None for the model's own")
+
+
+def moe_settings(config, cfg, model: str):
+    """The model config `cfg` with config.moe's loss coefficients; ConfigFileError naming the key where one is
+    set for a model (`model`, as config.model names it) that is not a mixture of experts."""
+    given = {key: value for key, value in config.moe.items() if value is not None}
+    if not hasattr(cfg, "n_experts"):
+        for key, value in given.items():
+            _fail(f"moe.{key}", value, f"is for mixture-of-experts models, but {model} is a dense "
+                                       f"{cfg.model_type} model (leave it None)")
+        return cfg
+    return dataclasses.replace(cfg, router_aux_loss_coef=float(given.get("aux_loss_coef", cfg.router_aux_loss_coef)),
+                               router_z_loss_coef=float(given.get("router_z_loss_coef", cfg.router_z_loss_coef)))
 
 
 def _task(config, require_data: bool) -> None:

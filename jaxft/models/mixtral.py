@@ -55,7 +55,8 @@ class Config(LlamaConfig):
     top_k: int = 2  # k, experts per token
     normalize: bool = True  # rescale the k routing weights to sum to 1 (Mixtral; Qwen2-MoE's norm_topk_prob)
     shared_dim: int = 0  # Fs, the shared expert's width (Qwen2-MoE); 0: none
-    router_aux_loss_coef: float = 0.02  # the checkpoint's load-balancing coefficient (moe.aux_loss_coef default)
+    router_aux_loss_coef: float = 0.02  # the load-balancing loss weight (the checkpoint's; moe.aux_loss_coef)
+    router_z_loss_coef: float = 0.0  # the router z-loss weight (moe.router_z_loss_coef)
     model_type: str = "mixtral"
 
     @classmethod
@@ -181,16 +182,17 @@ def moe_mlp(cfg: Config, hooks, p: dict, h, rngs, layout=None):
     return hooks.block_output(mlp, y), aux["router_logits"]
 
 
-def aux_losses(router_logits, top_k: int, segment_ids, aux_coef: float, z_coef: float) -> dict:
-    """The router's losses of one batch, padding (segment id 0) excluded: {"loss": aux_coef * load balancing +
-    z_coef * z-loss, "load_balancing", "router_z", "expert_ratio_max" (the largest max/min token share of a
-    layer)}, float32 scalars. router_logits: (L, B, T, E) as `forward(return_aux=True)` gives them."""
+def aux_losses(cfg: Config, router_logits, segment_ids) -> dict:
+    """The router's losses of one batch, padding (segment id 0) excluded, as transformers computes them:
+    {"loss": router_aux_loss_coef * load balancing + router_z_loss_coef * z-loss (what training adds to the
+    token loss), "load_balancing", "router_z", "expert_ratio" (L,) (each layer's max / min expert token share)},
+    float32. router_logits: (L, B, T, E) as `forward(return_aux=True)` gives them; segment_ids (B, T)."""
     mask = (segment_ids > 0).astype(jnp.float32)
-    balance = moe_losses.load_balancing_loss(router_logits, top_k, mask)
+    balance = moe_losses.load_balancing_loss(router_logits, cfg.top_k, mask)
     z = moe_losses.router_z_loss(router_logits, mask)
-    _, ratio = moe_losses.expert_share(router_logits, top_k, mask)
-    return {"loss": aux_coef * balance + z_coef * z, "load_balancing": balance, "router_z": z,
-            "expert_ratio_max": jnp.max(ratio)}
+    _, ratio = moe_losses.expert_share(router_logits, cfg.top_k, mask)
+    return {"loss": cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z, "load_balancing": balance,
+            "router_z": z, "expert_ratio": ratio}
 
 
 def checkpoint_view(cfg: Config, present: dict[str, str], read):

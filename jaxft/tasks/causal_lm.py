@@ -24,17 +24,26 @@ def init_head(key, cfg, config, n_labels: int):
 
 
 def forward(model: Model, base: dict, trainable, batch: dict, rng=None):
-    """-> next-token logits (B, T, V) float32."""
-    logits, _ = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable,
-                                     positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                     peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,
-                                     unroll=model.unroll, layout=model.layout)
-    return logits
+    """-> next-token logits (B, T, V) float32; in training (rng given) a mixture of experts' family (one with
+    `aux_losses`) gives (logits, its router losses) instead."""
+    router = rng is not None and hasattr(model.family, "aux_losses")
+    out = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable,
+                               positions=batch["positions"], segment_ids=batch["segment_ids"],
+                               peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,
+                               unroll=model.unroll, layout=model.layout, **({"return_aux": True} if router else {}))
+    if router:
+        return out[0], model.family.aux_losses(model.cfg, out[2], batch["segment_ids"])
+    return out[0]
 
 
-def loss(logits, batch: dict) -> tuple:
-    """(sum of cross-entropy over the counted targets, their number)."""
-    return token_loss(logits, batch["targets"], batch["loss_mask"])
+def loss(out, batch: dict) -> tuple:
+    """(sum of cross-entropy over the counted targets, their number); with router losses, their weighted sum
+    counted once per target, so that the mean the trainer takes is token loss + router losses."""
+    logits, router = out if isinstance(out, tuple) else (out, None)
+    total, count = token_loss(logits, batch["targets"], batch["loss_mask"])
+    if router is not None:
+        total = total + router["loss"] * count
+    return total, count
 
 
 def predict(logits, batch: dict):

@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     # embeddings, norms and the head stay dense); one that matches no weight of the model is an error
 
     c.moe = ml_collections.ConfigDict()  # mixture-of-experts models only (Mixtral, Qwen2-MoE): the router's losses
-    c.moe.aux_loss_coef = placeholder(float)  # load-balancing loss weight (training); None: the model's router_aux_loss_coef
+    c.moe.aux_loss_coef = placeholder(float)  # load-balancing loss weight; None: the model's router_aux_loss_coef
     c.moe.router_z_loss_coef = placeholder(float)  # router z-loss weight in training; None: 0 (the models define none)
 
     c.peft = ml_collections.ConfigDict()

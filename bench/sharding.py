@@ -39,7 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2), (2, 1, 4)]
 RULES = (("batch", ("data", "fsdp")), ("seq", ()), ("embed", ("fsdp",)), ("heads", ("tensor",)),
          ("kv_heads", ("tensor",)), ("head_dim", ()), ("mlp", ("tensor",)), ("vocab", ("tensor",)),
-         ("layers", ()), ("lora_rank", ()))  # as configs/default_lora.py
+         ("layers", ()), ("lora_rank", ()), ("experts", ()))  # as configs/default_lora.py
 CFG = LlamaConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, mlp_dim=1024)
 BATCH, SEQ, RANK = 16, 128, 16
 

@@ -153,12 +153,13 @@ def _task(config, require_data: bool) -> None:
 
 
 def _mesh(config, devices: int | None) -> None:
-    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor", "expert")}
     for axis, n in sizes.items():
         if isinstance(n, bool) or not isinstance(n, int) or n == 0 or n < -1:
             _fail(f"mesh.{axis}", n, "must be a positive integer, or -1 for the devices the other axes leave")
     if list(sizes.values()).count(-1) > 1:
-        _fail("mesh", tuple(sizes.values()), "has more than one axis of size -1 (data, fsdp, tensor)")
+        shown = tuple(n for axis, n in sizes.items() if axis != "expert" or n != 1)
+        _fail("mesh", shown, "has more than one axis of size -1 (data, fsdp, tensor, expert)")
     if devices is not None:
         known = math.prod(n for n in sizes.values() if n != -1)
         free = next((axis for axis, n in sizes.items() if n == -1), None)
@@ -168,8 +169,9 @@ def _mesh(config, devices: int | None) -> None:
                                           f"{devices}")
             sizes[free] = devices // known
         if math.prod(sizes.values()) != devices:
-            _fail("mesh.data", sizes["data"], f"* mesh.fsdp={sizes['fsdp']} * mesh.tensor={sizes['tensor']} is not "
-                                              f"the {devices} devices (use -1 for one axis to take the rest)")
+            expert = f" * mesh.expert={sizes['expert']}" if sizes["expert"] != 1 else ""
+            _fail("mesh.data", sizes["data"], f"* mesh.fsdp={sizes['fsdp']} * mesh.tensor={sizes['tensor']}{expert} "
+                                              f"is not the {devices} devices (use -1 for one axis to take the rest)")
     # rows of each micro-batch are split over data * fsdp (an axis of size -1: not known before the devices are)
     parallel = max(sizes["data"], 1) * max(sizes["fsdp"], 1)
     if config.train.batch_size % (parallel * config.train.grad_accum):

@@ -39,8 +39,8 @@ LORA_TARGETS = llama.LORA_TARGETS
 
 EXPERT_AXES = (
     (r"layers/mlp/router/w", ("layers", "embed", None)),
-    (r"layers/mlp/experts/(gate|up)_proj/w", ("layers", None, "embed", "mlp")),
-    (r"layers/mlp/experts/down_proj/w", ("layers", None, "mlp", "embed")),
+    (r"layers/mlp/experts/(gate|up)_proj/w", ("layers", "experts", "embed", "mlp")),
+    (r"layers/mlp/experts/down_proj/w", ("layers", "experts", "mlp", "embed")),
     (r"layers/mlp/shared/(gate|up)_proj/w", ("layers", "embed", "mlp")),
     (r"layers/mlp/shared/down_proj/w", ("layers", "mlp", "embed")),
     (r"layers/mlp/shared_gate/w", ("layers", "embed", None)),

@@ -157,3 +157,34 @@ def test_moe_keys_on_a_dense_model_and_bad_values_are_one_line_errors():
     config.moe.aux_loss_coef, config.train.learning_rate = -1.0, 1e-4
     with pytest.raises(ConfigFileError, match=r"^moe.aux_loss_coef: -1.0 must be a number >= 0"):
         config_lib.validate(config, require_data=False)
+
+
+def test_trainer_fine_tunes_an_upcycled_model_and_logs_the_router(tmp_path):
+    """`jaxft.train.train` on a tiny upcycled Llama with LoRA on attention, experts and router: metrics.jsonl holds
+    the router losses (their weighted sum is what the loss adds) and each layer's expert max/min share."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny
+    from jaxft import config as config_lib, tree
+    from jaxft.peft import io as adapter_io
+    from jaxft.train.loop import train
+    from jaxft.upcycle import upcycle
+
+    upcycle(tiny.llama_dir(tmp_path / "dense"), tmp_path / "moe", experts=4, top_k=2, dtype=jnp.float32,
+            router_noise=0.1)
+    config = config_lib.load(Path(__file__).parent.parent / "configs" / "moe_lora.py", [
+        f"model={tmp_path / 'moe'}", f"data.train={tiny.alpaca_file(tmp_path / 'train.jsonl', 24)}", "dtype=float32",
+        "param_dtype=float32", "train.batch_size=4", "train.grad_accum=2", "train.seq_len=32", "train.steps=2",
+        "train.eval_every=2", "train.eval_batches=1", "train.warmup_steps=0", "lora.rank=4"])
+    assert train(config, tmp_path / "run")["status"] == "completed"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        np.testing.assert_allclose(row["moe_aux_loss"], 0.02 * row["moe_load_balancing"] + 1e-3 * row["moe_router_z"],
+                                   rtol=1e-5)  # the checkpoint's router_aux_loss_coef, configs/moe_lora.py's z weight
+        assert row["moe_load_balancing"] > 1.0 and {"moe_expert_ratio_l0", "moe_expert_ratio_l1"} <= set(row)
+    adapter = tree.flatten(adapter_io.load(tmp_path / "run" / "adapter")[0])
+    assert {"layers/mlp/router/lora_a", "layers/mlp/experts/down_proj/lora_b", "layers/attn/q_proj/lora_a"} <= \
+        set(adapter)
+    assert np.abs(adapter["layers/mlp/experts/down_proj/lora_b"]).max() > 0  # trained away from its zero init

@@ -46,6 +46,18 @@ def loss(out, batch: dict) -> tuple:
     return total, count
 
 
+def train_metrics(out, batch: dict) -> dict:
+    """A mixture of experts' router losses and load in training (`jaxft.models.mixtral.aux_losses`):
+    moe_aux_loss (what the loss adds), moe_load_balancing, moe_router_z, and per layer l the max / min token share
+    of its experts, moe_expert_ratio_l{l} (inf: an expert got no token; growing: collapse). {} otherwise."""
+    if not isinstance(out, tuple):
+        return {}
+    router = out[1]
+    ratios = {f"moe_expert_ratio_l{i}": router["expert_ratio"][i] for i in range(router["expert_ratio"].shape[0])}
+    return {"moe_aux_loss": router["loss"], "moe_load_balancing": router["load_balancing"],
+            "moe_router_z": router["router_z"], **ratios}
+
+
 def predict(logits, batch: dict):
     return ()  # the loss is the whole evaluation
 

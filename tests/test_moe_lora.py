@@ -118,3 +118,26 @@ def test_targets_merge_and_gradients_equal_the_merged_model(mixtral_pair):
         np.testing.assert_allclose(np.asarray(g), np.asarray(m), atol=1e-4, rtol=1e-4, err_msg=path)
     with pytest.raises(lora.LoraError, match="lora.dora: not supported on the experts"):
         lora.init(jax.random.PRNGKey(0), base, lora.LoraSpec(rank=R, dora=True), paths)
+
+
+def test_merged_export_loads_in_transformers_with_the_adapted_logits(mixtral_pair, tmp_path):
+    """LoRA on attention and experts merged (`lora.merge`) and written by `save_hf` in the per-expert layout:
+    transformers' MixtralForCausalLM and jaxft both load it with the adapted model's logits."""
+    _, loaded = mixtral_pair
+    spec = lora.LoraSpec(rank=R, alpha=ALPHA)
+    trainable = lora.init(jax.random.PRNGKey(3), loaded.params, spec,
+                          lora.target_paths(loaded.params, "all-linear", "mixtral"))
+    trainable = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(a.size + 1), a.shape), trainable)
+    adapted = mixtral.forward(loaded.cfg, loaded.params, jnp.asarray(TOKENS), trainable=trainable,
+                              peft=spec.as_method())[0]
+    out = checkpoint.save_hf(loaded.cfg, lora.merge(loaded.params, trainable, spec), tmp_path / "merged",
+                             dtype=jnp.float32)
+    model, info = transformers.MixtralForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        want = model.eval()(torch.tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(want, np.asarray(adapted), atol=1e-4, rtol=1e-4)
+    again = checkpoint.load(out)
+    assert again.cfg == loaded.cfg
+    np.testing.assert_allclose(np.asarray(mixtral.forward(again.cfg, again.params, jnp.asarray(TOKENS))[0]),
+                               np.asarray(adapted), atol=1e-4, rtol=1e-4)

@@ -122,7 +122,11 @@ def save_hf(cfg, params: dict, out_dir, *, dtype=jnp.bfloat16, max_shard_bytes: 
 
 def _write_tensors(cfg, flat: dict, out: Path, dtype, max_shard_bytes: int) -> None:
     plan = [(name, shape) for name, (_, _, shape) in hf_names(cfg).items()]
-    write_shards(out, plan, hf_tensors(cfg, flat, dtype), dtype, max_shard_bytes)
+    tensors = hf_tensors(cfg, flat, dtype)
+    view = getattr(family_of(cfg), "export_view", None)  # the inverse of its checkpoint_view (mixtures of experts)
+    if view is not None:
+        plan, tensors = view(cfg, plan, tensors)
+    write_shards(out, plan, tensors, dtype, max_shard_bytes)
 
 
 def write_shards(out: Path, plan: list, tensors, dtype, max_shard_bytes: int) -> int:

@@ -13,13 +13,14 @@ tiles). Parameters: llama's layout with `layers/mlp` replaced by (E experts, F e
 On disk the experts come in either layout, both read through one table (`checkpoint_view`): one tensor per
 expert (`experts.{e}.w1.weight`, the published checkpoints and what transformers 5 saves) or transformers 5's
 fused in-memory one (`experts.gate_up_proj` (E, 2F, D), `experts.down_proj` (E, D, F)).
-`forward(..., return_aux=True)` also returns the router logits (L, B, T, E) float32 for the losses of
+Export writes the per-expert layout (`export_view`). `forward(..., return_aux=True)` also returns the router logits (L, B, T, E) float32 for the losses of
 `jaxft.models.moe_losses` (`aux_losses`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -230,6 +231,39 @@ def expert_view(cfg: Config, present: dict[str, str], read, prefix: str, per_exp
             how[f"{pre}.down_proj"] = lambda f=down: np.swapaxes(read(f), 1, 2)
     present.update({name: name for name in how})
     return present, lambda name: how[name]() if name in how else read(name)
+
+
+def export_view(cfg: Config, plan: list, tensors):
+    """The tensors a checkpoint of `cfg` is written with (`jaxft.checkpoint.save_hf`): Mixtral's per-expert ones
+    (see `expert_export`)."""
+    return expert_export(plan, tensors, MOE_PREFIX + ".experts", EXPERT_NAMES)
+
+
+def expert_export(plan: list, tensors, prefix: str, per_expert: dict[str, str]):
+    """The inverse of `expert_view`: (plan, tensors) of TABLE names, with each layer's expert stacks
+    `{prefix}.{gate,up,down}_proj` (E, in, out) replaced by one tensor per expert, `{prefix}.{e}.{name}.weight`
+    (out, in), the published layout transformers loads. plan: [(name, shape)]; tensors: (name, array) pairs."""
+    pattern = re.compile(re.escape(prefix).replace(r"\{i\}", r"(\d+)") + r"\.(gate_proj|up_proj|down_proj)")
+
+    def names(name: str, n_experts: int):
+        m = pattern.fullmatch(name)
+        return [(f"{prefix.format(i=m[1])}.{e}.{per_expert[m[2]]}.weight", e) for e in range(n_experts)]
+
+    out_plan = []
+    for name, shape in plan:
+        if pattern.fullmatch(name) is None:
+            out_plan.append((name, shape))
+        else:
+            out_plan += [(n, (shape[2], shape[1])) for n, _ in names(name, shape[0])]
+
+    def out_tensors():
+        for name, x in tensors:
+            if pattern.fullmatch(name) is None:
+                yield name, x
+            else:
+                yield from ((n, np.ascontiguousarray(x[e].T)) for n, e in names(name, x.shape[0]))
+
+    return out_plan, out_tensors()
 
 
 def _half(gate_up: np.ndarray, which: int) -> np.ndarray:

@@ -61,3 +61,8 @@ class Config(mixtral.Config):
 def checkpoint_view(cfg: Config, present: dict[str, str], read):
     """The checkpoint's tensors as TABLE names them (`jaxft.models.mixtral.expert_view`)."""
     return mixtral.expert_view(cfg, present, read, MOE_PREFIX + ".experts", EXPERT_NAMES)
+
+
+def export_view(cfg: Config, plan: list, tensors):
+    """Qwen2-MoE's per-expert tensors for export (`jaxft.models.mixtral.expert_export`)."""
+    return mixtral.expert_export(plan, tensors, MOE_PREFIX + ".experts", EXPERT_NAMES)

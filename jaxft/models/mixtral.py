@@ -13,8 +13,8 @@ tiles). Parameters: llama's layout with `layers/mlp` replaced by (E experts, F e
 On disk the experts come in either layout, both read through one table (`checkpoint_view`): one tensor per
 expert (`experts.{e}.w1.weight`, the published checkpoints and what transformers 5 saves) or transformers 5's
 fused in-memory one (`experts.gate_up_proj` (E, 2F, D), `experts.down_proj` (E, D, F)).
-Export writes the per-expert layout (`export_view`). `forward(..., return_aux=True)` also returns the router logits (L, B, T, E) float32 for the losses of
-`jaxft.models.moe_losses` (`aux_losses`).
+Export writes the per-expert layout (`export_view`). `forward(..., return_aux=True)` also returns the router
+logits (L, B, T, E) float32 for the losses of `jaxft.models.moe_losses` (`aux_losses`).
 """
 
 from __future__ import annotations

@@ -141,3 +141,32 @@ def test_merged_export_loads_in_transformers_with_the_adapted_logits(mixtral_pai
     assert again.cfg == loaded.cfg
     np.testing.assert_allclose(np.asarray(mixtral.forward(again.cfg, again.params, jnp.asarray(TOKENS))[0]),
                                np.asarray(adapted), atol=1e-4, rtol=1e-4)
+
+
+def test_qlora_nf4_experts_equal_their_dequantized_weights(mixtral_pair):
+    """NF4 experts (leading (L, E) axes, double quantization), dequantized inside the grouped products: the
+    adapted model's output and LoRA gradients equal those over the dequantized weights."""
+    from jaxft import quant
+
+    _, loaded = mixtral_pair
+    q = quant.quantize_params(loaded.params, "nf4", block_size=8, include=r"layers/mlp/experts/.*/w",
+                              dense_dtype=None)
+    w = q["layers"]["mlp"]["experts"]["up_proj"]["w"]
+    assert isinstance(w, quant.QuantizedWeight) and w.shape == (2, 4, 16, 24)
+    dequantized = jax.tree.map(lambda x: x.dequantize(jnp.float32) if isinstance(x, quant.QuantizedWeight) else x,
+                               q, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight))
+    spec = lora.LoraSpec(rank=R, alpha=ALPHA)
+    trainable = lora.init(jax.random.PRNGKey(4), q, spec, lora.target_paths(q, "all-linear", "mixtral"))
+    trainable = jax.tree.map(lambda a: a + 0.1, trainable)
+    tokens = jnp.asarray(TOKENS)
+
+    @jax.jit
+    def value_and_grad(base):
+        fn = lambda t: jnp.sum(mixtral.forward(loaded.cfg, base, tokens, trainable=t, peft=spec.as_method())[0] ** 2)
+        return jax.value_and_grad(fn)(trainable)
+
+    (vq, gq), (vd, gd), (vf, _) = value_and_grad(q), value_and_grad(dequantized), value_and_grad(loaded.params)
+    assert abs(float(vf) - float(vd)) > 1e-3 * abs(float(vd))  # the quantization is there to see
+    np.testing.assert_allclose(float(vq), float(vd), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gq), jax.tree.leaves(gd)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)

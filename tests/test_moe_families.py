@@ -188,3 +188,19 @@ def test_trainer_fine_tunes_an_upcycled_model_and_logs_the_router(tmp_path):
     assert {"layers/mlp/router/lora_a", "layers/mlp/experts/down_proj/lora_b", "layers/attn/q_proj/lora_a"} <= \
         set(adapter)
     assert np.abs(adapter["layers/mlp/experts/down_proj/lora_b"]).max() > 0  # trained away from its zero init
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+def test_save_hf_writes_back_the_tensors_it_loaded(tmp_path, variant):
+    """Load (fused layout) then `save_hf`: the published per-expert names, and every tensor equal to what
+    transformers' save_pretrained wrote."""
+    from safetensors.numpy import load_file
+
+    model = _model(variant)
+    original = load_file(str(_save(model, tmp_path / "per_expert", "per_expert") / "model.safetensors"))
+    loaded = checkpoint.load(_save(model, tmp_path / "fused", "fused"))
+    out = checkpoint.save_hf(loaded.cfg, loaded.params, tmp_path / "out", dtype=jnp.float32)
+    written = load_file(str(out / "model.safetensors"))
+    assert sorted(written) == sorted(original)
+    for name, x in original.items():
+        np.testing.assert_array_equal(written[name], x, err_msg=name)

@@ -170,3 +170,23 @@ def test_qlora_nf4_experts_equal_their_dequantized_weights(mixtral_pair):
     np.testing.assert_allclose(float(vq), float(vd), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gq), jax.tree.leaves(gd)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "ia3", "full", "partial"])
+def test_every_method_starts_at_the_base_model_and_trains(mixtral_pair, method):
+    """Each method's fresh tree (`jaxft.peft.build`) on the Mixtral family leaves the logits as they are and gets a
+    gradient (the experts carry LoRA factors, IA3 acts on keys and values only: there is no dense down_proj)."""
+    from jaxft import config as config_lib, peft
+
+    _, loaded = mixtral_pair
+    config = config_lib.base.get_config()
+    config.peft.method, config.adapter.size, config.train.seq_len = method, 8, 32
+    trainable, spec = peft.build(jax.random.PRNGKey(0), loaded.params, config, loaded.cfg)
+    tokens = jnp.asarray(TOKENS)
+    logits = lambda t: mixtral.forward(loaded.cfg, loaded.params, tokens, trainable=t, peft=spec)[0]
+    grad = jax.grad(lambda t: jnp.sum(logits(t) ** 2))
+    adapted, plain, grads = jax.jit(lambda t: (logits(t), logits(None), grad(t)))(trainable)
+    np.testing.assert_allclose(np.asarray(adapted), np.asarray(plain), atol=1e-5)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3
+    if method == "lora":
+        assert "experts" in trainable["layers"]["mlp"] and "router" not in trainable["layers"]["mlp"]

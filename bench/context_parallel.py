@@ -34,7 +34,7 @@ from jaxft.parallel.rules import Layout
 RESULTS = Path(__file__).parent / "results"
 N, K, H = 8, 2, 64
 RULES = (("batch", ("data",)), ("seq", ("context",)), ("embed", ()), ("heads", ()), ("kv_heads", ()),
-         ("head_dim", ()), ("mlp", ()), ("vocab", ()), ("layers", ()), ("lora_rank", ()))
+         ("head_dim", ()), ("mlp", ()), ("vocab", ()), ("layers", ()), ("lora_rank", ()), ("experts", ()))
 
 
 def layout(c: int) -> Layout:

@@ -58,7 +58,7 @@ def _run(out_path):
         batch, seq = ((), ("data", "context")) if seq_over_data else (("data",), ("context",))
         rules = (("batch", batch), ("seq", seq), ("embed", ()), ("heads", ("tensor",)),
                  ("kv_heads", ("tensor",)), ("head_dim", ()), ("mlp", ()), ("vocab", ()), ("layers", ()),
-                 ("lora_rank", ()))
+                 ("lora_rank", ()), ("experts", ()))
         return Layout(mesh, rules)
 
     def plain(q, k, v, seg, pos, window, causal):

@@ -16,7 +16,7 @@ import pytest
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 RULES = (("batch", ("data", "fsdp")), ("seq", ()), ("embed", ("fsdp",)), ("heads", ("tensor",)),
          ("kv_heads", ("tensor",)), ("head_dim", ()), ("mlp", ("tensor",)), ("vocab", ("tensor",)),
-         ("layers", ()), ("lora_rank", ()))
+         ("layers", ()), ("lora_rank", ()), ("experts", ()))
 STEPS = 5
 
 

@@ -13,8 +13,9 @@ import transformers
 from safetensors.numpy import load_file
 
 import tiny
-from jaxft import cli
+from jaxft import checkpoint, cli
 from jaxft.checkpoint import hf as jaxft_hf
+from jaxft.models import mixtral
 from jaxft.upcycle import upcycle
 
 TOKENS = torch.tensor([[5, 17, 40, 3, 99, 120, 7, 8, 250, 31, 64, 2], [9, 9, 200, 13, 1, 77, 150, 42, 6, 5, 4, 3]])
@@ -97,6 +98,11 @@ def test_mixtral_logits_equal_the_dense_models(tmp_path, case):
         if noise:  # the noise breaks the tie: tokens go to different experts from the start
             router_logits = moe(TOKENS, output_router_logits=True).router_logits[0]
             assert len(set(router_logits.argmax(-1).tolist())) > 1
+    # jaxft reads the directory as its Mixtral family, with the dense model's logits too.
+    loaded = checkpoint.load(out)
+    assert (loaded.cfg.model_type, loaded.cfg.n_experts, loaded.cfg.top_k) == ("mixtral", experts, top_k)
+    got_jax, _ = mixtral.forward(loaded.cfg, loaded.params, jnp.asarray(TOKENS.numpy()))
+    np.testing.assert_allclose(np.asarray(got_jax), want.numpy(), atol=1e-5, rtol=0)
 
 
 def test_tokenizer_round_trip(tmp_path):

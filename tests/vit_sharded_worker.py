@@ -12,7 +12,7 @@ def main():
     assert jax.device_count() == 4
     rules = (("batch", ("data", "fsdp")), ("seq", ()), ("embed", ("fsdp",)), ("heads", ("tensor",)),
              ("kv_heads", ("tensor",)), ("head_dim", ()), ("mlp", ("tensor",)), ("vocab", ("tensor",)),
-             ("layers", ()), ("lora_rank", ()))
+             ("layers", ()), ("lora_rank", ()), ("experts", ()))
     cfg = vit.Config(dim=32, n_layers=2, n_heads=4, mlp_dim=48, image_size=32, patch_size=8)
     proj_cfg = connectors.LlavaProjector(vision_dim=32, text_dim=24)
     tower = vit.init(jax.random.PRNGKey(0), cfg)

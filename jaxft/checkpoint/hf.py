@@ -74,8 +74,11 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
     names = getattr(family_of(cfg), "checkpoint_names", None)  # families whose tensors complete the config
     if names is not None:
         cfg, present = names(cfg, list(weight_map))
-    params = assemble(cfg, present, lambda name: files[weight_map[name]].read(name),
-                      file=where, dtype=dtype, leaf_fn=leaf_fn)
+    read = lambda name: files[weight_map[name]].read(name)
+    view = getattr(family_of(cfg), "checkpoint_view", None)  # families storing tensors as TABLE does not name them
+    if view is not None:
+        present, read = view(cfg, present, read)
+    params = assemble(cfg, present, read, file=where, dtype=dtype, leaf_fn=leaf_fn)
     return cfg, params, tokenizer(path)
 
 
@@ -119,7 +122,11 @@ def save_hf(cfg, params: dict, out_dir, *, dtype=jnp.bfloat16, max_shard_bytes: 
 
 def _write_tensors(cfg, flat: dict, out: Path, dtype, max_shard_bytes: int) -> None:
     plan = [(name, shape) for name, (_, _, shape) in hf_names(cfg).items()]
-    write_shards(out, plan, hf_tensors(cfg, flat, dtype), dtype, max_shard_bytes)
+    tensors = hf_tensors(cfg, flat, dtype)
+    view = getattr(family_of(cfg), "export_view", None)  # the inverse of its checkpoint_view (mixtures of experts)
+    if view is not None:
+        plan, tensors = view(cfg, plan, tensors)
+    write_shards(out, plan, tensors, dtype, max_shard_bytes)
 
 
 def write_shards(out: Path, plan: list, tensors, dtype, max_shard_bytes: int) -> int:

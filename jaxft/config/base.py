@@ -98,6 +98,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.quant.include = "((encoder|decoder)/)?layers/.*/w"  # regex over weight paths to quantize (T5: both stacks;
     # embeddings, norms and the head stay dense); one that matches no weight of the model is an error
 
+    c.moe = ml_collections.ConfigDict()  # mixture-of-experts models only (Mixtral, Qwen2-MoE): the router's losses
+    c.moe.aux_loss_coef = placeholder(float)  # load-balancing loss weight; None: the model's router_aux_loss_coef
+    c.moe.router_z_loss_coef = placeholder(float)  # router z-loss weight in training; None: 0 (the models define none)
+
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "lora"  # lora, adapter, prefix, prompt, ia3, full, partial or features; settings below
     c.peft.init_from = ""  # start from this adapter (PEFT dir, jaxft adapter or workdir), not a fresh init; "": none
@@ -142,10 +146,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.features.text_field = "sentence"  # the column holding the text
     c.features.label_field = "label"  # the column holding the class label
 
-    c.mesh = ml_collections.ConfigDict()  # the device mesh; data * fsdp * tensor = number of devices
+    c.mesh = ml_collections.ConfigDict()  # the device mesh; data * fsdp * tensor * expert = number of devices
     c.mesh.data = -1  # replicas splitting the batch (params copied); -1: the devices the other axes leave
     c.mesh.fsdp = 1  # splits the batch and the params / optimizer state (fully sharded data parallel)
     c.mesh.tensor = 1  # splits heads, mlp and vocab within each layer (tensor parallel, one host)
+    c.mesh.expert = 1  # splits a mixture of experts' experts (expert parallel; rules.experts)
 
     c.rules = ml_collections.ConfigDict()  # logical axis -> comma-separated mesh axes ('' = not split)
     c.rules.batch = "data,fsdp"  # B, rows of a batch
@@ -158,4 +163,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.rules.vocab = "tensor"  # V, embedding rows and output logits
     c.rules.layers = ""  # L, stacked layers (scanned over: keep unsplit)
     c.rules.lora_rank = ""  # R, the LoRA rank (small: keep unsplit)
+    c.rules.experts = "expert"  # E, the experts of a mixture of experts
     return c

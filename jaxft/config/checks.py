@@ -8,6 +8,7 @@ model is known (`jaxft.peft.build`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -65,6 +66,7 @@ def validate(config, devices: int | None = None, require_data: bool = True) -> N
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             _fail(key, value, "must be >= 0")
     _train(config.train)
+    _moe(config.moe)
     _method(config)
     _task(config, require_data)
     _mesh(config, devices)
@@ -107,6 +109,27 @@ def _method(config) -> None:
                                                "no pretrained weight)")
 
 
+def _moe(m) -> None:
+    for key in ("aux_loss_coef", "router_z_loss_coef"):
+        value = m[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (math.isfinite(value) and value >= 0)):
+            _fail(f"moe.{key}", value, "must be a number >= 0, or None for the model's own")
+
+
+def moe_settings(config, cfg, model: str):
+    """The model config `cfg` with config.moe's loss coefficients; ConfigFileError naming the key where one is
+    set for a model (`model`, as config.model names it) that is not a mixture of experts."""
+    given = {key: value for key, value in config.moe.items() if value is not None}
+    if not hasattr(cfg, "n_experts"):
+        for key, value in given.items():
+            _fail(f"moe.{key}", value, f"is for mixture-of-experts models, but {model} is a dense "
+                                       f"{cfg.model_type} model (leave it None)")
+        return cfg
+    return dataclasses.replace(cfg, router_aux_loss_coef=float(given.get("aux_loss_coef", cfg.router_aux_loss_coef)),
+                               router_z_loss_coef=float(given.get("router_z_loss_coef", cfg.router_z_loss_coef)))
+
+
 def _task(config, require_data: bool) -> None:
     d, task = config.data, config.task
     if not 0 <= d.eval_fraction < 1:
@@ -132,12 +155,13 @@ def _task(config, require_data: bool) -> None:
 
 
 def _mesh(config, devices: int | None) -> None:
-    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor", "expert")}
     for axis, n in sizes.items():
         if isinstance(n, bool) or not isinstance(n, int) or n == 0 or n < -1:
             _fail(f"mesh.{axis}", n, "must be a positive integer, or -1 for the devices the other axes leave")
     if list(sizes.values()).count(-1) > 1:
-        _fail("mesh", tuple(sizes.values()), "has more than one axis of size -1 (data, fsdp, tensor)")
+        shown = tuple(n for axis, n in sizes.items() if axis != "expert" or n != 1)
+        _fail("mesh", shown, "has more than one axis of size -1 (data, fsdp, tensor, expert)")
     if devices is not None:
         known = math.prod(n for n in sizes.values() if n != -1)
         free = next((axis for axis, n in sizes.items() if n == -1), None)
@@ -147,8 +171,9 @@ def _mesh(config, devices: int | None) -> None:
                                           f"{devices}")
             sizes[free] = devices // known
         if math.prod(sizes.values()) != devices:
-            _fail("mesh.data", sizes["data"], f"* mesh.fsdp={sizes['fsdp']} * mesh.tensor={sizes['tensor']} is not "
-                                              f"the {devices} devices (use -1 for one axis to take the rest)")
+            expert = f" * mesh.expert={sizes['expert']}" if sizes["expert"] != 1 else ""
+            _fail("mesh.data", sizes["data"], f"* mesh.fsdp={sizes['fsdp']} * mesh.tensor={sizes['tensor']}{expert} "
+                                              f"is not the {devices} devices (use -1 for one axis to take the rest)")
     # rows of each micro-batch are split over data * fsdp (an axis of size -1: not known before the devices are)
     parallel = max(sizes["data"], 1) * max(sizes["fsdp"], 1)
     if config.train.batch_size % (parallel * config.train.grad_accum):

@@ -19,6 +19,9 @@ The family protocol (what `register_family` expects; `jaxft.models.llama` is the
           of its own (T5: the encoder pass and the cross-attention cache; see `jaxft.generate`)
   optionally: output_head(cfg, params, hidden, dtype) -> (hidden, weight, tied), the output layer as forward
           applies it, for a loss that runs it over chunks of tokens (`train.loss_chunk`)
+  optionally: checkpoint_names(cfg, names) -> (cfg, present) (tensors that complete the config) and
+          checkpoint_view(cfg, present, read) -> (present, read) (tensors stored other than TABLE names them:
+          a mixture of experts' per-expert or fused expert tensors, `jaxft.models.mixtral.expert_view`)
 
 `family(model_type)` finds a family; `config_from_hf` reads a config.json dict into the right family's Config.
 jaxft's own families are imported on first use, so a family costs nothing until used.
@@ -39,6 +42,8 @@ FAMILIES: dict[str, Any] = {
     "llama": "jaxft.models.llama",
     "mistral": "jaxft.models.llama",
     "qwen2": "jaxft.models.llama",
+    "mixtral": "jaxft.models.mixtral",
+    "qwen2_moe": "jaxft.models.qwen2_moe",
     "bert": "jaxft.models.bert",
     "t5": "jaxft.models.t5",
 }

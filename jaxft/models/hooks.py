@@ -14,6 +14,8 @@ and `peft=`, an object with the methods of `Hooks`, and calls them at fixed poin
                                            sees; p is the attention block's subtree
   block_output(p, h)                       the output (B, T, D) of a sublayer (attention or MLP) before it
                                            joins the residual stream; p is the sublayer's subtree
+  grouped_linear(x, p, group_sizes, impl)  each projection of a mixture of experts: rows x (M, in) sorted by
+                                           expert times their expert's p["w"] (E, in, out) (`jaxft.models.moe`)
 
 A method implements them (`jaxft.peft`); the object is static and hashable (jitted functions take it as a
 static argument). `None` means no method: `hooks_of(None)` is `NO_METHOD`.
@@ -22,6 +24,7 @@ static argument). `None` means no method: `hooks_of(None)` is `NO_METHOD`.
 from __future__ import annotations
 
 from jaxft.models.layers import linear
+from jaxft.models.moe import grouped_linear
 
 
 class Hooks:
@@ -44,6 +47,9 @@ class Hooks:
 
     def block_output(self, p: dict, h):
         return h
+
+    def grouped_linear(self, x, p: dict, group_sizes, impl: str):
+        return grouped_linear(x, {"w": p["w"]}, group_sizes, 1.0, impl)
 
     def __hash__(self):
         return hash(type(self))

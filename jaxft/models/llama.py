@@ -110,7 +110,8 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> 
 
 def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = None, positions=None,
             segment_ids=None, cache: dict | None = None, peft=None, lora=None, rng=None, dtype=jnp.float32,
-            remat: bool = False, unroll: bool = False, return_hidden: bool = False, embeddings=None, layout=None):
+            remat: bool = False, unroll: bool = False, return_hidden: bool = False, embeddings=None, layout=None,
+            mlp=None, return_aux: bool = False):
     """tokens: (B, T) int -> (logits (B, T, V) float32, updated cache or None).
 
     positions: (B, T), default 0..T-1; segment_ids: (B, T), 0 marks padding, distinct ids keep packed
@@ -125,6 +126,9 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     with the depth, but XLA then optimizes across layers; on CPUs that makes bfloat16 training steps 1.4-1.9x
     faster (XLA:CPU converts every bf16 array a loop slices to float32 outside the loop: the frozen weights and
     the residuals the backward pass keeps). See `jaxft.train.build.unroll_layers`.
+    `mlp(cfg, hooks, p, h, rngs, layout) -> (out, aux)` replaces each block's MLP (default `mlp_block`); a
+    mixture-of-experts family passes its own (`jaxft.models.mixtral`) and `return_aux`, which adds the layers'
+    stacked side outputs as a third result.
     """
     trainable, hooks = hooks_of(peft if peft is not None else lora).resolve(base, trainable)
     params = overlay(base, trainable)
@@ -158,7 +162,7 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
     body = partial(_layer, cfg, hooks, inv_freq, (segment_ids, positions, q_idx), keys_meta,
-                   None if cache is None else cache["index"], layout=layout)
+                   None if cache is None else cache["index"], layout=layout, mlp=mlp or mlp_block)
     if remat:
         body = remat_layer(body, unroll or isinstance(base["layers"], (list, tuple)))
 
@@ -168,18 +172,19 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
 
     train_layers = (trainable or {}).get("layers", {})
     if isinstance(base["layers"], (list, tuple)):  # unrolled: per-layer trees from `split_layers`
-        x, new_kv = _unrolled(step, x, base["layers"], train_layers, windows, layer_rngs, layer_cache)
+        x, (new_kv, aux) = _unrolled(step, x, base["layers"], train_layers, windows, layer_rngs, layer_cache)
     else:
-        x, new_kv = jax.lax.scan(step, x, (base["layers"], train_layers, windows, layer_rngs, layer_cache),
-                                 unroll=unroll)
+        x, (new_kv, aux) = jax.lax.scan(step, x, (base["layers"], train_layers, windows, layer_rngs, layer_cache),
+                                        unroll=unroll)
 
     x = rms_norm(x[:, n_soft:], params["final_norm"]["scale"], cfg.norm_eps)  # without the soft prompt's outputs
     new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], **new_meta}
     if return_hidden:
-        return x, new_cache
+        return (x, new_cache, aux) if return_aux else (x, new_cache)
     x, head, tied = output_head(cfg, params, x, dtype)
     logits = einsum("btd,vd->btv", x, head) if tied else einsum("btd,dv->btv", x, head)
-    return constrain(logits, ("batch", "seq", "vocab"), layout), new_cache
+    logits = constrain(logits, ("batch", "seq", "vocab"), layout)
+    return (logits, new_cache, aux) if return_aux else (logits, new_cache)
 
 
 def output_head(cfg: LlamaConfig, params: dict, hidden, dtype=jnp.float32):
@@ -229,27 +234,37 @@ def split_cache(cache: dict) -> dict:
 
 
 def _unrolled(step, x, base_layers, train_layers, windows, rngs, cache):
-    """The layer scan as a Python loop over per-layer trees: (x, new (k, v) or None). A cache whose k and v
-    are tuples of per-layer arrays (`split_cache`) comes back as tuples, each updated in place; a stacked one
-    comes back stacked (a copy of the whole cache)."""
+    """The layer scan as a Python loop over per-layer trees: (x, (new (k, v) or None, stacked side outputs of
+    the MLPs or None)). A cache whose k and v are tuples of per-layer arrays (`split_cache`) comes back as
+    tuples, each updated in place; a stacked one comes back stacked (a copy of the whole cache)."""
     if isinstance(train_layers, dict) and train_layers:  # a stacked trainable tree next to a split base
         train_layers = tuple(jax.tree.map(lambda a, i=i: a[i], train_layers) for i in range(len(base_layers)))
-    kvs = []
+    kvs, auxs = [], []
     for i, base_l in enumerate(base_layers):
         train_l = train_layers[i] if isinstance(train_layers, (list, tuple)) else {}
         xs = (base_l, train_l, windows[i], None if rngs is None else rngs[i],
               None if cache is None else (cache[0][i], cache[1][i]))
-        x, kv = step(x, xs)
+        x, (kv, aux) = step(x, xs)
         kvs.append(kv)
+        auxs.append(aux)
+    aux = None if auxs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxs)
     if cache is None:
-        return x, None
+        return x, (None, aux)
     join = tuple if isinstance(cache[0], (list, tuple)) else jnp.stack
-    return x, (join([kv[0] for kv in kvs]), join([kv[1] for kv in kvs]))
+    return x, ((join([kv[0] for kv in kvs]), join([kv[1] for kv in kvs])), aux)
+
+
+def mlp_block(cfg: LlamaConfig, hooks, p: dict, h, rngs, layout=None):
+    """The gated MLP of a block: h (B, T, D), normed -> (output (B, T, D) before the residual, None)."""
+    mlp = p["mlp"]
+    gate = jax.nn.silu(dense(h, mlp["gate_proj"], hooks, rngs[0])) * dense(h, mlp["up_proj"], hooks, rngs[1])
+    gate = constrain(gate, ("batch", "seq", "mlp"), layout)
+    return hooks.block_output(mlp, dense(gate, mlp["down_proj"], hooks, rngs[2])), None
 
 
 def _layer(cfg: LlamaConfig, hooks, inv_freq, query_meta, keys_meta, index, x, p, window, rng, kv, *,
-           layout=None):
-    """One transformer block: x (B, T, D) -> (x, (k, v) cache of this layer or None)."""
+           layout=None, mlp=mlp_block):
+    """One transformer block: x (B, T, D) -> (x, ((k, v) cache of this layer or None, the MLP's side output))."""
     b, t, _ = x.shape
     q_seg, q_pos, q_idx = query_meta
     rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
@@ -272,8 +287,5 @@ def _layer(cfg: LlamaConfig, hooks, inv_freq, query_meta, keys_meta, index, x, p
     x = x + hooks.block_output(attn, dense(o, attn["o_proj"], hooks, rngs[3]))
 
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
-    mlp = p["mlp"]
-    gate = jax.nn.silu(dense(h, mlp["gate_proj"], hooks, rngs[4])) * dense(h, mlp["up_proj"], hooks, rngs[5])
-    gate = constrain(gate, ("batch", "seq", "mlp"), layout)
-    x = x + hooks.block_output(mlp, dense(gate, mlp["down_proj"], hooks, rngs[6]))
-    return constrain(x, ("batch", "seq", "embed"), layout), kv
+    out, aux = mlp(cfg, hooks, p, h, rngs[4:], layout)
+    return constrain(x + out, ("batch", "seq", "embed"), layout), (kv, aux)

@@ -120,18 +120,21 @@ _grouped_quantized = jax.checkpoint(_grouped, static_argnums=(4,))
 
 
 def experts_mlp(x, p: dict, group_sizes, lora_scale: float = 1.0, act: Callable = jax.nn.silu,
-                impl: str = "ragged_dot"):
+                impl: str = "ragged_dot", expert_linear: Callable | None = None):
     """The gated MLP of each row's expert: x (M, D) sorted by expert -> (M, D) float32.
-    p: gate_proj, up_proj (E, D, F), down_proj (E, F, D) as `grouped_linear` takes them."""
-    gate = grouped_linear(x, p["gate_proj"], group_sizes, lora_scale, impl)
-    up = grouped_linear(x, p["up_proj"], group_sizes, lora_scale, impl)
+    p: gate_proj, up_proj (E, D, F), down_proj (E, F, D) as `grouped_linear` takes them.
+    expert_linear(x, p, group_sizes, impl) replaces `grouped_linear` with lora_scale (a method's hook)."""
+    if expert_linear is None:
+        expert_linear = lambda x, q, sizes, impl: grouped_linear(x, q, sizes, lora_scale, impl)
+    gate = expert_linear(x, p["gate_proj"], group_sizes, impl)
+    up = expert_linear(x, p["up_proj"], group_sizes, impl)
     h = (act(gate) * up).astype(x.dtype)
-    return grouped_linear(h, p["down_proj"], group_sizes, lora_scale, impl)
+    return expert_linear(h, p["down_proj"], group_sizes, impl)
 
 
 def moe_block(x, p: dict, *, top_k: int, normalize: bool, capacity_factor: float | None = None,
               lora_scale: float = 1.0, act: Callable = jax.nn.silu, dense: Callable = linear,
-              grouped: str | None = None):
+              grouped: str | None = None, expert_linear: Callable | None = None):
     """The sparse MoE MLP: x (B, T, D) -> (y (B, T, D), aux).
 
     Each token goes to its top-k experts (`route`); their outputs are summed with the routing weights. Dropless
@@ -139,6 +142,8 @@ def moe_block(x, p: dict, *, top_k: int, normalize: bool, capacity_factor: float
     nothing). With p["shared"], adds the shared expert, gated by sigmoid(x @ shared_gate) when that is present
     (Qwen2-MoE). `dense(x, p)` computes the router and the shared expert (the model's adapter-aware linear).
     `grouped` names the grouped-matmul implementation (`jaxft.models.grouped`); None: the default backend's.
+    `expert_linear(x, p, group_sizes, impl)` computes each expert projection instead of `grouped_linear` with
+    `lora_scale` (the model's method hook, `jaxft.models.hooks.Hooks.grouped_linear`).
     aux: router_logits (B, T, E) float32, for the losses of `jaxft.models.moe_losses`; dropped () int32.
     """
     b, t, d = x.shape
@@ -150,7 +155,7 @@ def moe_block(x, p: dict, *, top_k: int, normalize: bool, capacity_factor: float
     cap = None if capacity_factor is None else capacity(n, n_experts, top_k, capacity_factor)
     rows, group_sizes, dropped = dispatch(experts, n_experts, cap)
     impl = grouped or impl_for(jax.default_backend())
-    out = experts_mlp(flat[rows % n], p["experts"], group_sizes, lora_scale, act, impl)  # (M', D)
+    out = experts_mlp(flat[rows % n], p["experts"], group_sizes, lora_scale, act, impl, expert_linear)  # (M', D)
 
     # Back to assignment order: a gather through the inverse permutation (dropped assignments give zeros).
     m = n * top_k

@@ -1,10 +1,13 @@
-"""The device mesh (data, fsdp, tensor) from the config, and joining the processes of a multi-host run.
+"""The device mesh (data, fsdp, tensor, expert) from the config, and joining the processes of a multi-host run.
 
   data    replicas: the batch is split, parameters are copied (cheap when they are small, e.g. LoRA on a
           model that fits one device)
   fsdp    fully sharded data parallel: the batch is split and so are parameters and optimizer state, each
           device gathering one layer's weights when it needs them
   tensor  tensor parallel: heads, MLP width and vocabulary are split within a layer (fast interconnect only)
+  expert  expert parallel: a mixture of experts' experts are split (rules.experts), each device storing E/N of
+          them; the grouped expert products gather a layer's experts where they need them, as fsdp gathers a
+          layer's weights (no all-to-all token exchange). Tokens are split over it only where rules.batch says.
 """
 
 from __future__ import annotations
@@ -24,29 +27,33 @@ log = logging.getLogger("jaxft.parallel")
 
 
 def make_mesh(shape: dict | tuple, devices=None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor) of the given sizes over `devices` (default: all of JAX's).
+    """A mesh with axes (data, fsdp, tensor, expert) of the given sizes over `devices` (default: all of JAX's).
 
-    shape: {"data": d, "fsdp": f, "tensor": t} or (d, f, t); one size may be -1 for the devices left over.
+    shape: {"data": d, "fsdp": f, "tensor": t, "expert": e} or (d, f, t, e); a missing expert size is 1. One size
+    may be -1 for the devices left over.
     The device order is JAX's (`jax.make_mesh`: on TPU it follows the physical torus; across hosts,
     process by process, so that the leading axes span hosts and `tensor` stays within one).
     Raises ShardingError when the sizes do not multiply to the number of devices.
     """
-    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    if isinstance(shape, dict):
+        sizes = [shape.get(a, 1) if a == "expert" else shape[a] for a in MESH_AXES]
+    else:
+        sizes = list(shape) + [1] * (len(shape) == len(MESH_AXES) - 1)  # (d, f, t): no expert axis
     devices = list(jax.devices() if devices is None else devices)
     if len(sizes) != len(MESH_AXES) or any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes):
         raise ShardingError(f"mesh: sizes {tuple(sizes)} for axes {MESH_AXES} must be positive integers or -1")
+    named = lambda sep: sep.join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if a != "expert" or s != 1)
     if sizes.count(-1) > 1:
-        raise ShardingError(f"mesh: at most one axis may be -1, got data={sizes[0]} fsdp={sizes[1]} "
-                            f"tensor={sizes[2]}")
+        raise ShardingError(f"mesh: at most one axis may be -1, got {named(' ')}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ShardingError(f"mesh: {len(devices)} devices cannot be split into data={sizes[0]} "
-                                f"fsdp={sizes[1]} tensor={sizes[2]} (the fixed axes take {known})")
+            raise ShardingError(f"mesh: {len(devices)} devices cannot be split into {named(' ')} (the fixed axes "
+                                f"take {known})")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ShardingError(f"mesh: data={sizes[0]} * fsdp={sizes[1]} * tensor={sizes[2]} = {math.prod(sizes)} "
-                            f"devices, but there are {len(devices)} (use -1 for one axis to take the rest)")
+        raise ShardingError(f"mesh: {named(' * ')} = {math.prod(sizes)} devices, but there are {len(devices)} "
+                            f"(use -1 for one axis to take the rest)")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 

@@ -3,6 +3,10 @@
 For a base weight at `layers/attn/q_proj/w` of shape (L, in, out) the trainable tree holds
 `layers/attn/q_proj/lora_a` (L, in, R), `.../lora_b` (L, R, out) and, for DoRA, `.../magnitude` (L, out).
 The model's `linear` hook (`jaxft.models.hooks`) finds them next to `w` after `jaxft.tree.overlay`.
+A mixture of experts' weight `layers/mlp/experts/*/w` (L, E, in, out) gets per-expert factors (L, E, in, R) and
+(L, E, R, out), applied inside the grouped expert products (the `grouped_linear` hook, `jaxft.models.moe`:
+no (E, in, out) delta is ever formed); `all-linear` covers them and leaves the router frozen (a regex naming
+`router` adapts it). On the experts: no dropout, no DoRA.
 The arithmetic follows HF PEFT, so that adapters move between the two without changing outputs.
 """
 
@@ -19,6 +23,7 @@ from jaxft import tree
 from jaxft.models import family
 from jaxft.models.hooks import Hooks
 from jaxft.models.layers import einsum, linear as plain_linear
+from jaxft.models.moe import grouped_linear as moe_grouped_linear
 from jaxft.peft.method import MethodSpec, PeftError
 from jaxft.quant import as_dense
 
@@ -52,6 +57,9 @@ class LoraSpec(Hooks):
     def linear(self, x, p: dict, rng=None):
         return adapted_linear(self, x, p, rng)
 
+    def grouped_linear(self, x, p: dict, group_sizes, impl: str):
+        return expert_linear(self, x, p, group_sizes, impl)
+
     def as_method(self) -> MethodSpec:
         return MethodSpec("lora", lora=self)
 
@@ -59,6 +67,20 @@ class LoraSpec(Hooks):
 def linear(spec, x, p: dict, rng=None):
     """The `linear` hook of MethodSpec('lora'): x (..., in) -> (..., out), see `adapted_linear`."""
     return adapted_linear(spec.lora, x, p, rng)
+
+
+def grouped_linear(spec, x, p: dict, group_sizes, impl: str):
+    """The `grouped_linear` hook of MethodSpec('lora'), see `expert_linear`."""
+    return expert_linear(spec.lora, x, p, group_sizes, impl)
+
+
+def expert_linear(spec: LoraSpec, x, p: dict, group_sizes, impl: str):
+    """Rows x (M, in) sorted by expert -> (M, out) float32: x @ W_e (+ scaling * (x @ A_e) @ B_e where p holds
+    the expert's factors lora_a (E, in, R), lora_b (E, R, out)), as grouped products (`jaxft.models.moe`)."""
+    if "magnitude" in p:
+        raise LoraError("lora.dora is not supported on the experts of a mixture of experts")
+    q = {k: p[k] for k in ("w", "lora_a", "lora_b") if k in p}
+    return moe_grouped_linear(x, q, group_sizes, spec.scaling if "lora_a" in q else 1.0, impl)
 
 
 def adapted_linear(spec: LoraSpec | None, x, p: dict, rng=None):
@@ -76,10 +98,14 @@ def adapted_linear(spec: LoraSpec | None, x, p: dict, rng=None):
 def target_paths(base: dict, targets: str, model_type: str = "llama") -> list[str]:
     """Paths of the base weights that LoRA adapts: `targets` is a regex over paths, 'default' or 'all-linear'."""
     pattern = {"default": family(model_type).LORA_TARGETS, "all-linear": ALL_LINEAR}.get(targets, targets)
-    try:
-        paths = [p for p in tree.select(base, pattern) if p.endswith("/w") and len(_shape(tree.flatten(base)[p])) == 3]
+    flat = tree.flatten(base)
+    try:  # stacked linear weights (L, in, out), and experts' (L, E, in, out)
+        paths = [p for p in tree.select(base, pattern) if p.endswith("/w")
+                 and len(_shape(flat[p])) == (4 if _EXPERTS.search(p) else 3)]
     except re.error as e:
         raise LoraError(f"lora.targets: {targets!r} is not a valid regex ({e})") from None
+    if targets == "all-linear":  # the router stays frozen unless a regex names it
+        paths = [p for p in paths if "/router/" not in p]
     if not paths:
         raise LoraError(f"lora.targets: {targets!r} matches no linear weight of the model "
                         f"(paths look like 'layers/attn/q_proj/w')")
@@ -99,16 +125,19 @@ def init(key, base: dict, spec: LoraSpec, paths: list[str], init_a: str = "kaimi
         raise LoraError(f"lora.init must be 'kaiming' or 'gaussian', got {init_a!r}")
     flat_base = tree.flatten(base)
     flat = {}
+    if spec.dora and any(_EXPERTS.search(p) for p in paths):
+        raise LoraError(f"lora.dora: not supported on the experts of a mixture of experts (lora.targets matches "
+                        f"{next(p for p in paths if _EXPERTS.search(p))})")
     for k, path in zip(jax.random.split(key, len(paths)), paths):
-        n_layers, d_in, d_out = _shape(flat_base[path])
+        *lead, d_in, d_out = _shape(flat_base[path])  # lead: (L,) or, for experts, (L, E)
         module = path.rsplit("/", 1)[0]
         if init_a == "kaiming":  # kaiming_uniform_(a=sqrt(5)) on (R, in): bound = 1/sqrt(in)
             bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(k, (n_layers, d_in, spec.rank), jnp.float32, -bound, bound)
+            a = jax.random.uniform(k, (*lead, d_in, spec.rank), jnp.float32, -bound, bound)
         else:
-            a = jax.random.normal(k, (n_layers, d_in, spec.rank), jnp.float32) / spec.rank
+            a = jax.random.normal(k, (*lead, d_in, spec.rank), jnp.float32) / spec.rank
         flat[f"{module}/lora_a"] = a
-        flat[f"{module}/lora_b"] = jnp.zeros((n_layers, spec.rank, d_out), jnp.float32)
+        flat[f"{module}/lora_b"] = jnp.zeros((*lead, spec.rank, d_out), jnp.float32)
         if spec.dora:  # ||W + s B A|| per output, which at init (B = 0) is the column norm of W
             w = as_dense(flat_base[path], jnp.float32)
             flat[f"{module}/magnitude"] = jnp.linalg.norm(w, axis=-2)
@@ -175,12 +204,12 @@ def check(spec, flat: dict, base: dict, about: str) -> None:
     spec = spec.lora if isinstance(spec, MethodSpec) else spec
     for module in sorted({p.rsplit("/", 1)[0] for p in flat}):
         w = base.get(f"{module}/w")
-        if w is None or len(w) != 3:
+        if w is None or len(w) != (4 if _EXPERTS.search(module + "/w") else 3):
             raise PeftError(f"{module} is not a linear layer of the base model ({about})")
-        n_layers, d_in, d_out = w
-        want = {"lora_a": (n_layers, d_in, spec.rank), "lora_b": (n_layers, spec.rank, d_out)}
+        *lead, d_in, d_out = w
+        want = {"lora_a": (*lead, d_in, spec.rank), "lora_b": (*lead, spec.rank, d_out)}
         if spec.dora:
-            want["magnitude"] = (n_layers, d_out)
+            want["magnitude"] = (*lead, d_out)
         leaves = {p.rsplit("/", 1)[1] for p in flat if p.rsplit("/", 1)[0] == module}
         if leaves != set(want):
             raise PeftError(f"{module} holds {sorted(leaves)}, expected {sorted(want)} for a "
@@ -214,10 +243,10 @@ def merge(base: dict, trainable: dict, spec, dtype=None) -> dict:
     flat = tree.flatten(base)
     for module, node in _adapted_modules(trainable):
         w = as_dense(flat[f"{module}/w"], jnp.float32)
-        delta = jnp.einsum("lir,lro->lio", node["lora_a"], node["lora_b"]) * spec.scaling
+        delta = jnp.einsum("...ir,...ro->...io", node["lora_a"], node["lora_b"]) * spec.scaling
         merged = w + delta
         if "magnitude" in node:
-            merged = merged * (node["magnitude"] / jnp.linalg.norm(merged, axis=-2))[:, None, :]
+            merged = merged * (node["magnitude"] / jnp.linalg.norm(merged, axis=-2))[..., None, :]
         original = flat[f"{module}/w"]
         out_dtype = dtype or (jnp.float32 if hasattr(original, "dequantize") else original.dtype)
         flat[f"{module}/w"] = merged.astype(out_dtype)
@@ -229,6 +258,9 @@ def _adapted_modules(trainable: dict):
     modules = sorted({p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_a")})
     for m in modules:
         yield m, {k: flat[f"{m}/{k}"] for k in ("lora_a", "lora_b", "magnitude") if f"{m}/{k}" in flat}
+
+
+_EXPERTS = re.compile(r"(^|/)experts/")  # a mixture of experts' stacked (L, E, in, out) weights
 
 
 def _shape(leaf) -> tuple:

@@ -31,7 +31,7 @@ functions of its method's module, found in `REGISTRY` by name (`register`). A me
   selection(config) -> (the setting choosing the leaves, listed by leaf?)    named when `init_from`'s leaves differ
   merge(base, trainable, spec, dtype) -> base                      where a plain base computes the same
   SHAPING (config fields fixing the tree's shapes), UNMERGEABLE (why no merge exists)
-  the hooks: resolve, finalize, input_embeddings, linear, attention_kv, block_output (spec first), and
+  the hooks: resolve, finalize, input_embeddings, linear, attention_kv, block_output, grouped_linear (spec first), and
   prefix_length(spec) (keys `attention_kv` puts first, for relative-position models)
 
 and leaves out what it does not need (the hook then does nothing).
@@ -111,6 +111,10 @@ class MethodSpec(Hooks):
     def block_output(self, p, h):
         fn = self._hook("block_output")
         return h if fn is None else fn(self, p, h)
+
+    def grouped_linear(self, x, p, group_sizes, impl):
+        fn = self._hook("grouped_linear")
+        return super().grouped_linear(x, p, group_sizes, impl) if fn is None else fn(self, x, p, group_sizes, impl)
 
 
 def method_of(spec) -> str:

@@ -47,12 +47,18 @@ def init_head(key, cfg, config, n_labels: int):
 
 
 def forward(model: Model, base: dict, trainable, batch: dict, rng=None):
-    """-> next-token logits (B, T, V) float32, or with model.loss_chunk the `HeadInputs` of the loss."""
-    out, _ = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable,
-                                  positions=batch["positions"], segment_ids=batch["segment_ids"],
-                                  peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,
-                                  unroll=model.unroll, layout=model.layout, return_hidden=bool(model.loss_chunk))
-    return head_inputs(model, base, trainable, out) if model.loss_chunk else out
+    """-> next-token logits (B, T, V) float32, or with model.loss_chunk the `HeadInputs` of the loss; in training
+    (rng given) a mixture of experts' family (one with `aux_losses`) gives (that, its router losses) instead."""
+    router = rng is not None and hasattr(model.family, "aux_losses")
+    out = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable,
+                               positions=batch["positions"], segment_ids=batch["segment_ids"],
+                               peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,
+                               unroll=model.unroll, layout=model.layout, return_hidden=bool(model.loss_chunk),
+                               **({"return_aux": True} if router else {}))
+    head = head_inputs(model, base, trainable, out[0]) if model.loss_chunk else out[0]
+    if router:
+        return head, model.family.aux_losses(model.cfg, out[2], batch["segment_ids"])
+    return head
 
 
 def head_inputs(model: Model, base: dict, trainable, hidden) -> HeadInputs:
@@ -66,11 +72,30 @@ def head_inputs(model: Model, base: dict, trainable, hidden) -> HeadInputs:
 
 
 def loss(out, batch: dict) -> tuple:
-    """(sum of cross-entropy over the counted targets, their number), from logits or `HeadInputs`."""
+    """(sum of cross-entropy over the counted targets, their number), from logits or `HeadInputs`; with router
+    losses, their weighted sum counted once per target, so that the mean the trainer takes is token loss + router
+    losses."""
+    out, router = out if isinstance(out, tuple) else (out, None)
     if isinstance(out, HeadInputs):
-        return chunked_cross_entropy(out.hidden, out.head, batch["targets"], batch["loss_mask"], tied=out.tied,
-                                     chunk=out.chunk)
-    return token_loss(out, batch["targets"], batch["loss_mask"])
+        total, count = chunked_cross_entropy(out.hidden, out.head, batch["targets"], batch["loss_mask"],
+                                             tied=out.tied, chunk=out.chunk)
+    else:
+        total, count = token_loss(out, batch["targets"], batch["loss_mask"])
+    if router is not None:
+        total = total + router["loss"] * count
+    return total, count
+
+
+def train_metrics(out, batch: dict) -> dict:
+    """A mixture of experts' router losses and load in training (`jaxft.models.mixtral.aux_losses`):
+    moe_aux_loss (what the loss adds), moe_load_balancing, moe_router_z, and per layer l the max / min token share
+    of its experts, moe_expert_ratio_l{l} (inf: an expert got no token; growing: collapse). {} otherwise."""
+    if not isinstance(out, tuple):
+        return {}
+    router = out[1]
+    ratios = {f"moe_expert_ratio_l{i}": router["expert_ratio"][i] for i in range(router["expert_ratio"].shape[0])}
+    return {"moe_aux_loss": router["loss"], "moe_load_balancing": router["load_balancing"],
+            "moe_router_z": router["router_z"], **ratios}
 
 
 def predict(out, batch: dict):

@@ -14,6 +14,7 @@ import numpy as np
 from jaxft import backend as backend_lib
 from jaxft import checkpoint, parallel, peft, quant, tasks
 from jaxft.checkpoint import hf
+from jaxft.config.checks import moe_settings
 from jaxft.models import family, family_of
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -80,6 +81,7 @@ def task_model(config, fam, cfg, spec, tokenizer, layout) -> tasks.Model:
     pool = config.head.pool
     pad = 0 if tokenizer is None else (tokenizer.pad_token_id or 0)
     dtype = dtype_of(config, "dtype")
+    cfg = moe_settings(config, cfg, str(config.model))  # the router losses' weights (mixtures of experts)
     return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype, layout=layout, remat=config.train.remat,
                        unroll=unroll_layers(config, dtype), pad_id=pad, pool=pool, loss_chunk=config.train.loss_chunk)
 

@@ -128,9 +128,12 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
             tokens_seen += int(batch["segment_ids"].astype(bool).sum())
             tok_s = tokens_seen / (time.perf_counter() - t0)
             lr = float(lr_schedule(step - 1))
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}")
+            moe = {k: float(v) for k, v in out.items() if k.startswith("moe_")}  # router losses and expert load
+            ratio = max((v for k, v in moe.items() if k.startswith("moe_expert_ratio")), default=0.0)
+            shown = {"aux": f"{moe['moe_aux_loss']:.4f}", "expert_max/min": f"{ratio:.1f}"} if moe else {}
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", lr=f"{lr:.2e}", **shown)
             bar.update(1)
-            row = {"loss": loss, "learning_rate": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm}
+            row = {"loss": loss, "learning_rate": lr, "tokens_per_s": tok_s, "grad_norm": grad_norm, **moe}
             is_eval = (config.train.eval_every and step % config.train.eval_every == 0) or step == steps
             if is_eval:
                 eval_metrics = evaluate(state["trainable"])

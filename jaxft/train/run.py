@@ -161,7 +161,8 @@ def _add_training(run: Run, state_key, abstract: bool) -> None:
     batch_sh = batch_shardings(run.batch, layout, True) if host_batch else sh(run.batch)
     # keep_unused: base weights a task does not read (BERT's pooler under a token head) stay in the compiled
     # program's arguments, so that its memory plan (`jaxft aot`) counts every byte the devices hold.
-    run.train_step = jax.jit(make_train_step(forward, run.optimizer, penalty, loss=task.loss), donate_argnums=(0,),
+    run.train_step = jax.jit(make_train_step(forward, run.optimizer, penalty, loss=task.loss,
+                                             extra=getattr(task, "train_metrics", None)), donate_argnums=(0,),
                              in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, layout.replicated),
                              keep_unused=True)
 

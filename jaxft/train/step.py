@@ -34,7 +34,8 @@ def init_state(trainable: dict, optimizer: optax.GradientTransformation, rng) ->
 
 
 def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
-                    penalty: Callable | None = None, loss: Callable = lm_loss) -> Callable:
+                    penalty: Callable | None = None, loss: Callable = lm_loss,
+                    extra: Callable | None = None) -> Callable:
     """Returns train_step(state, base, batch) -> (state, metrics), not yet jitted.
 
     loss(out, micro_batch) -> (sum, count) turns the forward's output into the loss (see `make_loss_fn`); the
@@ -42,8 +43,16 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
 
     penalty(trainable, base) -> scalar (e.g. L2-SP, `jaxft.peft.penalty`) is added to the mean token loss once
     per step; metrics["loss"] stays the token loss alone and metrics["penalty"] reports it.
+
+    extra(out, micro_batch) -> {name: float32 array} (a task's `train_metrics`: a mixture of experts' router
+    losses and expert load) adds those to the metrics, averaged over the micro-batches.
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(forward, loss), has_aux=True)
+    def loss_and_extra(trainable, base, mb, rng):
+        out = forward(base, trainable, mb, rng)
+        total, n = loss(out, mb)
+        return total, (n, {} if extra is None else extra(out, mb))
+
+    grad_fn = jax.value_and_grad(loss_and_extra, has_aux=True)
 
     def train_step(state, base, batch):
         rng, step_rng = jax.random.split(state["rng"])
@@ -53,20 +62,21 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
         def micro(carry, xs):
             grads, loss_sum, count = carry
             mb, r = xs
-            (loss, n), g = grad_fn(state["trainable"], base, mb, r)
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
+            (loss, (n, more)), g = grad_fn(state["trainable"], base, mb, r)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), more
 
         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
-        (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, rngs))
+        (grads, loss_sum, count), more = jax.lax.scan(micro, (zeros, 0.0, 0.0), (batch, rngs))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        extra = {}
+        added = {}
         if penalty is not None:
-            extra["penalty"], penalty_grads = jax.value_and_grad(penalty)(state["trainable"], base)
+            added["penalty"], penalty_grads = jax.value_and_grad(penalty)(state["trainable"], base)
             grads = jax.tree.map(jnp.add, grads, penalty_grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        metrics = {"loss": loss_sum / denom, "target_tokens": count, "grad_norm": optax.tree.norm(grads), **extra}
+        metrics = {"loss": loss_sum / denom, "target_tokens": count, "grad_norm": optax.tree.norm(grads), **added,
+                   **jax.tree.map(lambda x: jnp.mean(x, axis=0), more)}
         new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state, "rng": rng}
         return new_state, metrics
 

@@ -37,6 +37,8 @@ FAMILIES: dict[str, Any] = {
     "qwen2": "jaxft.models.llama",
     "bert": "jaxft.models.bert",
     "t5": "jaxft.models.t5",
+    "llava": "jaxft.models.llava",
+    "idefics3": "jaxft.models.idefics3",
 }
 
 

@@ -8,6 +8,7 @@ model's own output layer predicts the next token. Metrics: loss and perplexity.
 from __future__ import annotations
 
 from jaxft import data, metrics
+from jaxft.data import vlm_batches
 from jaxft.tasks import Eval, Model, evaluate_batches
 from jaxft.train.step import token_loss
 
@@ -15,7 +16,10 @@ KINDS = ("decoder",)
 
 
 def batches(config, tokenizer) -> tuple:
-    """`jaxft.data.for_training`: (training iterator, at most train.eval_batches evaluation batches, stats)."""
+    """`jaxft.data.for_training`: (training iterator, at most train.eval_batches evaluation batches, stats); for
+    a vision-language model, image + text records with their images (`jaxft.data.vlm_batches.for_training`)."""
+    if vlm_batches.is_vision_language(config.model):
+        return vlm_batches.for_training(config, tokenizer)
     return data.for_training(config, tokenizer)
 
 
@@ -24,8 +28,9 @@ def init_head(key, cfg, config, n_labels: int):
 
 
 def forward(model: Model, base: dict, trainable, batch: dict, rng=None):
-    """-> next-token logits (B, T, V) float32."""
-    logits, _ = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable,
+    """-> next-token logits (B, T, V) float32. A batch with images (pixel_values, image_mask) passes them on."""
+    images = {k: batch[k] for k in ("pixel_values", "image_mask") if k in batch}
+    logits, _ = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable, **images,
                                      positions=batch["positions"], segment_ids=batch["segment_ids"],
                                      peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,
                                      unroll=model.unroll, layout=model.layout)

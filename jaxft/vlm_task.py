@@ -147,9 +147,10 @@ def predict(cfg, base: dict, tokenizer, processor, records: list[dict], root: Pa
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = [j for i in ids for j in ([i] * cfg.image_tokens if i == cfg.image_token_id else [i])]
         prompts.append((ids, root / r["image"]))
-    prefill = jax.jit(lambda t, x, px, c: llava.forward(cfg, base, x, pixel_values=px, cache=c, trainable=t,
-                                                        peft=peft))
-    step = jax.jit(lambda t, x, pos, c: llava.forward(cfg, base, x, positions=pos, cache=c, trainable=t, peft=peft))
+    # (the weights are arguments, not constants folded into the compiled code)
+    prefill = jax.jit(lambda b, t, x, px, c: llava.forward(cfg, b, x, pixel_values=px, cache=c, trainable=t,
+                                                           peft=peft))
+    step = jax.jit(lambda b, t, x, pos, c: llava.forward(cfg, b, x, positions=pos, cache=c, trainable=t, peft=peft))
     answers = []
     for k in range(0, len(prompts), batch_size):
         chunk = prompts[k:k + batch_size]
@@ -159,11 +160,11 @@ def predict(cfg, base: dict, tokenizer, processor, records: list[dict], root: Pa
         tokens = np.array([ids for ids, _ in chunk], np.int32)
         pixels = image_files.pixel_values(processor, [image_files.open_image(p) for _, p in chunk])
         cache = llava.init_cache(cfg, len(chunk), length + max_new_tokens)
-        logits, cache = prefill(trainable, tokens, pixels, cache)
+        logits, cache = prefill(base, trainable, tokens, pixels, cache)
         out = [np.asarray(jnp.argmax(logits[:, -1], -1))]
         for i in range(max_new_tokens - 1):
             pos = np.full((len(chunk), 1), length + i, np.int32)
-            logits, cache = step(trainable, out[-1][:, None], pos, cache)
+            logits, cache = step(base, trainable, out[-1][:, None], pos, cache)
             out.append(np.asarray(jnp.argmax(logits[:, -1], -1)))
         for row in np.stack(out, 1):
             cut = next((i for i, t in enumerate(row) if int(t) in stop), len(row))

@@ -147,3 +147,10 @@ def test_trainer_runs_llava_with_images(setup, tmp_path):
     plain = llava.forward(cfg, base, tokens, pixel_values=pixels)[0]
     tuned = llava.forward(cfg, base, tokens, pixel_values=pixels, trainable=trained, peft=spec)[0]
     assert float(jnp.max(jnp.abs(tuned - plain))) > 1e-2  # the saved adapter, with its parts' specs, acts
+
+
+def test_merge_of_parts_is_refused(setup):
+    loaded = checkpoint.load(setup[0])
+    trainable, spec = peft.build(jax.random.PRNGKey(0), loaded.params, _config(setup), loaded.cfg)
+    with pytest.raises(PeftError, match="merging a vision-language model's parts"):
+        peft.merge(loaded.params, trainable, spec)

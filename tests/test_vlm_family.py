@@ -155,3 +155,19 @@ def test_idefics3_logits_and_generation_equal_transformers(tmp_path):
         want = model.generate(input_ids=torch.tensor(rows[:1]), pixel_values=torch.tensor(pixels[:1]),
                               max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, rows.shape[1]:]
     np.testing.assert_array_equal(_greedy(loaded.cfg, loaded.params, rows[:1], flat[:5], 6)[0], want.numpy())
+
+
+def test_param_axes_cover_every_leaf(llava_model):
+    """Every leaf of the family's tree (language model, vision/, projector/) has a sharding rule of its rank, and
+    the table names each leaf exactly once (what loading and export apply)."""
+    import re
+
+    from jaxft import tree
+    from jaxft.checkpoint.assemble import hf_names
+
+    cfg = llava_model[1].cfg
+    shapes = {p: x.shape for p, x in tree.items(jax.eval_shape(lambda: llava.init(jax.random.PRNGKey(0), cfg)))}
+    for path, shape in shapes.items():
+        axes = next((a for pattern, a in llava.PARAM_AXES if re.fullmatch(pattern, path)), None)
+        assert axes is not None and len(axes) == len(shape), (path, shape, axes)
+    assert {entry.path for entry, _, _ in hf_names(cfg).values()} == set(shapes)

@@ -19,7 +19,7 @@ from jaxft.config import base
 
 def get_config() -> ml_collections.ConfigDict:
     c = base.get_config()
-    c.model = ""  # a LLaVA directory (jaxft.vlm_task.build_model writes one)
+    c.model = "runs/vlm/model"  # a LLaVA directory: what `python -m jaxft.vlm_task runs/vlm` builds
     c.vision.method = "full"  # the tower is random: it learns everything it sees here
     c.projector.method = "full"
     c.peft.method = "lora"

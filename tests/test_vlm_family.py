@@ -16,6 +16,7 @@ from PIL import Image
 
 import tiny
 from jaxft import checkpoint
+from jaxft.data import images
 from jaxft.models import family_of, llava
 
 QUICK = {"xla_backend_optimization_level": 0}  # numbers, not speed
@@ -151,6 +152,9 @@ def test_idefics3_logits_and_generation_equal_transformers(tmp_path):
     flat = pixels.reshape(-1, 3, 32, 32)
     order = np.argsort(~real.reshape(-1), kind="stable")  # the real tiles first, in order
     _close(_logits(loaded.cfg, loaded.params, rows, flat[order], real.reshape(-1)[order]), theirs)
+    settings = dict(proc.to_dict(), image_processor_type="Idefics3ImageProcessor")
+    ours = images.pixel_values(images.image_processor(settings), [_images()[0], _images()[2]])
+    np.testing.assert_array_equal(ours, flat[order][:8])  # jaxft's preprocessing: the real tiles, in order
     with torch.no_grad():
         want = model.generate(input_ids=torch.tensor(rows[:1]), pixel_values=torch.tensor(pixels[:1]),
                               max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, rows.shape[1]:]

@@ -15,7 +15,7 @@ import transformers
 from PIL import Image
 
 import tiny
-from jaxft import checkpoint
+from jaxft import checkpoint, generate
 from jaxft.data import images
 from jaxft.models import family_of, llava
 
@@ -119,6 +119,13 @@ def test_llava_greedy_generation_equals_transformers(llava_model):
         theirs = model.generate(input_ids=torch.tensor(tokens), pixel_values=torch.tensor(pixels[:2]),
                                 max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, tokens.shape[1]:]
     np.testing.assert_array_equal(_greedy(loaded.cfg, loaded.params, tokens, pixels[:2], 8)[0], theirs.numpy())
+    # a text-only prompt through jaxft.generate's decode loop (layers scanned and unrolled)
+    text = [_text(rs, 6)]
+    with torch.no_grad():
+        want = model.generate(input_ids=torch.tensor(text), max_new_tokens=6, do_sample=False,
+                              min_new_tokens=6)[0, 6:].tolist()
+    for unroll in (False, True):
+        assert generate.generate(loaded.cfg, loaded.params, text, max_new_tokens=6, unroll=unroll)[0] == want
 
 
 def test_llava_export_loads_in_transformers(llava_model, tmp_path):

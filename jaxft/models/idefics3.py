@@ -6,9 +6,10 @@ processor makes, each full-size (jaxft has no patch attention mask for padded ti
 """
 
 from jaxft.models.llava import (KIND, LORA_TARGETS, PARAM_AXES, PARTS, Config, decode_logits, forward,
-                                checkpoint_names, hf_shapes, image_embeddings, init, init_cache, table)
+                                checkpoint_names, hf_shapes, image_embeddings, init, init_cache, split_cache,
+                                split_layers, table)
 
-__all__ = ["KIND", "LORA_TARGETS", "PARAM_AXES", "PARTS", "TABLE", "Config", "checkpoint_names", "decode_logits", "forward",
-           "hf_shapes", "image_embeddings", "init", "init_cache"]
+__all__ = ["KIND", "LORA_TARGETS", "PARAM_AXES", "PARTS", "TABLE", "Config", "checkpoint_names", "decode_logits",
+           "forward", "hf_shapes", "image_embeddings", "init", "init_cache", "split_cache", "split_layers"]
 
 TABLE = table("idefics3")

@@ -148,6 +148,11 @@ def decode_logits(cfg: Config, base: dict, trainable, hidden, dtype, policy=None
     return llama.decode_logits(cfg.text, base, _text_part(trainable), hidden, dtype, policy)
 
 
+# Token-by-token decoding with the language model's layers split (jaxft.generate): the tower's stack is left as it is.
+split_layers = llama.split_layers
+split_cache = llama.split_cache
+
+
 def image_embeddings(cfg: Config, base: dict, pixel_values, *, trainable: dict | None = None, peft=None,
                      rng=None, dtype=jnp.float32, remat: bool = False, unroll: bool = False, layout=None):
     """pixel_values (I, C, H, W), as the model's image processor makes them -> (I, P', E) embeddings: LLaVA's

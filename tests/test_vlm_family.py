@@ -64,8 +64,8 @@ def llava_model(request, tmp_path_factory):
         vision = transformers.SiglipVisionConfig(**TOWER)
         kw = dict(vision_feature_layer=[-3, -1], vision_feature_select_strategy="full", multimodal_projector_bias=False)
         proc = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
-    cfg = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=transformers.LlamaConfig(**TEXT).to_dict(),
-                                   image_token_id=IMAGE, **kw)
+    text = transformers.LlamaConfig(**TEXT).to_dict()
+    cfg = transformers.LlavaConfig(vision_config=vision.to_dict(), text_config=text, image_token_id=IMAGE, **kw)
     model = transformers.LlavaForConditionalGeneration(cfg)
     loaded = _save(model, tmp_path_factory.mktemp(request.param))
     return model.eval(), loaded, proc(images=_images(), return_tensors="np")["pixel_values"]

@@ -64,3 +64,48 @@ def test_exact_match():
     assert vlm_task.exact_match([], []) == 0.0
     with pytest.raises(ValueError, match="2 predictions for 1 answers"):
         vlm_task.exact_match(["a", "b"], ["a"])
+
+
+def test_built_model_loads_in_transformers_and_predict_equals_generate(tmp_path):
+    """build_model joins a language model with a random tower and projector: transformers loads the directory
+    (LlavaForConditionalGeneration), the language model's text-only logits are unchanged by the added `<image>`
+    row, and `predict`'s greedy answers are transformers' greedy tokens for the same prompts and images."""
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    import tiny
+    from jaxft import checkpoint
+    from jaxft.models import llama
+
+    lm = tiny.llama_dir(tmp_path / "lm")
+    out = vlm_task.build_model(tmp_path / "vlm", lm, image_size=32, patch_size=8, width=32, layers=2)
+    _, eval_file = vlm_task.generate(tmp_path / "data", 2, seed=1, n_eval=3)
+    loaded = checkpoint.load(out)
+    cfg = loaded.cfg
+    assert (cfg.model_type, cfg.image_tokens, cfg.vocab_size) == ("llava", 16, len(loaded.tokenizer))
+    text = checkpoint.load(lm)
+    tokens = np.array([[5, 6, 7, 8]])
+    np.testing.assert_allclose(np.asarray(vlm_task.llava.forward(cfg, loaded.params, tokens)[0])[..., :-1],
+                               np.asarray(llama.forward(text.cfg, text.params, tokens)[0]), atol=2e-2)  # bf16 file
+    records = json.loads(eval_file.read_text())
+    processor = vlm_task.image_files.image_processor(json.loads((out / "preprocessor_config.json").read_text()))
+    ours = vlm_task.predict(cfg, loaded.params, loaded.tokenizer, processor, records, eval_file.parent,
+                            max_new_tokens=5)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    tok = loaded.tokenizer
+    for r, answer in zip(records, ours):
+        text_prompt = tok.apply_chat_template([{"role": "user", "content": r["conversations"][0]["value"]}],
+                                              add_generation_prompt=True, tokenize=False)
+        ids = [j for i in tok(text_prompt, add_special_tokens=False)["input_ids"]
+               for j in ([i] * 16 if i == cfg.image_token_id else [i])]
+        pixels = processor(images=[Image.open(eval_file.parent / r["image"]).convert("RGB")],
+                           return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            want = model.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=5,
+                                  do_sample=False)[0, len(ids):]
+        want = [int(t) for t in want]
+        stop = next((i for i, t in enumerate(want) if t in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))),
+                    len(want))
+        assert answer == tok.decode(want[:stop], skip_special_tokens=True)
+    assert any(ours) and jnp.asarray(loaded.params["vision"]["embed"]["patch"]["w"]).shape == (3 * 64, 32)

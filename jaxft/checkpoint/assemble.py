@@ -50,6 +50,7 @@ def hf_names(cfg) -> dict[str, tuple[Entry, int | None, tuple[int, ...]]]:
     Entries whose path the model does not have under `cfg` (biases, an untied head) are left out.
     """
     shapes = expected_shapes(cfg)
+    reshaped = _hf_shapes(cfg)
     names = {}
     for entry in family_of(cfg).TABLE:
         if entry.path not in shapes:
@@ -60,6 +61,7 @@ def hf_names(cfg) -> dict[str, tuple[Entry, int | None, tuple[int, ...]]]:
             shape = shape[1:]
         if entry.transpose:
             shape = shape[::-1]
+        shape = reshaped.get(entry.path, shape)
         if "{i}" in entry.hf:
             names.update({entry.hf.format(i=i): (entry, i, shape) for i in range(n_layers)})
         else:
@@ -95,6 +97,7 @@ def assemble(cfg, present: Mapping[str, str], read: Callable[[str], np.ndarray],
                         f"tie_embeddings={cfg.tie_embeddings})")
 
     n_stacked = {path: shape[0] for path, shape in expected_shapes(cfg).items()}
+    reshaped = _hf_shapes(cfg)
     by_layer = getattr(leaf_fn, "by_layer", False)
     groups: dict[str, dict] = {}  # jaxft path -> {layer or None: HF name}, in the order of the names
     for name, (entry, layer, _) in wanted.items():
@@ -106,6 +109,8 @@ def assemble(cfg, present: Mapping[str, str], read: Callable[[str], np.ndarray],
         if tuple(x.shape) != shape:
             raise LoadError(f"{file}: tensor {present[name]} has shape {tuple(x.shape)}, expected {shape} "
                             f"from the config")
+        if entry.path in reshaped:  # a kernel kept as a matrix (a patch convolution's (D, C, p, p))
+            x = x.reshape(x.shape[0], -1)
         return x.T if entry.transpose else x
 
     flat = {}
@@ -131,11 +136,18 @@ def hf_tensors(cfg, flat: Mapping[str, Any], dtype):
     if extra or absent:
         raise ValueError(f"params do not match the config: unexpected leaves {extra}, missing leaves {absent}")
     dense, dense_path = None, None
-    for name, (entry, layer, _) in hf_names(cfg).items():
+    for name, (entry, layer, shape) in hf_names(cfg).items():
         if dense_path != entry.path:
             dense, dense_path = np.asarray(as_dense(flat[entry.path], dtype)), entry.path
         x = dense if layer is None else dense[layer]
-        yield name, np.ascontiguousarray(x.T if entry.transpose else x)
+        yield name, np.ascontiguousarray((x.T if entry.transpose else x).reshape(shape))
+
+
+def _hf_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """jaxft path -> checkpoint shape of the leaves a family keeps in another shape than the tensor's (its
+    optional `hf_shapes(cfg)`: a convolution kernel kept as a matrix)."""
+    fn = getattr(family_of(cfg), "hf_shapes", None)
+    return {} if fn is None else fn(cfg)
 
 
 def _ignored(cfg, name: str) -> bool:

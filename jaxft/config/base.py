@@ -106,6 +106,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.peft.method = "lora"  # lora, adapter, prefix, prompt, ia3, full, partial or features; settings below
     c.peft.init_from = ""  # start from this adapter (PEFT dir, jaxft adapter or workdir), not a fresh init; "": none
 
+    # The other parts of a vision-language model (llava, idefics3), each frozen, lora (with the lora.* settings)
+    # or full, beside peft.method for its language model (jaxft.peft.parts); a text-only model keeps the defaults.
+    c.vision = ml_collections.ConfigDict()
+    c.vision.method = "frozen"  # the vision tower: frozen, lora or full
+    c.vision.targets = "default"  # vision.method=lora: regex over the tower's paths, 'default' (q/v) or 'all-linear'
+    c.projector = ml_collections.ConfigDict()
+    c.projector.method = "full"  # the connector (LLaVA's MLP projector, Idefics3's linear map): frozen, lora or full
+
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 16  # r
     c.lora.alpha = 32.0  # scaling alpha / r (rsLoRA: alpha / sqrt(r))

@@ -29,6 +29,8 @@ CHOICES = {
     "head.pool": ("default", "cls", "mean", "last"),
     "quant.format": ("none", "nf4", "int4"),
     "peft.method": ("lora", "adapter", "prefix", "prompt", "ia3", "full", "partial", "features"),
+    "vision.method": ("frozen", "lora", "full"),
+    "projector.method": ("frozen", "lora", "full"),
     "lora.init": ("kaiming", "gaussian"),
     "adapter.placement": ("houlsby", "pfeiffer"),
     "adapter.activation": ("relu", "gelu", "silu", "tanh"),

@@ -2,8 +2,9 @@
 data set skip the images it cannot use.
 
 The processor is built from a `preprocessor_config.json` dict (no hub): CLIP's (resize the short side, centre
-crop) or SigLIP's (resize to a square), both normalizing with the config's mean and std; what jaxft feeds the
-tower is then exactly what transformers feeds it. `open_image` refuses (ImageError, a one-line reason) a file
+crop), SigLIP's (resize to a square), both normalizing with the config's mean and std, or Idefics3's (each image
+tiled into squares of the tower's size, plus the whole image resized); what jaxft feeds the tower is then
+exactly what transformers feeds it. `open_image` refuses (ImageError, a one-line reason) a file
 that is missing, cannot be decoded, has a mode that does not convert to RGB, or holds more pixels than a bound;
 images of any other mode PIL converts (L, LA, P, RGBA, CMYK, I;16, ...) become RGB as the processors'
 `do_convert_rgb` makes them.
@@ -21,7 +22,8 @@ from PIL import Image, UnidentifiedImageError
 # The PIL backends: what `CLIPImageProcessor(...)` falls back to without torchvision, chosen here explicitly
 # (same numbers, no warning, no torch).
 PROCESSORS = {"CLIPImageProcessor": transformers.CLIPImageProcessorPil,
-              "SiglipImageProcessor": transformers.SiglipImageProcessorPil}
+              "SiglipImageProcessor": transformers.SiglipImageProcessorPil,
+              "Idefics3ImageProcessor": transformers.Idefics3ImageProcessorPil}
 MAX_PIXELS = 4096 * 4096  # default bound on an image's width x height (a decompression-bomb guard)
 
 
@@ -83,10 +85,17 @@ def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def pixel_values(processor, images: list[Image.Image]) -> np.ndarray:
-    """RGB images (any sizes) -> (n, C, H, W) float32, as `processor(images=...)` gives them."""
+    """RGB images (any sizes) -> (n, C, H, W) float32, as `processor(images=...)` gives them; for Idefics3, the
+    tiles of each image in order (its own count per image: n is their total)."""
+    tiled = isinstance(processor, transformers.Idefics3ImageProcessorPil)
     if not images:
-        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
-        return np.zeros((0, 3, size["height"], size["width"]), np.float32)
+        size = (processor.max_image_size["longest_edge"],) * 2 if tiled else (
+            processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size)
+        size = size if tiled else (size["height"], size["width"])
+        return np.zeros((0, 3, *size), np.float32)
+    if tiled:  # one image at a time, so that no padding tiles come in (a batch pads to its most tiles)
+        return np.concatenate([np.asarray(processor(images=[[im]], return_tensors="np")["pixel_values"][0],
+                                          np.float32) for im in images])
     return np.asarray(processor(images=images, return_tensors="np")["pixel_values"], np.float32)
 
 

@@ -11,15 +11,17 @@ M is static (one compilation): by default the most images any B rows of the layo
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import grain
 import numpy as np
 
 from jaxft.data import packing
-from jaxft.data.images import MAX_PIXELS, open_image, pixel_shape, pixel_values
+from jaxft.data.images import MAX_PIXELS, image_processor, image_token_count, open_image, pixel_shape, pixel_values
 from jaxft.data.sources import DataError
-from jaxft.data.vlm import VlmExamples
+from jaxft.data.vlm import MARKER, VlmExamples, marker_id, read_vlm, tokenize_vlm
 
 
 def layout(vex: VlmExamples, seq_len: int, pack: bool = True, order: np.ndarray | None = None) -> list[np.ndarray]:
@@ -79,3 +81,59 @@ class _Build(grain.transforms.Map):
 
     def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return build_batch(self.vex, [self.rows[i] for i in indices], self.seq_len, self.n_images, self.processor)
+
+
+def is_vision_language(model) -> bool:
+    """Whether config.model is a vision-language model directory (its config.json names a vision_config)."""
+    file = Path(str(model)).expanduser() / "config.json"
+    if not file.is_file():
+        return False
+    try:
+        return isinstance(json.loads(file.read_text()).get("vision_config"), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False  # (the loader names the file)
+
+
+def for_training(config, tokenizer) -> tuple:
+    """The causal_lm task's data for a vision-language model: (endless training iterator with get_state /
+    set_state, at most train.eval_batches evaluation batches, stats), from the LLaVA JSON / messages files of
+    data.train (and data.eval, else a seeded data.eval_fraction of the examples), the images preprocessed by
+    the model directory's own image processor (preprocessor_config.json) and each marker expanded to the
+    model's image token count. Raises DataError naming the file or key that cannot be used."""
+    d, t = config.data, config.train
+    model = Path(str(config.model)).expanduser()
+    hf = json.loads((model / "config.json").read_text())
+    if hf.get("model_type") != "llava":
+        raise DataError(f"{model}: training data for model_type {hf.get('model_type')!r} is not supported (only "
+                        f"llava: Idefics3's tiling gives each image its own token count)")
+    if t.grad_accum > 1:
+        raise DataError(f"train.grad_accum={t.grad_accum}: a batch's images are not split into micro-batches yet "
+                        f"(use train.grad_accum=1 with images)")
+    settings = model / "preprocessor_config.json"
+    if not settings.is_file():
+        raise DataError(f"{settings}: not found (the model's image processor settings)")
+    processor = image_processor(json.loads(settings.read_text()), str(settings))
+    image_id = hf.get("image_token_index", hf.get("image_token_id"))
+    if marker_id(tokenizer) != image_id:
+        raise DataError(f"{model}: the tokenizer's {MARKER!r} is token {marker_id(tokenizer)}, the model's image "
+                        f"token is {image_id}")
+    count = image_token_count(hf["vision_config"], hf.get("vision_feature_select_strategy", "default"))
+    tokenize = dict(tokenizer=tokenizer, seq_len=t.seq_len, image_tokens=count, system_prompt=d.system_prompt)
+    train = tokenize_vlm(read_vlm(d.train), **tokenize)
+    held_out = tokenize_vlm(read_vlm(d.eval), **tokenize) if d.eval else None
+    if held_out is None and d.eval_fraction > 0 and len(train) > 1:
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        n = min(max(1, round(d.eval_fraction * len(train))), len(train) - 1)
+        train, held_out = subset(train, np.sort(order[n:])), subset(train, np.sort(order[:n]))
+    stream, m = train_stream(train, processor, t.seq_len, t.batch_size, config.seed, pack=d.pack)
+    batches = [] if held_out is None else eval_batches(held_out, processor, t.seq_len, t.batch_size,
+                                                       pack=d.pack)[:t.eval_batches]
+    stats = {"train": {"examples": len(train), "images_per_batch": m, "skipped_images": train.skipped_images,
+                       "skipped_too_long": train.skipped_too_long},
+             "eval": None if held_out is None else {"examples": len(held_out), "batches": len(batches)}}
+    return iter(stream), batches, stats
+
+
+def subset(vex: VlmExamples, index: np.ndarray) -> VlmExamples:
+    """The examples at `index`, in that order (the skipped counts kept)."""
+    return dataclasses.replace(vex, examples=vex.examples.take(index), images=[vex.images[e] for e in index])

@@ -46,6 +46,8 @@ FAMILIES: dict[str, Any] = {
     "qwen2_moe": "jaxft.models.qwen2_moe",
     "bert": "jaxft.models.bert",
     "t5": "jaxft.models.t5",
+    "llava": "jaxft.models.llava",
+    "idefics3": "jaxft.models.idefics3",
 }
 
 

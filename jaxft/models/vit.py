@@ -134,7 +134,7 @@ TABLE = (
     *module_rows("post_layernorm", "post_norm"),
 )
 # Read by nothing here: buffers, and SigLIP's attention-pooling head (`vision_use_head`).
-_UNUSED = r"embeddings\.position_ids|head\..*"
+UNUSED = r"embeddings\.position_ids|head\..*"
 
 PARAM_AXES = (
     (r"embed/patch/w", (None, "embed")),
@@ -188,7 +188,7 @@ def from_state_dict(cfg: Config, tensors: Mapping, *, prefix: str = "", source: 
     Raises LoadError listing missing, unexpected and misshapen tensors.
     """
     return tables.from_state_dict(TABLE, shapes(cfg), tensors, prefix=prefix, strip=("vision_model.",),
-                                  ignore=_UNUSED, hf_shapes=_hf_shapes(cfg), source=source,
+                                  ignore=UNUSED, hf_shapes=_hf_shapes(cfg), source=source,
                                   what=f"{cfg.model_type} with {cfg.n_layers} layers", dtype=dtype)
 
 

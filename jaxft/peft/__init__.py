@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 
 from jaxft import tree
-from jaxft.peft import adapters, features, full, ia3, lora, prefix, prompt, sources
+from jaxft.peft import adapters, features, full, ia3, lora, parts, prefix, prompt, sources
 from jaxft.peft.features import FeatureSpec
 from jaxft.peft.lora import LoraError, LoraSpec
 from jaxft.peft.method import (MethodSpec, PeftError, as_method, finalize, implementation, register, resolve,
@@ -45,7 +45,15 @@ def build(key, base: dict, config, cfg, tokenizer=None) -> tuple[dict, MethodSpe
 
 
 def _fresh(key, base: dict, config, cfg, tokenizer) -> tuple[dict, MethodSpec]:
-    """`build` without init_from: a new trainable tree, initialized as the method's settings say."""
+    """`build` without init_from: a new trainable tree, initialized as the method's settings say; for a
+    vision-language model, with its vision and projector parts' methods (`jaxft.peft.parts`)."""
+    if parts.is_multimodal(cfg):
+        return parts.build(key, base, config, cfg, tokenizer, _method_build)
+    parts.check_text_only(config, cfg.model_type)
+    return _method_build(key, base, config, cfg, tokenizer)
+
+
+def _method_build(key, base: dict, config, cfg, tokenizer) -> tuple[dict, MethodSpec]:
     method = config.peft.method
     module = implementation(method)
     if not hasattr(module, "build"):
@@ -85,6 +93,9 @@ def merge(base: dict, trainable: dict, spec, dtype=None) -> dict:
     features).
     """
     method = spec.method
+    if isinstance(spec, parts.PartsSpec):  # the method's merge knows the language model's leaves alone
+        raise PeftError("peft.merge: merging a vision-language model's parts (vision/, projector/) is not supported "
+                        "yet; keep the base and the adapter")
     module = implementation(method)
     if not hasattr(module, "merge"):
         why = getattr(module, "UNMERGEABLE", "no base weights compute what it does")

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 from jaxft import tree
 from jaxft.peft.features import FeatureSpec
 from jaxft.peft.lora import LoraSpec
+from jaxft.peft.parts import PartsSpec
 from jaxft.peft.method import MethodSpec, as_method
 
 FORMAT = "jaxft-adapter/2"
@@ -67,4 +68,6 @@ def load(path: Path) -> tuple[dict, LoraSpec | MethodSpec | FeatureSpec, dict]:
         spec = FeatureSpec.from_json(meta["spec"])
     else:
         spec = MethodSpec.from_json(meta["spec"])
+    if "part_methods" in meta.get("spec", {}):  # a vision-language model's: its parts' methods beside
+        spec = PartsSpec.from_json(meta["spec"])
     return trainable, spec, meta

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from jaxft import data, metrics
+from jaxft.data import vlm_batches
 from jaxft.models.loss import chunked_cross_entropy, token_loss
 from jaxft.peft import method
 from jaxft.tasks import Eval, Model, TaskError, evaluate_batches
@@ -38,7 +39,10 @@ class HeadInputs:
 
 
 def batches(config, tokenizer) -> tuple:
-    """`jaxft.data.for_training`: (training iterator, at most train.eval_batches evaluation batches, stats)."""
+    """`jaxft.data.for_training`: (training iterator, at most train.eval_batches evaluation batches, stats); for
+    a vision-language model, image + text records with their images (`jaxft.data.vlm_batches.for_training`)."""
+    if vlm_batches.is_vision_language(config.model):
+        return vlm_batches.for_training(config, tokenizer)
     return data.for_training(config, tokenizer)
 
 
@@ -48,9 +52,11 @@ def init_head(key, cfg, config, n_labels: int):
 
 def forward(model: Model, base: dict, trainable, batch: dict, rng=None):
     """-> next-token logits (B, T, V) float32, or with model.loss_chunk the `HeadInputs` of the loss; in training
-    (rng given) a mixture of experts' family (one with `aux_losses`) gives (that, its router losses) instead."""
+    (rng given) a mixture of experts' family (one with `aux_losses`) gives (that, its router losses) instead. A batch
+    with images (pixel_values, image_mask) passes them on."""
     router = rng is not None and hasattr(model.family, "aux_losses")
-    out = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable,
+    images = {k: batch[k] for k in ("pixel_values", "image_mask") if k in batch}
+    out = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable, **images,
                                positions=batch["positions"], segment_ids=batch["segment_ids"],
                                peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,
                                unroll=model.unroll, layout=model.layout, return_hidden=bool(model.loss_chunk),

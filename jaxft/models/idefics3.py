@@ -10,6 +10,7 @@ from jaxft.models.llava import (KIND, LORA_TARGETS, PARAM_AXES, PARTS, Config, d
                                 output_head, split_layers, table)
 
 __all__ = ["KIND", "LORA_TARGETS", "PARAM_AXES", "PARTS", "TABLE", "Config", "checkpoint_names", "decode_logits",
-           "forward", "hf_shapes", "image_embeddings", "init", "init_cache", "output_head", "split_cache", "split_layers"]
+           "forward", "hf_shapes", "image_embeddings", "init", "init_cache", "output_head", "split_cache",
+           "split_layers"]
 
 TABLE = table("idefics3")

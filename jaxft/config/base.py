@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.b1 = 0.9  # AdamW beta1
     c.train.b2 = 0.999  # AdamW beta2
     c.train.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables
-    c.train.remat = False  # rematerialize each layer in the backward pass (less memory, more compute)
+    c.train.remat = "auto"  # true: rematerialize each layer in the backward pass (less memory, more compute);
+    # false; auto: the backend policy's choice (jaxft.backend: on for GPU / TPU, off on the CPU)
     c.train.layer_loop = "auto"  # scan (one compiled layer), unroll (straight-line layers: slower compile), or
     # auto: unroll for bfloat16 on CPU (XLA:CPU's scan converts bf16 slices to f32 every step), scan elsewhere
     # and for a quantized base (unrolled, XLA:CPU keeps dequantized weights alive: QLoRA would save no memory)
@@ -139,6 +140,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.features.hidden = 256  # width of the mlp head's hidden layer
     c.features.text_field = "sentence"  # the column holding the text
     c.features.label_field = "label"  # the column holding the class label
+
+    c.attention = ml_collections.ConfigDict()  # how every family computes attention (jaxft.models.attention)
+    c.attention.impl = "auto"  # xla (plain softmax over a (T, S) mask), chunked (blockwise, any backend), splash
+    # (Pallas, TPU), cudnn (GPU), or auto: splash on TPU, cudnn on GPU, on CPU chunked from 2048 keys, else xla
+    c.attention.block_q = 512  # queries per block of chunked / splash (capped at the sequence; must divide it)
+    c.attention.block_k = 512  # keys per block of chunked / splash (capped at the sequence; must divide it)
+    c.attention.interpret = False  # splash in Pallas interpret mode, cudnn's call through XLA: tests on a CPU
 
     c.mesh = ml_collections.ConfigDict()  # the device mesh; data * fsdp * tensor = number of devices
     c.mesh.data = -1  # replicas splitting the batch (params copied); -1: the devices the other axes leave

@@ -25,6 +25,7 @@ CHOICES = {
     "data.tag_scheme": ("iob1", "iob2"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.layer_loop": ("auto", "scan", "unroll"),
+    "train.remat": ("auto", "true", "false"),
     "head.pool": ("default", "cls", "mean", "last"),
     "quant.format": ("none", "nf4", "int4"),
     "peft.method": ("lora", "adapter", "prefix", "prompt", "ia3", "full", "partial", "features"),
@@ -35,11 +36,13 @@ CHOICES = {
     "prompt.init": ("random", "text", "vocab"),
     "features.pool": ("mean", "last", "cls"),
     "features.head": ("linear", "mlp"),
+    "attention.impl": ("auto", "xla", "chunked", "splash", "cudnn"),
 }
 METRICS = ("rouge", "bleu")  # eval.metrics of seq2seq
 POSITIVE = ("train.batch_size", "train.grad_accum", "train.seq_len", "train.save_every", "train.log_every",
             "train.eval_batches", "guard.patience", "demo.train_examples", "demo.eval_examples", "quant.block_size",
-            "lora.rank", "adapter.size", "prefix.length", "prompt.length", "features.hidden")
+            "lora.rank", "adapter.size", "prefix.length", "prompt.length", "features.hidden",
+            "attention.block_q", "attention.block_k")
 NON_NEGATIVE = ("train.steps", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.eval_every",
                 "train.early_stopping_patience", "train.keep_checkpoints", "train.l2sp", "eval.batch_size",
                 "eval.max_examples", "eval.generate_max_new_tokens", "eval.temperature", "eval.top_k",
@@ -68,6 +71,7 @@ def validate(config, devices: int | None = None, require_data: bool = True) -> N
     _method(config)
     _task(config, require_data)
     _mesh(config, devices)
+    _attention(config, _backend() if devices is not None else None)
     if not config.guard.loss_factor > 1:
         _fail("guard.loss_factor", config.guard.loss_factor, "must be > 1 (a multiple of the step-0 loss)")
     if not isinstance(config.model, str) or not config.model:
@@ -153,6 +157,26 @@ def _mesh(config, devices: int | None) -> None:
         _fail("train.batch_size", config.train.batch_size,
               f"is not a multiple of train.grad_accum={config.train.grad_accum} * the mesh's data-parallel size "
               f"{parallel} (mesh.data * mesh.fsdp)")
+
+
+def _attention(config, backend: str | None) -> None:
+    """Blocks that divide the sequence; a kernel the backend has (known once the devices are)."""
+    a, t = config.attention, config.train.seq_len
+    if a.impl in ("chunked", "splash"):
+        for key in ("block_q", "block_k"):
+            if t % min(a[key], t):
+                _fail(f"attention.{key}", a[key], f"does not divide train.seq_len={t}")
+    if a.impl == "splash" and backend not in (None, "tpu") and not a.interpret:
+        _fail("attention.impl", a.impl, f"needs a TPU (the backend is {backend}); use chunked, or "
+                                        "attention.interpret=True for Pallas interpret mode (tests)")
+    if a.impl == "cudnn" and backend not in (None, "gpu") and not a.interpret:
+        _fail("attention.impl", a.impl, f"needs an NVIDIA GPU (the backend is {backend}); use auto or chunked")
+
+
+def _backend() -> str:
+    import jax  # the devices are known (initialized) when validate is given their number
+
+    return jax.default_backend()
 
 
 def _cached_name(source: str) -> bool:

@@ -10,6 +10,10 @@
            grouped-query heads, no segment ids.
   auto     splash on TPU, cudnn on GPU, otherwise chunked from AUTO_CHUNKED_KEYS keys on and xla below.
 
+Every family attends through `attention` alone, with the mask given in pieces (segment ids, positions, slots,
+window, causality), T5's bias and prefix tuning's keys as arguments; the run's choice (`attention.*` keys)
+reaches it on the layout (`jaxft.parallel.Layout.attention`, a `jaxft.backend.Attention`).
+
 What a kernel cannot express falls back to `chunked` (said once in the log): an additive bias (T5), prefix
 keys (prefix tuning), explicit cache slots (decoding), a traced window, shared soft-prompt keys (splash) and
 padding-only segments (cudnn). Packed segments with cudnn are refused: its masks cannot keep examples apart.
@@ -28,14 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.backend import ATTENTION_IMPLS as IMPLS
+from jaxft.backend import Attention
 from jaxft.models.blockwise import flash_attention
 from jaxft.models.layers import NEG_INF, attention_mask
 
-IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 # What segment ids may hold: 'padding' (0) and one example per row; 'packed' examples (distinct positive ids);
 # 'shared' adds negative ids every non-padding query sees (a soft prompt before packed examples).
 SEGMENT_KINDS = ("padding", "packed", "shared")
 AUTO_CHUNKED_KEYS = 2048
+SPLASH_BLOCK = 128  # splash's blocks are multiples of the TPU's 128 lanes
 FAR = 1 << 30  # prefix keys sit at slot -FAR and position +FAR: before every query, inside every window
 
 log = logging.getLogger(__name__)
@@ -48,8 +54,8 @@ class AttentionError(ValueError):
 
 def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_positions=None, q_index=None,
               k_index=None, window=0, causal: bool = True, bias=None, prefix=None, scale: float | None = None,
-              segment_kind: str = "shared", impl: str = "xla", block_q: int = 512, block_k: int = 512,
-              interpret: bool = False, backend: str | None = None):
+              segment_kind: str = "shared", layout=None, impl: str | None = None, block_q: int | None = None,
+              block_k: int | None = None, interpret: bool | None = None, backend: str | None = None):
     """q (B, T, N, H), k/v (B, S, K, H) -> (B, T, N, H) in q's dtype; N a multiple of K (grouped-query).
 
     q_segments / k_segments (B, T) / (B, S) int: 0 is padding (sees and is seen by nothing), equal ids see each
@@ -64,8 +70,16 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
     divide them). interpret: run splash in Pallas interpret mode and cudnn's call through XLA (tests on CPUs).
     backend: the platform the call is compiled for ('cpu', 'gpu', 'tpu'), default `jax.default_backend()`;
     an ahead-of-time compile for a TPU topology from a CPU host passes 'tpu'.
+    layout: a `jaxft.parallel.Layout` whose `attention` gives impl, the blocks, interpret and backend where
+    they are not passed (without one, `jaxft.backend.Attention()`'s defaults: impl auto).
     Rows that see no key (padding queries) hold an implementation-defined average of values.
     """
+    given = getattr(layout, "attention", None) or Attention()
+    impl = given.impl if impl is None else impl
+    block_q = given.block_q if block_q is None else block_q
+    block_k = given.block_k if block_k is None else block_k
+    interpret = given.interpret if interpret is None else interpret
+    backend = given.backend if backend is None else backend
     b, t, n, h = q.shape
     s = k.shape[1]
     if impl not in IMPLS:
@@ -92,9 +106,16 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
         ("padding-only segment ids", impl == "cudnn" and segments and segment_kind == "padding"),
         ("a window without causality", impl == "cudnn" and static_window and not causal and window > 0))
         if present]
-    if impl == "cudnn" and segments and segment_kind == "packed":
-        raise AttentionError("attention.impl=cudnn cannot keep packed examples apart (segment ids); use "
-                             "attention.impl=chunked or splash")
+    if impl == "cudnn" and segments and segment_kind == "packed" and not cannot:
+        if chosen == "cudnn":
+            raise AttentionError("attention.impl=cudnn cannot keep packed examples apart (segment ids); use "
+                                 "attention.impl=chunked or splash")
+        cannot.append("packed segment ids")  # auto: the portable kernel instead of a refusal
+    if impl == "splash" and (block_q % SPLASH_BLOCK or block_k % SPLASH_BLOCK):  # the kernel's lanes
+        if chosen == "splash":
+            raise AttentionError(f"attention.impl=splash: blocks of {block_q} x {block_k} tokens (attention.block_q"
+                                 f" x block_k, capped at the sequence) are not multiples of {SPLASH_BLOCK}")
+        cannot.append(f"sequences shorter than {SPLASH_BLOCK} tokens")
     if impl in ("splash", "cudnn") and cannot:
         _report(f"attention.impl={impl} cannot express {', '.join(cannot)}: using chunked")
         impl = "chunked"
@@ -121,6 +142,14 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
     out = flash_attention(q.reshape(b, t, k.shape[2], g, h), k, v, bias, q_meta, k_meta, window, causal=causal,
                           scale=scale, block_q=block_q, block_k=block_k)
     return out.reshape(b, t, n, h)
+
+
+def prefix_of(hooks, p: dict, k, v, q_segments):
+    """The keys and values a fine-tuning method puts before a layer's own (prefix tuning: (pk, pv), each
+    (B, P, K, H)), or None: the method's `attention_kv` hook asked with none of the layer's keys, so that no
+    (B, T, S) mask is built. `attention` lets every non-padding query see them, as the hook's mask does."""
+    pk, pv, _ = hooks.attention_kv(p, k[:, :0], v[:, :0], jnp.zeros((*q_segments.shape, 0), bool), q_segments)
+    return (pk, pv) if pk.shape[1] else None
 
 
 def _choose(impl: str, s: int, interpret: bool, backend: str) -> str:
@@ -168,7 +197,7 @@ def _with_prefix(k, v, k_meta, prefix, multiple: int):
 
 
 def _xla(q, k, v, mask, bias, scale):
-    """`layers.attend` with a bias and a scale: q (B, T, N, H), k/v (B, S, K, H), mask (B, T, S),
+    """The plain attention: q (B, T, N, H), k/v (B, S, K, H), mask (B, T, S),
     bias (1 | B, K, G, T, S) float32 or None."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]

@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: norms, rotary embeddings, attention and the adaptable linear map.
+"""Building blocks shared by the model families: norms, rotary embeddings, the attention mask rule and the
+adaptable linear map (attention itself: `jaxft.models.attention`).
 
 Axis letters, used in every einsum, shape comment and sharding name of jaxft:
   B batch, T time (queries), S time (keys / cache slots), D model width, N query heads, K key/value heads,
@@ -174,26 +175,16 @@ def attention_mask(q_seg, q_pos, q_idx, k_seg, k_pos, k_idx, window, causal: boo
 
     Segment ids keep packed examples apart; `*_idx` are slots in the sequence or KV cache (causality);
     `*_pos` are positions within an example (sliding window). `window` 0 means no window (a traced scalar).
-    A negative key segment is shared: every query outside padding sees it (a soft prompt before packed examples).
+    Negative ids are shared: a negative key is seen by every query outside padding (a soft prompt before packed
+    examples), and a negative query sees every key outside padding (the soft prompt of an encoder reads the
+    whole input; under causality, a prompt placed first sees only itself).
     """
-    shared = (k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)
+    shared = ((k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)) | (q_seg[:, :, None] < 0)
     mask = ((q_seg[:, :, None] == k_seg[:, None, :]) | shared) & (k_seg[:, None, :] != 0)
     if causal:
         mask &= k_idx[:, None, :] <= q_idx[:, :, None]
     dist = q_pos[:, :, None] - k_pos[:, None, :]
     return mask & ((window <= 0) | (dist < window))
-
-
-def attend(q, k, v, mask):
-    """q: (B, T, N, H), k/v: (B, S, K, H), mask: (B, T, S) -> (B, T, N, H). Grouped-query aware."""
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 def last_token(h, segment_ids):

@@ -105,7 +105,7 @@ def _block_mask(q_seg, q_pos, q_slot, k_seg, k_pos, k_slot, window, causal):
     jaxft.models.layers.attention_mask's rule (this package sits below jaxft.models, so it cannot import it;
     tests/test_context_parallel.py holds the two equal).
     """
-    shared = (k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)
+    shared = ((k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)) | (q_seg[:, :, None] < 0)
     mask = ((q_seg[:, :, None] == k_seg[:, None, :]) | shared) & (k_seg[:, None, :] != 0)
     if causal:
         mask &= k_slot[:, None, :] <= q_slot[:, :, None]

@@ -18,6 +18,7 @@ import os
 import jax
 from jax.sharding import AxisType, Mesh
 
+from jaxft.backend import apply_prng, attention_of, resolve
 from jaxft.parallel.rules import MESH_AXES, Layout, ShardingError, rules_from_config
 
 log = logging.getLogger("jaxft.parallel")
@@ -51,9 +52,12 @@ def make_mesh(shape: dict | tuple, devices=None) -> Mesh:
 
 
 def from_config(config, devices=None) -> Layout:
-    """The Layout of `config.mesh` and `config.rules` (see configs/default_lora.py)."""
+    """The Layout of `config.mesh`, `config.rules` and `config.attention` (see jaxft/config/base.py). As the
+    first thing a run builds, before any random key, it also sets the backend policy's PRNG (`rbg` on GPU and
+    TPU, `jaxft.backend.apply_prng`)."""
     mesh = make_mesh({a: config.mesh[a] for a in MESH_AXES}, devices)
-    return Layout(mesh, rules_from_config(config.rules))
+    apply_prng(resolve(mesh.devices.flat[0].platform))
+    return Layout(mesh, rules_from_config(config.rules), attention_of(config))
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

@@ -15,6 +15,8 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxft.backend import Attention
+
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES = {  # name -> what it is (the axis letters of jaxft.models.layers)
     "batch": "B, rows of a batch",
@@ -41,10 +43,12 @@ class Layout:
     """A device mesh and the rules that map logical axes onto it. Hashable, so it can be static under jit.
 
     rules: ((logical axis, (mesh axis, ...)), ...) for every name of LOGICAL_AXES; () means replicated.
+    attention: how the model's attention layers compute on this mesh (`jaxft.backend.Attention`).
     """
 
     mesh: Mesh
     rules: tuple[tuple[str, tuple[str, ...]], ...]
+    attention: Attention = Attention()
 
     def __post_init__(self):
         for name, axes in self.rules:

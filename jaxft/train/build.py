@@ -80,7 +80,8 @@ def task_model(config, fam, cfg, spec, tokenizer, layout) -> tasks.Model:
     pool = config.head.pool
     pad = 0 if tokenizer is None else (tokenizer.pad_token_id or 0)
     dtype = dtype_of(config, "dtype")
-    return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype, layout=layout, remat=config.train.remat,
+    return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype, layout=layout, remat=backend_lib.resolve(
+                       None, dtype, remat=config.train.remat).remat,
                        unroll=unroll_layers(config, dtype), pad_id=pad, pool=pool)
 
 

@@ -90,3 +90,12 @@ def test_llama_train_step_with_splash_in_interpret_mode_equals_xla(method, caplo
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=5e-5, atol=1e-5), got_grads, want_grads)
     fallbacks = [r.getMessage() for r in caplog.records if "using chunked" in r.getMessage()]
     assert len(fallbacks) == (0 if method == "lora" else 1)
+
+
+def test_splash_blocks_must_be_multiples_of_128():
+    """Asked for by name, splash refuses blocks its kernel cannot take (auto falls back to chunked instead)."""
+    q, k = jnp.zeros((1, 64, 4, 8)), jnp.zeros((1, 64, 2, 8))
+    with pytest.raises(attention_lib.AttentionError, match=r"^attention.impl=splash: blocks of 64 x 64 tokens "
+                                                           r"\(attention.block_q x block_k, capped at the sequence\) "
+                                                           r"are not multiples of 128$"):
+        attention_lib.attention(q, k, k, impl="splash", interpret=True)

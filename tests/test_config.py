@@ -33,7 +33,7 @@ def _flat(config, prefix=""):
 
 def test_the_base_declares_every_key_with_a_comment():
     keys = set(_flat(config_lib.base.get_config()))
-    assert len(keys) == 108 and {"attention.impl", "guard.enabled", "guard.patience", "guard.loss_factor", "eval.metrics",
+    assert len(keys) == 109 and {"attention.impl", "guard.enabled", "guard.patience", "guard.loss_factor", "eval.metrics",
                                  "data.pair_field", "head.pool", "demo.train_examples"} <= keys
     source = (ROOT / "jaxft" / "config" / "base.py").read_text()
     assigned = re.findall(r"^    c\.(\w+(?:\.\w+)?) = (?!ml_collections\.ConfigDict)(.*)$", source, re.M)
@@ -155,6 +155,7 @@ BAD = [
     ("attention.impl=flash", "attention.impl: 'flash' is not one of auto, xla, chunked, splash, cudnn"),
     ("attention.block_q=96", "attention.block_q: 96 does not divide train.seq_len=256"),
     ("train.remat=yes", "train.remat: 'yes' is not one of auto, true, false"),
+    ("mesh.context=3", "mesh.context: 3 does not divide train.seq_len=256"),
 ]
 
 
@@ -173,8 +174,8 @@ def test_validate_names_the_key_and_the_value_in_one_line_fast(data, override, m
 def test_validate_checks_the_mesh_against_the_devices(data):
     config = config_lib.load(DEFAULT, [f"data.train={data}", "mesh.data=2", "mesh.fsdp=2"])
     config_lib.validate(config)  # 2 * 2 divides the batch of 8; the devices are not known yet
-    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh.data: 2 \* mesh.fsdp=2 \* mesh.tensor=1 is not "
-                                                         r"the 8 devices"):
+    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh.data: 2 \* mesh.fsdp=2 \* mesh.context=1 \* "
+                                                         r"mesh.tensor=1 is not the 8 devices"):
         config_lib.validate(config, devices=8)
     spread = config_lib.load(DEFAULT, [f"data.train={data}", "mesh.tensor=2", "train.batch_size=6"])
     config_lib.validate(spread, devices=2)  # data = 2 / 2 = 1
@@ -182,7 +183,7 @@ def test_validate_checks_the_mesh_against_the_devices(data):
         config_lib.validate(spread, devices=8)  # data = 8 / 2 = 4
     fsdp = config_lib.load(DEFAULT, [f"data.train={data}", "mesh.data=1", "mesh.fsdp=-1"])
     config_lib.validate(fsdp, devices=8)  # any one axis may take the rest
-    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh: \(-1, -1, 1\) has more than one axis of size -1"):
+    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh: \(-1, -1, 1, 1\) has more than one axis of size -1"):
         config_lib.validate(config_lib.load(DEFAULT, [f"data.train={data}", "mesh.fsdp=-1"]))
     with pytest.raises(config_lib.ConfigFileError, match=r"^mesh.tensor: 0 must be a positive integer, or -1"):
         config_lib.validate(config_lib.load(DEFAULT, [f"data.train={data}", "mesh.tensor=0"]))

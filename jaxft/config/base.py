@@ -148,14 +148,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.attention.block_k = 512  # keys per block of chunked / splash (capped at the sequence; must divide it)
     c.attention.interpret = False  # splash in Pallas interpret mode, cudnn's call through XLA: tests on a CPU
 
-    c.mesh = ml_collections.ConfigDict()  # the device mesh; data * fsdp * tensor = number of devices
+    c.mesh = ml_collections.ConfigDict()  # the device mesh; data * fsdp * context * tensor = number of devices
     c.mesh.data = -1  # replicas splitting the batch (params copied); -1: the devices the other axes leave
     c.mesh.fsdp = 1  # splits the batch and the params / optimizer state (fully sharded data parallel)
+    c.mesh.context = 1  # splits the sequence (rules.seq): attention passes key/value blocks around a ring of this
+    # many devices (jaxft.parallel.context); must divide train.seq_len
     c.mesh.tensor = 1  # splits heads, mlp and vocab within each layer (tensor parallel, one host)
 
     c.rules = ml_collections.ConfigDict()  # logical axis -> comma-separated mesh axes ('' = not split)
     c.rules.batch = "data,fsdp"  # B, rows of a batch
-    c.rules.seq = ""  # T, positions of a row
+    c.rules.seq = "context"  # T, positions of a row
     c.rules.embed = "fsdp"  # D, the residual width (params; activations take it only where batch did not)
     c.rules.heads = "tensor"  # N*H, query heads
     c.rules.kv_heads = "tensor"  # K*H, key/value heads

@@ -53,9 +53,15 @@ def compile_train_step(config, cfg, devices):
     from jaxft.train.optim import make_optimizer
     from jaxft.train.step import init_state, make_train_step
 
-    layout = Layout(mesh_lib.make_mesh({a: config.mesh[a] for a in MESH_AXES}, devices),
-                    rules_from_config(config.rules))
+    from jaxft import backend
+
     dtype, param_dtype = DTYPES[config.dtype], DTYPES[config.param_dtype]
+    platform = devices[0].platform  # the attention kernel, remat and dropout PRNG of the target's policy
+    policy = backend.resolve(platform, dtype, config.quant.format != "none", config.train.layer_loop,
+                             config.train.remat)
+    backend.apply_prng(policy)
+    layout = Layout(mesh_lib.make_mesh({a: config.mesh[a] for a in MESH_AXES}, devices),
+                    rules_from_config(config.rules), backend.attention_of(config, platform))
 
     def make_base():
         base = llama.init(jax.random.PRNGKey(0), cfg, param_dtype)
@@ -87,7 +93,7 @@ def compile_train_step(config, cfg, devices):
     def forward(base_, trainable_, mb, rng):
         logits, _ = llama.forward(cfg, base_, mb["tokens"], trainable=trainable_, positions=mb["positions"],
                                   segment_ids=mb["segment_ids"], peft=static["spec"], rng=rng, dtype=dtype,
-                                  remat=t.remat, unroll=unroll, layout=layout)
+                                  remat=policy.remat, unroll=unroll, layout=layout)
         return logits
 
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)

@@ -80,6 +80,13 @@ def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None,
     return fn(q, k, v, meta, jnp.asarray(window, jnp.int32))
 
 
+def context_size(layout: Layout | None) -> int:
+    """C: the number of devices `layout`'s rules.seq splits a sequence over (1 without a layout)."""
+    if layout is None:
+        return 1
+    return math.prod(layout.mesh.shape[a] for a in _axes(layout.spec(("batch", "seq", "heads", "head_dim"))[1]))
+
+
 def zigzag(t: int, size: int) -> np.ndarray:
     """(T,) int: the order of slots that balances causal attention over `size` devices (zig-zag layout).
 

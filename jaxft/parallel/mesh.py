@@ -1,9 +1,11 @@
-"""The device mesh (data, fsdp, tensor) from the config, and joining the processes of a multi-host run.
+"""The device mesh (data, fsdp, context, tensor) from the config, and joining the processes of a multi-host run.
 
   data    replicas: the batch is split, parameters are copied (cheap when they are small, e.g. LoRA on a
           model that fits one device)
   fsdp    fully sharded data parallel: the batch is split and so are parameters and optimizer state, each
           device gathering one layer's weights when it needs them
+  context context parallel: the sequence is split (rules.seq), attention passes key/value blocks around a ring
+          (`jaxft.parallel.context`)
   tensor  tensor parallel: heads, MLP width and vocabulary are split within a layer (fast interconnect only)
 """
 
@@ -25,30 +27,36 @@ log = logging.getLogger("jaxft.parallel")
 
 
 def make_mesh(shape: dict | tuple, devices=None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor) of the given sizes over `devices` (default: all of JAX's).
+    """A mesh with axes (data, fsdp, context, tensor) of the given sizes over `devices` (default: all of JAX's).
 
-    shape: {"data": d, "fsdp": f, "tensor": t} or (d, f, t); one size may be -1 for the devices left over.
+    shape: {"data": d, "fsdp": f, "context": c, "tensor": t} or (d, f, c, t); without context ({...} without
+    the key, or (d, f, t)) it is 1. One size may be -1 for the devices left over.
     The device order is JAX's (`jax.make_mesh`: on TPU it follows the physical torus; across hosts,
     process by process, so that the leading axes span hosts and `tensor` stays within one).
     Raises ShardingError when the sizes do not multiply to the number of devices.
     """
-    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    sizes = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    if len(sizes) == len(MESH_AXES) - 1:  # (data, fsdp, tensor): no context axis
+        sizes.insert(MESH_AXES.index("context"), 1)
     devices = list(jax.devices() if devices is None else devices)
     if len(sizes) != len(MESH_AXES) or any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes):
         raise ShardingError(f"mesh: sizes {tuple(sizes)} for axes {MESH_AXES} must be positive integers or -1")
     if sizes.count(-1) > 1:
-        raise ShardingError(f"mesh: at most one axis may be -1, got data={sizes[0]} fsdp={sizes[1]} "
-                            f"tensor={sizes[2]}")
+        raise ShardingError(f"mesh: at most one axis may be -1, got {_named(sizes)}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ShardingError(f"mesh: {len(devices)} devices cannot be split into data={sizes[0]} "
-                                f"fsdp={sizes[1]} tensor={sizes[2]} (the fixed axes take {known})")
+            raise ShardingError(f"mesh: {len(devices)} devices cannot be split into {_named(sizes)} (the fixed "
+                                f"axes take {known})")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ShardingError(f"mesh: data={sizes[0]} * fsdp={sizes[1]} * tensor={sizes[2]} = {math.prod(sizes)} "
-                            f"devices, but there are {len(devices)} (use -1 for one axis to take the rest)")
+        raise ShardingError(f"mesh: {_named(sizes, ' * ')} = {math.prod(sizes)} devices, but there are "
+                            f"{len(devices)} (use -1 for one axis to take the rest)")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _named(sizes, sep: str = " ") -> str:
+    return sep.join(f"{a}={n}" for a, n in zip(MESH_AXES, sizes))
 
 
 def from_config(config, devices=None) -> Layout:

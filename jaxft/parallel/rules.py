@@ -1,7 +1,7 @@
 """Logical axes -> mesh axes: the one table every PartitionSpec of jaxft is derived from.
 
 An array dimension is named with a logical axis (`batch`, `embed`, `heads`, ...: see LOGICAL_AXES); the rules
-of the config map each logical axis to zero or more mesh axes (`data`, `fsdp`, `tensor`). A `Layout` holds a
+of the config map each logical axis to zero or more mesh axes (`data`, `fsdp`, `context`, `tensor`). A `Layout` holds a
 mesh and those rules and turns names into `PartitionSpec`s and `NamedSharding`s, checking on the way that
 every split dimension divides evenly. Nothing here reads a global mesh: the layout is passed explicitly.
 """
@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxft.backend import Attention
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")  # context: the sequence split (jaxft.parallel.context)
 LOGICAL_AXES = {  # name -> what it is (the axis letters of jaxft.models.layers)
     "batch": "B, rows of a batch",
     "seq": "T, positions of a row",

@@ -27,8 +27,8 @@ import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from jaxft.models.layers import attend, attention_mask
-from jaxft.parallel.context import _block_mask, _forward, context_attention, zigzag
+from jaxft.models.attention import attention
+from jaxft.parallel.context import _forward, context_attention, zigzag
 from jaxft.parallel.rules import Layout
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,8 +63,8 @@ def all_gather(q, k, v, seg, pos, lay):
         me = jax.lax.axis_index("context")
         k, v, k_seg, k_pos = (jax.lax.all_gather(x, "context", axis=1, tiled=True) for x in (k, v, seg, pos))
         slots = jnp.broadcast_to(jnp.arange(t * c), k_seg.shape)
-        mask = _block_mask(seg, pos, me * t + slots[:, :t], k_seg, k_pos, slots, jnp.int32(0), True)
-        return attend(q, k, v, mask)
+        return attention(q, k, v, q_segments=seg, k_segments=k_seg, q_positions=pos, k_positions=k_pos,
+                         q_index=me * t + slots[:, :t], k_index=slots, impl="xla")
 
     spec = P("data", "context")
     return jax.shard_map(local, mesh=lay.mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)(
@@ -73,7 +73,8 @@ def all_gather(q, k, v, seg, pos, lay):
 
 def one_device(q, k, v, seg, pos, lay):
     idx = jnp.broadcast_to(jnp.arange(q.shape[1]), seg.shape)
-    return attend(q, k, v, attention_mask(seg, pos, idx, seg, pos, idx, jnp.int32(0)))
+    return attention(q, k, v, q_segments=seg, k_segments=seg, q_positions=pos, k_positions=pos, q_index=idx,
+                     k_index=idx, impl="xla")
 
 
 VARIANTS = {"ring": lambda q, k, v, s, p, lay: context_attention(q, k, v, lay, s, p),

@@ -11,7 +11,14 @@ Figures are XLA's `compiled.memory_analysis()` temporaries (no array is allocate
 CPU rows also run the default model's attention call once (seconds, forward + backward), where it plans at
 most RUN_LIMIT_MIB of temporaries.
 
+With --steps, the whole training step instead, through the real wired path (`jaxft.parallel.aot`'s compile of
+the trainer's step: the families' attention seam, the backend policy's remat and PRNG for the target):
+Llama-3-8B shapes, LoRA r=16 all-linear or QLoRA (NF4), bf16, fsdp over every chip, one row of T tokens a chip,
+for each --topologies x --impls x --seqs: GiB per device (arguments + temporaries + outputs - aliased) or
+'needs N' where the compiler says it does not fit.
+
     .venv/bin/python bench/long_context.py [--seqs 4096,8192,16384] [--tpu v5e:2x2] [--time]
+    .venv/bin/python bench/long_context.py --steps [--topologies v5e:2x2,v5e:4x4] [--impls xla,splash]
 
 (For the TPU rows, put libtpu on the path without installing it into the project's environment, e.g.
 `pip install --target /tmp/libtpu libtpu` and PYTHONPATH=/tmp/libtpu.)
@@ -84,12 +91,71 @@ def _tpu_device(name: str):
         return None
 
 
+LLAMA3_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, mlp_dim=14336,
+                 rope_theta=500000.0, max_seq_len=131072)
+METHODS = {"lora": "none", "qlora": "nf4"}  # name -> quant.format
+
+
+def step_gib(topology: str, method: str, impl: str, t: int, extra=()) -> dict:
+    """The 8B train step compiled for `topology` (one row of t tokens a chip, fsdp over all): GiB per device."""
+    from jaxft import config as config_lib
+    from jaxft.models.config import LlamaConfig
+    from jaxft.parallel.aot import compile_train_step, out_of_memory, topology_devices
+
+    devices = topology_devices(topology)
+    config = config_lib.load(Path(__file__).parent.parent / "configs" / "default_lora.py", [
+        f"quant.format={METHODS[method]}", f"train.seq_len={t}", f"train.batch_size={len(devices)}", "mesh.data=1",
+        "mesh.fsdp=-1", "lora.targets=all-linear", f"attention.impl={impl}", *extra])
+    start = time.perf_counter()
+    try:
+        mem = compile_train_step(config, LlamaConfig(**LLAMA3_8B), devices).memory_analysis()
+        gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+               - mem.alias_size_in_bytes) / 2**30
+        out = {"gib": round(gib, 2), "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
+               "args_gib": round(mem.argument_size_in_bytes / 2**30, 2)}
+    except jax.errors.JaxRuntimeError as e:
+        sizes = out_of_memory(str(e))
+        if sizes is None:
+            raise
+        out = {"needs_gib": round(sizes[0] / 2**30, 2), "has_gib": round(sizes[1] / 2**30, 2)}
+    return {**out, "compile_s": round(time.perf_counter() - start)}
+
+
+def steps(args):
+    rows = []
+    for topology in args.topologies.split(","):
+        for method in args.methods.split(","):
+            for impl in args.impls.split(","):
+                for t in (int(s) for s in args.seqs.split(",")):
+                    row = {"topology": topology, "method": method, "impl": impl, "seq": t,
+                           **step_gib(topology, method, impl, t)}
+                    rows.append(row)
+                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    print("\n| topology | method | attention | T | GiB per device (or needs) | temporaries | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        fits = r["gib"] if "gib" in r else f"needs {r['needs_gib']} of {r['has_gib']}"
+        print(f"| {r['topology']} | {r['method']} | {r['impl']} | {r['seq']} | {fits} | {r.get('temp_gib', '')} | "
+              f"{r['compile_s']} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "long_context_steps.json").write_text(json.dumps(
+        {"date": date.today().isoformat(), "jax": jax.__version__, "model": "llama3-8b", "rows": rows}, indent=2))
+    print("RESULT " + " ".join(f"{r['topology']}_{r['method']}_{r['impl']}_{r['seq']}="
+                               f"{r.get('gib', 'needs_' + str(r.get('needs_gib')))}" for r in rows))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seqs", default="4096,8192,16384")
     p.add_argument("--tpu", default="v5e:2x2", help="a TPU topology for the ahead-of-time rows ('' for none)")
     p.add_argument("--time", action="store_true", help="also run the CPU attention calls once")
+    p.add_argument("--steps", action="store_true", help="the 8B train step per topology, method, impl and T")
+    p.add_argument("--topologies", default="v5e:2x2,v5e:4x4")
+    p.add_argument("--methods", default="lora,qlora")
+    p.add_argument("--impls", default="xla,splash")
     args = p.parse_args()
+    if args.steps:
+        return steps(args)
     seqs = [int(s) for s in args.seqs.split(",")]
     tpu = _tpu_device(args.tpu) if args.tpu else None
 

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 LAYER_LOOPS = ("auto", "scan", "unroll")
+REMAT = ("auto", "true", "false")
 BACKENDS = ("cpu", "gpu", "tpu")
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 
 
 class PolicyError(ValueError):
@@ -30,12 +32,33 @@ class Policy:
     unroll_layers: bool  # training / evaluation: the layer stack as straight-line code instead of a scan
     decode_unroll_from: int | None  # batch size from which decoding splits the layer stack (None: never)
     tied_head_table_first: bool  # decoding with a tied head: (V, D) table as the left operand of the matmul
+    remat: bool = False  # training: each layer rematerialized in the backward pass (`train.remat`)
+    prng_impl: str | None = None  # JAX's PRNG for dropout (`jax_default_prng_impl`); None: JAX's default
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """How the families compute attention (the `attention.*` keys), carried to them by the run's
+    `jaxft.parallel.Layout`: the keywords of `jaxft.models.attention.attention` of the same names. backend:
+    the platform the step is compiled for (None: JAX's default; an ahead-of-time compile for a TPU from a CPU
+    host says 'tpu'). Hashable, as the layout is a static argument of jitted functions."""
+    impl: str = "auto"  # one of ATTENTION_IMPLS
+    block_q: int = 512
+    block_k: int = 512
+    interpret: bool = False  # splash in Pallas interpret mode (and cudnn's call through XLA): tests on CPUs
+    backend: str | None = None
+
+
+def attention_of(config, backend: str | None = None) -> Attention:
+    """The Attention of a run's config (`attention.*`), compiled for `backend` (None: JAX's default)."""
+    a = config.attention
+    return Attention(a.impl, a.block_q, a.block_k, a.interpret, backend)
 
 
 def resolve(backend: str | None = None, dtype=jnp.float32, quantized: bool = False,
-            layer_loop: str = "auto") -> Policy:
+            layer_loop: str = "auto", remat="auto") -> Policy:
     """The policy for `backend` (default: JAX's default backend) computing in `dtype`, with a quantized base or
-    not; `layer_loop` is `train.layer_loop` (`auto` leaves it to the policy).
+    not; `layer_loop` is `train.layer_loop` and `remat` `train.remat` (`auto` leaves each to the policy).
 
     CPU (XLA:CPU, measured on 2-core x86 machines):
     - bfloat16 layers unrolled: XLA:CPU converts every bf16 array a scan slices (frozen weights, saved
@@ -44,21 +67,36 @@ def resolve(backend: str | None = None, dtype=jnp.float32, quantized: bool = Fal
     - decoding from 4 prompts on reads per-layer weight buffers instead of slicing the stack each step (costs a
       second copy of the layer weights while generating);
     - the tied output head at decode puts the (V, D) table on the left of the matmul.
+    - remat off: the default model's step fits in memory without it, and remat recomputes every layer's
+      forward pass (bench/README.md, QLoRA: 2469 -> 1969 MB peak for bf16 LoRA at 4 x 128).
     GPU / TPU: the layer scan (short compiles, no copies), decoding over the stacked weights, the head's
-    operands in their natural order.
+    operands in their natural order; remat on (Llama-3-8B shapes, bf16 LoRA on a v5e 2x2 slice: 512 tokens a
+    row fit without it, 6,144 with it; issue 17); dropout from the `rbg` PRNG (the 8B step with lora.dropout
+    compiled in 407 s for a TPU with threefry bits fused into the LoRA matmuls, 63 s with rbg;
+    bench/README.md). rbg's bits differ from threefry's: a run's dropout masks depend on the backend anyway.
     """
     backend = backend or jax.default_backend()
     if backend not in BACKENDS:
         raise PolicyError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if layer_loop not in LAYER_LOOPS:
         raise PolicyError(f"train.layer_loop: {layer_loop!r} is not one of {', '.join(LAYER_LOOPS)}")
+    remat = str(remat).lower()  # a config file may say True / False
+    if remat not in REMAT:
+        raise PolicyError(f"train.remat: {remat!r} is not one of {', '.join(REMAT)}")
     cpu = backend == "cpu"
     if layer_loop == "auto":
         unroll = cpu and jnp.dtype(dtype) == jnp.bfloat16 and not quantized
     else:
         unroll = layer_loop == "unroll"
     return Policy(backend=backend, unroll_layers=unroll, decode_unroll_from=4 if cpu else None,
-                  tied_head_table_first=cpu)
+                  tied_head_table_first=cpu, remat=not cpu if remat == "auto" else remat == "true",
+                  prng_impl=None if cpu else "rbg")
+
+
+def apply_prng(policy: Policy) -> None:
+    """Sets JAX's default PRNG to the policy's (`jax_default_prng_impl`), before any key of the run is made."""
+    if policy.prng_impl is not None:
+        jax.config.update("jax_default_prng_impl", policy.prng_impl)
 
 
 def decode_unrolled(policy: Policy, batch: int) -> bool:

@@ -1,8 +1,9 @@
-"""`jaxft.models.attention`: every implementation equals the plain one (`xla`, itself `layers.attend` over
-`layers.attention_mask`), outputs and gradients, on the batches the models build. Splash runs in Pallas
+"""`jaxft.models.attention`: every implementation equals the plain one (`xla`, itself the einsum softmax `_plain`
+over `layers.attention_mask`), outputs and gradients, on the batches the models build. Splash runs in Pallas
 interpret mode and cudnn's call through XLA, as no TPU or GPU is here."""
 
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import pytest
 
 from jaxft.models import attention as attention_lib
 from jaxft.models.attention import AttentionError, attention
-from jaxft.models.layers import attend, attention_mask
+from jaxft.models.layers import NEG_INF, attention_mask
 
 B, N, K, H = 2, 4, 2, 8  # grouped-query: two query heads per key/value head
 
@@ -65,7 +66,13 @@ def _case(name, t=64):
 
 
 def _plain(q, k, v, mask):
-    return attend(q, k, v, mask)
+    """The plain arithmetic: q (B, T, N, H), k/v (B, S, K, H), mask (B, T, S) -> (B, T, N, H)."""
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, NEG_INF), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 def _compare(f, g_ref, args, rows, tol):

@@ -24,6 +24,47 @@ def test_cpu_unrolls_bf16_only_without_a_quantized_base():
     assert p.tied_head_table_first
 
 
+def test_accelerators_rematerialize_and_draw_dropout_from_rbg_the_cpu_neither():
+    """train.remat=auto: on for GPU / TPU (an 8B LoRA step fits 512 tokens a row without it on a v5e 2x2, 6,144
+    with it), off on the CPU; an explicit value wins. Dropout bits from rbg on accelerators (compile time)."""
+    for name in ("gpu", "tpu"):
+        p = backend.resolve(name, jnp.bfloat16)
+        assert p.remat and p.prng_impl == "rbg"
+        assert not backend.resolve(name, remat="false").remat and not backend.resolve(name, remat=False).remat
+    p = backend.resolve("cpu", jnp.bfloat16)
+    assert not p.remat and p.prng_impl is None
+    assert backend.resolve("cpu", remat="true").remat and backend.resolve("cpu", remat=True).remat
+    with pytest.raises(backend.PolicyError, match=r"^train.remat: 'often' is not one of auto, true, false$"):
+        backend.resolve("cpu", remat="often")
+
+
+def test_apply_prng_sets_the_policys_prng_and_the_cpu_keeps_jaxs():
+    import jax
+
+    before = jax.config.jax_default_prng_impl
+    try:
+        backend.apply_prng(backend.resolve("cpu"))
+        assert jax.config.jax_default_prng_impl == before
+        backend.apply_prng(backend.resolve("tpu"))
+        assert jax.random.PRNGKey(0).shape == (4,)  # an rbg key: four 32-bit words (threefry's has two)
+    finally:
+        jax.config.update("jax_default_prng_impl", before)
+
+
+def test_the_run_builder_takes_remat_from_the_policy(tmp_path):
+    """`jaxft.train.build.task_model`: train.remat=auto is the policy's choice for this backend (the CPU: off)."""
+    import os
+
+    from jaxft import config as config_lib
+    from jaxft.models import llama
+    from jaxft.train import build
+
+    default = os.path.join(os.path.dirname(__file__), "..", "configs", "default_lora.py")
+    for value, want in (("auto", False), ("true", True), ("false", False)):
+        config = config_lib.load(default, [f"train.remat={value}"])
+        assert build.task_model(config, llama, None, None, None, None).remat is want
+
+
 def test_explicit_layer_loop_wins_and_bad_values_name_the_key():
     assert backend.resolve("tpu", jnp.float32, layer_loop="unroll").unroll_layers
     assert not backend.resolve("cpu", jnp.bfloat16, layer_loop="scan").unroll_layers

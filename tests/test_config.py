@@ -33,8 +33,8 @@ def _flat(config, prefix=""):
 
 def test_the_base_declares_every_key_with_a_comment():
     keys = set(_flat(config_lib.base.get_config()))
-    assert len(keys) == 112 and {"guard.enabled", "guard.patience", "guard.loss_factor", "eval.metrics",
-                                 "data.pair_field", "head.pool", "demo.train_examples"} <= keys
+    assert len(keys) == 117 and {"attention.impl", "guard.enabled", "guard.patience", "guard.loss_factor",
+                                 "eval.metrics", "data.pair_field", "head.pool", "demo.train_examples"} <= keys
     source = (ROOT / "jaxft" / "config" / "base.py").read_text()
     assigned = re.findall(r"^    c\.(\w+(?:\.\w+)?) = (?!ml_collections\.ConfigDict)(.*)$", source, re.M)
     assert {k for k, _ in assigned} == keys
@@ -100,6 +100,7 @@ def test_the_choices_validate_checks_are_those_the_code_accepts():
     assert c["task"] == tuple(tasks.TASKS)
     assert c["peft.method"] == peft.METHODS
     assert c["train.schedule"] == optim.SCHEDULES and c["train.layer_loop"] == backend.LAYER_LOOPS
+    assert c["attention.impl"] == backend.ATTENTION_IMPLS and c["train.remat"] == backend.REMAT
     assert c["dtype"] == c["param_dtype"] == tuple(build.DTYPES)
     assert c["quant.format"] == ("none", *weight.FORMATS)
     assert c["adapter.placement"] == tuple(adapters.PLACEMENTS) and c["adapter.activation"] == peft_method.ACTIVATIONS
@@ -151,12 +152,17 @@ BAD = [
     ("data.eval=missing.jsonl", "data.eval: 'missing.jsonl' does not exist"),
     ("data.train=", "data.train: '' is empty: name the training file"),
     ("quant.format=int8", "quant.format: 'int8' is not one of none, nf4, int4"),
+    ("attention.impl=flash", "attention.impl: 'flash' is not one of auto, xla, chunked, splash, cudnn"),
+    ("attention.block_q=96", "attention.block_q: 96 does not divide train.seq_len=256"),
+    ("train.remat=yes", "train.remat: 'yes' is not one of auto, true, false"),
+    ("mesh.context=3", "mesh.context: 3 does not divide train.seq_len=256"),
 ]
 
 
 @pytest.mark.parametrize("override, message", BAD, ids=[b[0] for b in BAD])
 def test_validate_names_the_key_and_the_value_in_one_line_fast(data, override, message):
     extra = ["peft.method=prompt"] if override.startswith("prompt.") else []
+    extra += ["attention.impl=chunked"] if override.startswith("attention.block") else []  # auto fits its blocks
     config = config_lib.load(DEFAULT, [f"data.train={data}", *extra, override])
     start = time.perf_counter()
     with pytest.raises(config_lib.ConfigFileError) as e:
@@ -168,8 +174,8 @@ def test_validate_names_the_key_and_the_value_in_one_line_fast(data, override, m
 def test_validate_checks_the_mesh_against_the_devices(data):
     config = config_lib.load(DEFAULT, [f"data.train={data}", "mesh.data=2", "mesh.fsdp=2"])
     config_lib.validate(config)  # 2 * 2 divides the batch of 8; the devices are not known yet
-    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh.data: 2 \* mesh.fsdp=2 \* mesh.tensor=1 is not "
-                                                         r"the 8 devices"):
+    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh.data: 2 \* mesh.fsdp=2 \* mesh.context=1 \* "
+                                                         r"mesh.tensor=1 is not the 8 devices"):
         config_lib.validate(config, devices=8)
     spread = config_lib.load(DEFAULT, [f"data.train={data}", "mesh.tensor=2", "train.batch_size=6"])
     config_lib.validate(spread, devices=2)  # data = 2 / 2 = 1
@@ -177,10 +183,24 @@ def test_validate_checks_the_mesh_against_the_devices(data):
         config_lib.validate(spread, devices=8)  # data = 8 / 2 = 4
     fsdp = config_lib.load(DEFAULT, [f"data.train={data}", "mesh.data=1", "mesh.fsdp=-1"])
     config_lib.validate(fsdp, devices=8)  # any one axis may take the rest
-    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh: \(-1, -1, 1\) has more than one axis of size -1"):
+    with pytest.raises(config_lib.ConfigFileError, match=r"^mesh: \(-1, -1, 1, 1\) has more than one axis of size -1"):
         config_lib.validate(config_lib.load(DEFAULT, [f"data.train={data}", "mesh.fsdp=-1"]))
     with pytest.raises(config_lib.ConfigFileError, match=r"^mesh.tensor: 0 must be a positive integer, or -1"):
         config_lib.validate(config_lib.load(DEFAULT, [f"data.train={data}", "mesh.tensor=0"]))
+
+
+def test_validate_checks_the_attention_kernel_against_the_backend(data):
+    """Known once the devices are (here the CPU): splash needs a TPU or interpret mode, cudnn a GPU."""
+    splash = config_lib.load(DEFAULT, [f"data.train={data}", "attention.impl=splash"])
+    config_lib.validate(splash)  # the backend is not known yet
+    with pytest.raises(config_lib.ConfigFileError, match=r"^attention.impl: 'splash' needs a TPU \(the backend is "
+                                                         r"cpu\); use chunked, or attention.interpret=True"):
+        config_lib.validate(splash, devices=1)
+    config_lib.validate(config_lib.load(DEFAULT, [f"data.train={data}", "attention.impl=splash",
+                                                  "attention.interpret=True"]), devices=1)
+    with pytest.raises(config_lib.ConfigFileError, match=r"^attention.impl: 'cudnn' needs an NVIDIA GPU \(the "
+                                                         r"backend is cpu\)"):
+        config_lib.validate(config_lib.load(DEFAULT, [f"data.train={data}", "attention.impl=cudnn"]), devices=1)
 
 
 def test_train_validates_and_logs_the_settings_in_force_before_anything_loads(data, tmp_path, caplog):

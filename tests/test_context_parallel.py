@@ -47,7 +47,7 @@ def _run(out_path):
     import jax.numpy as jnp
     from jax.sharding import AxisType
 
-    from jaxft.models.layers import attend, attention_mask
+    from jaxft.models.attention import attention
     from jaxft.parallel.context import context_attention, zigzag
     from jaxft.parallel.rules import Layout, ShardingError
 
@@ -66,7 +66,8 @@ def _run(out_path):
         seg = jnp.ones((b, t), jnp.int32) if seg is None else seg
         pos = jnp.broadcast_to(jnp.arange(t), (b, t)) if pos is None else pos
         idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-        return attend(q, k, v, attention_mask(seg, pos, idx, seg, pos, idx, window, causal))
+        return attention(q, k, v, q_segments=seg, k_segments=seg, q_positions=pos, k_positions=pos, q_index=idx,
+                         k_index=idx, window=window, causal=causal, impl="xla")
 
     results, reference = {}, {}
     for mesh, name in RUNS:

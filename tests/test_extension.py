@@ -18,7 +18,8 @@ from jaxft import peft
 from jaxft.generate import generate
 from jaxft.models import hooks_of, llama, register_family
 from jaxft.models.config import LlamaConfig
-from jaxft.models.layers import apply_rope, attend, attention_mask, dense, einsum, rms_norm, rope_frequencies
+from jaxft.models.attention import attention, prefix_of
+from jaxft.models.layers import apply_rope, dense, einsum, rms_norm, rope_frequencies
 from jaxft.models.table import Entry
 from jaxft.peft import io as adapter_io
 from jaxft.peft import sources
@@ -92,7 +93,8 @@ def _mini_forward(cfg, base, tokens, *, trainable=None, positions=None, segment_
         k_pos = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, index))
         s = k_seg.shape[1]
         keys_meta = (k_seg, k_pos, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))
-    mask = attention_mask(segment_ids, positions, q_idx, *keys_meta, 0)
+    mask = dict(zip(("k_segments", "k_positions", "k_index"), keys_meta), q_segments=segment_ids, q_positions=positions,
+                q_index=q_idx)
     inv_freq = rope_frequencies(cfg.head_dim, 10000.0, None)
     heads = lambda y: y.reshape(b, t, cfg.n_heads, cfg.head_dim)
 
@@ -107,8 +109,8 @@ def _mini_forward(cfg, base, tokens, *, trainable=None, positions=None, segment_
             k = jax.lax.dynamic_update_slice(kv[0], k, (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(kv[1], v, (0, index, 0, 0))
             kv = (k, v)
-        k2, v2, m2 = hooks.attention_kv(attn, k, v, mask, segment_ids)
-        o = dense(attend(q, k2, v2, m2).reshape(b, t, -1), attn["o_proj"], hooks, rngs[3])
+        o = attention(q, k, v, prefix=prefix_of(hooks, attn, k, v, segment_ids), **mask)
+        o = dense(o.reshape(b, t, -1), attn["o_proj"], hooks, rngs[3])
         x = x + hooks.block_output(attn, o)
         h = rms_norm(x, p["mlp_norm"]["scale"], 1e-6)
         up = jax.nn.gelu(dense(h, mlp["up_proj"], hooks, rngs[4]))

@@ -1,6 +1,6 @@
 """Expert parallelism: a Mixtral model with LoRA on attention and experts, its experts split over the `expert` mesh
 axis (rules.experts), computes the loss and gradients of one device (float32, 1e-5) on 8 simulated CPU devices
-for (data, fsdp, tensor, expert) meshes, each device storing 1/N of the experts; an expert axis that does not
+for (data, fsdp, context, tensor, expert) meshes, each device storing 1/N of the experts; an expert axis that does not
 divide the expert count is a one-line error.
 
 The 8-device part runs once, in a subprocess (`python tests/test_moe_sharding.py OUT.json`), so that the rest of
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-MESHES = [(1, 1, 1, 8), (2, 1, 1, 4), (1, 2, 2, 2)]
+MESHES = [(1, 1, 1, 1, 8), (2, 1, 1, 1, 4), (1, 2, 1, 2, 2)]  # (data, fsdp, context, tensor, expert)
 E = 8
 
 
@@ -25,13 +25,13 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
 def test_expert_sharded_equals_one_device(results, mesh):
-    ref, got = results["1x1x1x1"], results["x".join(map(str, mesh))]
+    ref, got = results["1x1x1x1x1"], results["x".join(map(str, mesh))]
     assert abs(ref["loss"] - results["no_lora_loss"]) > 1e-3  # the adapter is in the loss
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=0, atol=1e-5)
     for path, g in ref["grads"].items():
         assert np.abs(g).max() > 1e-4, path
         np.testing.assert_allclose(got["grads"][path], g, rtol=1e-5, atol=1e-5, err_msg=path)
-    d, f, t, e = mesh
+    d, f, c, t, e = mesh
     # Each device stores 1/e of the experts (and 1/f of their width D, 1/t of F, as fsdp and tensor split them).
     assert got["expert_bytes_per_device"] * e * f * t == ref["expert_bytes_per_device"]
     assert got["spec"] == [None, "expert", "tensor", "fsdp"]  # down_proj (L, E, F, D), as the rules say
@@ -71,7 +71,7 @@ def _main(out):
         return total / count
 
     results = {}
-    for shape in [(1, 1, 1, 1)] + MESHES:
+    for shape in [(1, 1, 1, 1, 1)] + MESHES:
         n = int(np.prod(shape))
         layout = parallel.Layout(parallel.make_mesh(shape, jax.devices()[:n]), rules)
         base = jax.device_put(base_host, parallel.base_shardings(base_host, layout, mixtral.PARAM_AXES))
@@ -85,7 +85,7 @@ def _main(out):
             "expert_bytes_per_device": w.addressable_shards[0].data.nbytes,
             "spec": [None if a is None else a for a in w.sharding.spec] + [None] * (4 - len(w.sharding.spec))}
     results["no_lora_loss"] = float(jax.jit(lambda b: loss(None, base_host, b, None))(batch))
-    layout = parallel.Layout(parallel.make_mesh((1, 1, 1, 3), jax.devices()[:3]), rules)
+    layout = parallel.Layout(parallel.make_mesh((1, 1, 1, 1, 3), jax.devices()[:3]), rules)
     try:
         parallel.base_shardings(base_host, layout, mixtral.PARAM_AXES)
         results["error"] = None

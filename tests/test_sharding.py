@@ -83,7 +83,7 @@ def test_fsdp_holds_an_eighth_of_the_base_per_device(results):
 
 def test_errors_name_the_axis_and_sizes(results):
     e = results["errors"]
-    assert "data=3 * fsdp=1 * tensor=1 = 3 devices, but there are 8" in e["mesh_product"]
+    assert "data=3 * fsdp=1 * context=1 * tensor=1 = 3 devices, but there are 8" in e["mesh_product"]
     assert "embed/w: dimension 1 (embed) of size 36 cannot be split over mesh axes fsdp=8 = 8" in e["param_dim"]
     assert "dimension 2 (kv_heads) of size 4 cannot be split over mesh axes tensor=8 = 8" in e["activation_dim"]
     assert "of size 4 cannot be split over mesh axes data=8 * fsdp=1 = 8" in e["batch_rows"]
@@ -116,7 +116,7 @@ def test_unknown_names_in_the_rules_table_are_errors():
     layout = parallel.Layout(mesh, RULES)
     with pytest.raises(parallel.ShardingError, match="logical axis 'expert' is not in the rules"):
         layout.spec(("batch", "expert"))
-    with pytest.raises(parallel.ShardingError, match="data=2 \\* fsdp=1 \\* tensor=1 = 2 devices, but there are 1"):
+    with pytest.raises(parallel.ShardingError, match="data=2 \\* fsdp=1 \\* context=1 \\* tensor=1 = 2 devices, but there are 1"):
         parallel.make_mesh((2, 1, 1))
     assert jax.device_count() == 1  # the rest of the suite still sees one device
 

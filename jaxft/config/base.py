@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.b1 = 0.9  # AdamW beta1
     c.train.b2 = 0.999  # AdamW beta2
     c.train.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables
-    c.train.remat = False  # rematerialize each layer in the backward pass (less memory, more compute)
+    c.train.remat = "auto"  # true: rematerialize each layer in the backward pass (less memory, more compute);
+    # false; auto: the backend policy's choice (jaxft.backend: on for GPU / TPU, off on the CPU)
     c.train.layer_loop = "auto"  # scan (one compiled layer), unroll (straight-line layers: slower compile), or
     # auto: unroll for bfloat16 on CPU (XLA:CPU's scan converts bf16 slices to f32 every step), scan elsewhere
     # and for a quantized base (unrolled, XLA:CPU keeps dequantized weights alive: QLoRA would save no memory)
@@ -154,15 +155,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.features.text_field = "sentence"  # the column holding the text
     c.features.label_field = "label"  # the column holding the class label
 
-    c.mesh = ml_collections.ConfigDict()  # the device mesh; data * fsdp * tensor * expert = number of devices
+    c.attention = ml_collections.ConfigDict()  # how every family computes attention (jaxft.models.attention)
+    c.attention.impl = "auto"  # xla (plain softmax over a (T, S) mask), chunked (blockwise, any backend), splash
+    # (Pallas, TPU), cudnn (GPU), or auto: splash on TPU, cudnn on GPU, on CPU chunked from 2048 keys, else xla
+    c.attention.block_q = 512  # queries per block of chunked / splash (capped at the sequence; must divide it)
+    c.attention.block_k = 512  # keys per block of chunked / splash (capped at the sequence; must divide it)
+    c.attention.interpret = False  # splash in Pallas interpret mode, cudnn's call through XLA: tests on a CPU
+
+    c.mesh = ml_collections.ConfigDict()  # the device mesh; data * fsdp * context * tensor * expert = devices
     c.mesh.data = -1  # replicas splitting the batch (params copied); -1: the devices the other axes leave
     c.mesh.fsdp = 1  # splits the batch and the params / optimizer state (fully sharded data parallel)
+    c.mesh.context = 1  # splits the sequence (rules.seq): attention passes key/value blocks around a ring of this
+    # many devices (jaxft.parallel.context); must divide train.seq_len
     c.mesh.tensor = 1  # splits heads, mlp and vocab within each layer (tensor parallel, one host)
     c.mesh.expert = 1  # splits a mixture of experts' experts (expert parallel; rules.experts)
 
     c.rules = ml_collections.ConfigDict()  # logical axis -> comma-separated mesh axes ('' = not split)
     c.rules.batch = "data,fsdp"  # B, rows of a batch
-    c.rules.seq = ""  # T, positions of a row
+    c.rules.seq = "context"  # T, positions of a row
     c.rules.embed = "fsdp"  # D, the residual width (params; activations take it only where batch did not)
     c.rules.heads = "tensor"  # N*H, query heads
     c.rules.kv_heads = "tensor"  # K*H, key/value heads

@@ -26,6 +26,7 @@ CHOICES = {
     "data.tag_scheme": ("iob1", "iob2"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.layer_loop": ("auto", "scan", "unroll"),
+    "train.remat": ("auto", "true", "false"),
     "head.pool": ("default", "cls", "mean", "last"),
     "quant.format": ("none", "nf4", "int4"),
     "peft.method": ("lora", "adapter", "prefix", "prompt", "ia3", "full", "partial", "features"),
@@ -38,11 +39,13 @@ CHOICES = {
     "prompt.init": ("random", "text", "vocab"),
     "features.pool": ("mean", "last", "cls"),
     "features.head": ("linear", "mlp"),
+    "attention.impl": ("auto", "xla", "chunked", "splash", "cudnn"),
 }
 METRICS = ("rouge", "bleu")  # eval.metrics of seq2seq
 POSITIVE = ("train.batch_size", "train.grad_accum", "train.seq_len", "train.save_every", "train.log_every",
             "train.eval_batches", "guard.patience", "demo.train_examples", "demo.eval_examples", "quant.block_size",
-            "lora.rank", "adapter.size", "prefix.length", "prompt.length", "features.hidden")
+            "lora.rank", "adapter.size", "prefix.length", "prompt.length", "features.hidden",
+            "attention.block_q", "attention.block_k")
 NON_NEGATIVE = ("train.steps", "train.warmup_steps", "train.weight_decay", "train.max_grad_norm", "train.eval_every",
                 "train.early_stopping_patience", "train.keep_checkpoints", "train.l2sp", "eval.batch_size",
                 "eval.max_examples", "eval.generate_max_new_tokens", "eval.temperature", "eval.top_k",
@@ -72,6 +75,7 @@ def validate(config, devices: int | None = None, require_data: bool = True) -> N
     _method(config)
     _task(config, require_data)
     _mesh(config, devices)
+    _attention(config, _backend() if devices is not None else None)
     if not config.guard.loss_factor > 1:
         _fail("guard.loss_factor", config.guard.loss_factor, "must be > 1 (a multiple of the step-0 loss)")
     if not isinstance(config.model, str) or not config.model:
@@ -157,13 +161,13 @@ def _task(config, require_data: bool) -> None:
 
 
 def _mesh(config, devices: int | None) -> None:
-    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor", "expert")}
+    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "context", "tensor", "expert")}
     for axis, n in sizes.items():
         if isinstance(n, bool) or not isinstance(n, int) or n == 0 or n < -1:
             _fail(f"mesh.{axis}", n, "must be a positive integer, or -1 for the devices the other axes leave")
     if list(sizes.values()).count(-1) > 1:
         shown = tuple(n for axis, n in sizes.items() if axis != "expert" or n != 1)
-        _fail("mesh", shown, "has more than one axis of size -1 (data, fsdp, tensor, expert)")
+        _fail("mesh", shown, "has more than one axis of size -1 (data, fsdp, context, tensor, expert)")
     if devices is not None:
         known = math.prod(n for n in sizes.values() if n != -1)
         free = next((axis for axis, n in sizes.items() if n == -1), None)
@@ -174,14 +178,39 @@ def _mesh(config, devices: int | None) -> None:
             sizes[free] = devices // known
         if math.prod(sizes.values()) != devices:
             expert = f" * mesh.expert={sizes['expert']}" if sizes["expert"] != 1 else ""
-            _fail("mesh.data", sizes["data"], f"* mesh.fsdp={sizes['fsdp']} * mesh.tensor={sizes['tensor']}{expert} "
-                                              f"is not the {devices} devices (use -1 for one axis to take the rest)")
+            _fail("mesh.data", sizes["data"], f"* mesh.fsdp={sizes['fsdp']} * mesh.context={sizes['context']} * "
+                                              f"mesh.tensor={sizes['tensor']}{expert} is not the {devices} devices "
+                                              "(use -1 for one axis to take the rest)")
+    context = sizes["context"]
+    if context > 0 and config.train.seq_len % context:
+        _fail("mesh.context", context, f"does not divide train.seq_len={config.train.seq_len} (the sequence is "
+                                       "split over it)")
     # rows of each micro-batch are split over data * fsdp (an axis of size -1: not known before the devices are)
     parallel = max(sizes["data"], 1) * max(sizes["fsdp"], 1)
     if config.train.batch_size % (parallel * config.train.grad_accum):
         _fail("train.batch_size", config.train.batch_size,
               f"is not a multiple of train.grad_accum={config.train.grad_accum} * the mesh's data-parallel size "
               f"{parallel} (mesh.data * mesh.fsdp)")
+
+
+def _attention(config, backend: str | None) -> None:
+    """Blocks that divide the sequence; a kernel the backend has (known once the devices are)."""
+    a, t = config.attention, config.train.seq_len
+    if a.impl in ("chunked", "splash"):
+        for key in ("block_q", "block_k"):
+            if t % min(a[key], t):
+                _fail(f"attention.{key}", a[key], f"does not divide train.seq_len={t}")
+    if a.impl == "splash" and backend not in (None, "tpu") and not a.interpret:
+        _fail("attention.impl", a.impl, f"needs a TPU (the backend is {backend}); use chunked, or "
+                                        "attention.interpret=True for Pallas interpret mode (tests)")
+    if a.impl == "cudnn" and backend not in (None, "gpu") and not a.interpret:
+        _fail("attention.impl", a.impl, f"needs an NVIDIA GPU (the backend is {backend}); use auto or chunked")
+
+
+def _backend() -> str:
+    import jax  # the devices are known (initialized) when validate is given their number
+
+    return jax.default_backend()
 
 
 def _cached_name(source: str) -> bool:

@@ -10,6 +10,15 @@
            grouped-query heads, no segment ids.
   auto     splash on TPU, cudnn on GPU, otherwise chunked from AUTO_CHUNKED_KEYS keys on and xla below.
 
+Every family attends through `attention` alone, with the mask given in pieces (segment ids, positions, slots,
+window, causality), T5's bias and prefix tuning's keys as arguments; the run's choice (`attention.*` keys)
+reaches it on the layout (`jaxft.parallel.Layout.attention`, a `jaxft.backend.Attention`).
+
+With the sequence split over devices (a layout whose rules.seq names mesh axes of C > 1 devices: `mesh.context`),
+self-attention runs as ring attention (`jaxft.parallel.context`, its own blockwise arithmetic, whatever `impl`);
+what the ring cannot take (a bias, prefix keys, cache slots, queries and keys of different segments or lengths)
+runs the chosen implementation on keys XLA gathers, said once in the log.
+
 What a kernel cannot express falls back to `chunked` (said once in the log): an additive bias (T5), prefix
 keys (prefix tuning), explicit cache slots (decoding), a traced window, shared soft-prompt keys (splash) and
 padding-only segments (cudnn). Packed segments with cudnn are refused: its masks cannot keep examples apart.
@@ -27,15 +36,19 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from jaxft.backend import ATTENTION_IMPLS as IMPLS
+from jaxft.backend import Attention
 from jaxft.models.blockwise import flash_attention
 from jaxft.models.layers import NEG_INF, attention_mask
+from jaxft.parallel.context import context_attention, context_size
 
-IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 # What segment ids may hold: 'padding' (0) and one example per row; 'packed' examples (distinct positive ids);
 # 'shared' adds negative ids every non-padding query sees (a soft prompt before packed examples).
 SEGMENT_KINDS = ("padding", "packed", "shared")
 AUTO_CHUNKED_KEYS = 2048
+SPLASH_BLOCK = 128  # splash's blocks are multiples of the TPU's 128 lanes
 FAR = 1 << 30  # prefix keys sit at slot -FAR and position +FAR: before every query, inside every window
 
 log = logging.getLogger(__name__)
@@ -48,13 +61,13 @@ class AttentionError(ValueError):
 
 def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_positions=None, q_index=None,
               k_index=None, window=0, causal: bool = True, bias=None, prefix=None, scale: float | None = None,
-              segment_kind: str = "shared", impl: str = "xla", block_q: int = 512, block_k: int = 512,
-              interpret: bool = False, backend: str | None = None):
+              segment_kind: str = "shared", layout=None, impl: str | None = None, block_q: int | None = None,
+              block_k: int | None = None, interpret: bool | None = None, backend: str | None = None):
     """q (B, T, N, H), k/v (B, S, K, H) -> (B, T, N, H) in q's dtype; N a multiple of K (grouped-query).
 
     q_segments / k_segments (B, T) / (B, S) int: 0 is padding (sees and is seen by nothing), equal ids see each
-    other, a negative key id is seen by every non-padding query (`segment_kind` says which of these occur);
-    None: one example per row. q_positions / k_positions (B, T) / (B, S): positions within an example, for
+    other, a negative key id is seen by every non-padding query and a negative query id sees every
+    non-padding key (`segment_kind` says which of these occur); None: one example per row. q_positions / k_positions (B, T) / (B, S): positions within an example, for
     `window` (a query sees keys less than `window` positions back; 0: no window; an int or a traced scalar).
     q_index / k_index (B, T) / (B, S): slots in the sequence or KV cache, for `causal`; None: 0..T-1 / 0..S-1.
     bias (N, T, S) or (B, N, T, S): added to the scaled scores (T5); with a prefix its last axis may be P + S
@@ -64,8 +77,16 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
     divide them). interpret: run splash in Pallas interpret mode and cudnn's call through XLA (tests on CPUs).
     backend: the platform the call is compiled for ('cpu', 'gpu', 'tpu'), default `jax.default_backend()`;
     an ahead-of-time compile for a TPU topology from a CPU host passes 'tpu'.
+    layout: a `jaxft.parallel.Layout` whose `attention` gives impl, the blocks, interpret and backend where
+    they are not passed (without one, `jaxft.backend.Attention()`'s defaults: impl auto).
     Rows that see no key (padding queries) hold an implementation-defined average of values.
     """
+    given = getattr(layout, "attention", None) or Attention()
+    impl = given.impl if impl is None else impl
+    block_q = given.block_q if block_q is None else block_q
+    block_k = given.block_k if block_k is None else block_k
+    interpret = given.interpret if interpret is None else interpret
+    backend = given.backend if backend is None else backend
     b, t, n, h = q.shape
     s = k.shape[1]
     if impl not in IMPLS:
@@ -81,6 +102,20 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
             if length % block:
                 raise AttentionError(f"attention.{name}={block} does not divide the sequence length {length}")
     scale = 1.0 / math.sqrt(h) if scale is None else scale
+    ring = context_size(layout)
+    if ring > 1:
+        cannot_ring = [why for why, present in (
+            ("an additive bias", bias is not None), ("prefix keys", prefix is not None),
+            ("explicit cache slots", q_index is not None or k_index is not None),
+            ("cross-attention", s != t or q_segments is not k_segments or q_positions is not k_positions))
+            if present]
+        if not cannot_ring:
+            part = t // ring if t % ring == 0 else t  # (context_attention refuses a split that does not divide)
+            return context_attention(q, k, v, layout, q_segments, q_positions, window, causal=causal, scale=scale,
+                                     block_q=_divisor(part, min(block_q, part)),
+                                     block_k=_divisor(part, min(block_k, part)))
+        _report(f"context parallelism (mesh.context) cannot take {', '.join(cannot_ring)}: attention.impl="
+                f"{chosen} over gathered keys")
 
     segments = q_segments is not None or k_segments is not None
     static_window = isinstance(window, (int, np.integer))
@@ -92,14 +127,26 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
         ("padding-only segment ids", impl == "cudnn" and segments and segment_kind == "padding"),
         ("a window without causality", impl == "cudnn" and static_window and not causal and window > 0))
         if present]
-    if impl == "cudnn" and segments and segment_kind == "packed":
-        raise AttentionError("attention.impl=cudnn cannot keep packed examples apart (segment ids); use "
-                             "attention.impl=chunked or splash")
+    if impl == "cudnn" and segments and segment_kind == "packed" and not cannot:
+        if chosen == "cudnn":
+            raise AttentionError("attention.impl=cudnn cannot keep packed examples apart (segment ids); use "
+                                 "attention.impl=chunked or splash")
+        cannot.append("packed segment ids")  # auto: the portable kernel instead of a refusal
+    if impl == "splash" and not cannot and (block_q % SPLASH_BLOCK or block_k % SPLASH_BLOCK):  # its lanes
+        if chosen == "splash":
+            raise AttentionError(f"attention.impl=splash: blocks of {block_q} x {block_k} tokens (attention.block_q"
+                                 f" x block_k, capped at the sequence) are not multiples of {SPLASH_BLOCK}")
+        cannot.append(f"sequences shorter than {SPLASH_BLOCK} tokens")
     if impl in ("splash", "cudnn") and cannot:
         _report(f"attention.impl={impl} cannot express {', '.join(cannot)}: using chunked")
         impl = "chunked"
     if impl == "splash":
-        return _splash(q, k, v, q_segments, k_segments, int(window), causal, scale, block_q, block_k, interpret)
+        segs = () if q_segments is None and k_segments is None else tuple(
+            jnp.ones((b, length), jnp.int32) if x is None else x.astype(jnp.int32)
+            for x, length in ((q_segments, t), (k_segments, s)))
+        splash = functools.partial(_splash, window=int(window), causal=causal, scale=scale, block_q=block_q,
+                                   block_k=block_k, interpret=interpret)
+        return _on_shards(splash, layout, q, k, v, segs)
     if impl == "cudnn":
         return _cudnn(q, k, v, int(window), causal, scale, interpret)
 
@@ -121,6 +168,14 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
     out = flash_attention(q.reshape(b, t, k.shape[2], g, h), k, v, bias, q_meta, k_meta, window, causal=causal,
                           scale=scale, block_q=block_q, block_k=block_k)
     return out.reshape(b, t, n, h)
+
+
+def prefix_of(hooks, p: dict, k, v, q_segments):
+    """The keys and values a fine-tuning method puts before a layer's own (prefix tuning: (pk, pv), each
+    (B, P, K, H)), or None: the method's `attention_kv` hook asked with none of the layer's keys, so that no
+    (B, T, S) mask is built. `attention` lets every non-padding query see them, as the hook's mask does."""
+    pk, pv, _ = hooks.attention_kv(p, k[:, :0], v[:, :0], jnp.zeros((*q_segments.shape, 0), bool), q_segments)
+    return (pk, pv) if pk.shape[1] else None
 
 
 def _choose(impl: str, s: int, interpret: bool, backend: str) -> str:
@@ -168,7 +223,7 @@ def _with_prefix(k, v, k_meta, prefix, multiple: int):
 
 
 def _xla(q, k, v, mask, bias, scale):
-    """`layers.attend` with a bias and a scale: q (B, T, N, H), k/v (B, S, K, H), mask (B, T, S),
+    """The plain attention: q (B, T, N, H), k/v (B, S, K, H), mask (B, T, S),
     bias (1 | B, K, G, T, S) float32 or None."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
@@ -199,8 +254,21 @@ def _splash_kernel(t: int, s: int, g: int, window: int, causal: bool, block_q: i
                                                 interpret=interpret)
 
 
-def _splash(q, k, v, q_segments, k_segments, window, causal, scale, block_q, block_k, interpret):
-    """Splash attention, one kernel call per example and key/value head (its grouped-query form, 'mqa')."""
+def _on_shards(fn, layout, q, k, v, segments: tuple):
+    """fn(q, k, v, segments) on each device's rows and heads of `layout`'s mesh (`jax.shard_map`): XLA cannot
+    partition a Pallas (Mosaic) kernel itself. Without a layout, fn(q, k, v, segments)."""
+    if layout is None:
+        return fn(q, k, v, segments)
+    q_spec = layout.spec(("batch", "seq", "heads", "head_dim"), q.shape, "attention q")
+    kv_spec = layout.spec(("batch", "seq", "kv_heads", "head_dim"), k.shape, "attention k/v")
+    seg_specs = (P(*q_spec[:2]), P(*kv_spec[:2]))[:len(segments)]
+    return jax.shard_map(fn, mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_specs), out_specs=q_spec,
+                         check_vma=False)(q, k, v, segments)
+
+
+def _splash(q, k, v, segments, *, window, causal, scale, block_q, block_k, interpret):
+    """Splash attention, one kernel call per example and key/value head (its grouped-query form, 'mqa');
+    segments: () or the (query, key) segment ids."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
@@ -209,12 +277,11 @@ def _splash(q, k, v, q_segments, k_segments, window, causal, scale, block_q, blo
     # the kernel does not scale; (B, T, N, H) -> (B, K, G, T, H) and k/v -> (B, K, S, H)
     qs = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)
     ks, vs = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    if q_segments is None and k_segments is None:
+    if not segments:
         per_head = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1))
         out = jax.vmap(per_head)(qs, ks, vs)
     else:
-        q_seg = jnp.ones((b, t), jnp.int32) if q_segments is None else q_segments.astype(jnp.int32)
-        k_seg = jnp.ones((b, s), jnp.int32) if k_segments is None else k_segments.astype(jnp.int32)
+        q_seg, k_seg = segments
         per_head = jax.vmap(lambda q1, k1, v1, seg: kernel(q1, k1, v1, segment_ids=seg), in_axes=(0, 0, 0, None))
         out = jax.vmap(per_head)(qs, ks, vs, sa.SegmentIds(q_seg, k_seg))
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)

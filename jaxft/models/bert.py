@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from jaxft.models.config import ConfigError
 from jaxft.models.hooks import hooks_of
-from jaxft.models.layers import attend, dense, einsum, remat_layer
+from jaxft.models.attention import attention, prefix_of
+from jaxft.models.layers import dense, einsum, remat_layer
 from jaxft.models.table import Entry, module_rows
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
@@ -247,13 +248,6 @@ def layer_norm(x, p: dict, eps: float):
     return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
-def encoder_mask(segment_ids):
-    """(B, T) -> (B, T, T) bool: a query sees the keys of its own segment, never padding (0); padding and
-    shared slots (negative ids: a soft prompt) see every non-padding key, as they do in transformers."""
-    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
-    return (k != 0) & ((q == k) | (q <= 0) | (k < 0))
-
-
 def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=None, positions=None,
             trainable: dict | None = None, peft=None, lora=None, rng=None, dtype=jnp.float32,
             remat: bool = False, unroll: bool = False, return_hidden: bool = False, embeddings=None, layout=None):
@@ -287,8 +281,10 @@ def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=No
     x = x + as_dense(emb["position"]["w"], dtype)[positions] + as_dense(emb["type"]["w"], dtype)[token_types]
     x = constrain(layer_norm(x, emb["norm"], cfg.norm_eps), ("batch", "seq", "embed"), layout)
 
-    mask = encoder_mask(segment_ids)
-    body = partial(_layer, cfg, hooks, mask, segment_ids, layout=layout)
+    # As transformers: padding and the soft prompt (negative ids) see every key outside padding: padding
+    # queries are given a negative id, which `jaxft.models.layers.attention_mask` reads that way.
+    queries = jnp.where(segment_ids == 0, -1, segment_ids)
+    body = partial(_layer, cfg, hooks, queries, segment_ids, layout=layout)
     if remat:
         body = remat_layer(body, unroll)
 
@@ -337,8 +333,8 @@ def embed(cfg: Config, params: dict, tokens, segment_ids, *, token_types=None, t
     return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
-def _layer(cfg: Config, hooks, mask, segment_ids, x, p, rng, *, layout=None):
-    """One post-LayerNorm block: x (B, T, D) -> x."""
+def _layer(cfg: Config, hooks, q_segments, segment_ids, x, p, rng, *, layout=None):
+    """One post-LayerNorm block: x (B, T, D) -> x. q_segments / segment_ids (B, T): of queries and keys."""
     b, t, _ = x.shape
     n, h = cfg.n_heads, cfg.head_dim
     rngs = [None] * 6 if rng is None else list(jax.random.split(rng, 6))
@@ -347,8 +343,9 @@ def _layer(cfg: Config, hooks, mask, segment_ids, x, p, rng, *, layout=None):
     k = dense(x, attn["k_proj"], hooks, rngs[1]).reshape(b, t, n, h)
     v = dense(x, attn["v_proj"], hooks, rngs[2]).reshape(b, t, n, h)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"), layout)
-    k, v, mask = hooks.attention_kv(attn, k, v, mask, segment_ids)
-    o = dense(attend(q, k, v, mask).reshape(b, t, n * h), attn["o_proj"], hooks, rngs[3])
+    o = attention(q, k, v, q_segments=q_segments, k_segments=segment_ids, causal=False,
+                  prefix=prefix_of(hooks, attn, k, v, segment_ids), layout=layout)
+    o = dense(o.reshape(b, t, n * h), attn["o_proj"], hooks, rngs[3])
     x = layer_norm(x + hooks.block_output(attn, o), p["attn_norm"], cfg.norm_eps)
 
     mlp = p["mlp"]

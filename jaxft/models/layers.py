@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: norms, rotary embeddings, attention and the adaptable linear map.
+"""Building blocks shared by the model families: norms, rotary embeddings, the attention mask rule and the
+adaptable linear map (attention itself: `jaxft.models.attention`).
 
 Axis letters, used in every einsum, shape comment and sharding name of jaxft:
   B batch, T time (queries), S time (keys / cache slots), D model width, N query heads, K key/value heads,
@@ -7,6 +8,7 @@ Axis letters, used in every einsum, shape comment and sharding name of jaxft:
 
 from __future__ import annotations
 
+import contextvars
 import math
 from functools import partial
 
@@ -15,6 +17,9 @@ import jax.numpy as jnp
 
 from jaxft.quant import as_dense
 
+# Set while a rematerialized layer (`remat_layer`, scanned) is traced: its backward pass recomputes the whole
+# layer, so a quantized weight's own rematerialization (`dense`) would only add to memory.
+_IN_REMAT_LAYER = contextvars.ContextVar("in_remat_layer", default=False)
 NEG_INF = -1e30  # finite, so that a fully masked row (padding) gives a uniform softmax instead of NaN
 
 
@@ -80,7 +85,7 @@ def dense(x, p: dict, hooks=None, rng=None):
     p: the module's subtree, {w, b} and whatever the method put beside them; rng: for the method's dropout.
     """
     fn = (lambda x, p, rng: linear(x, p)) if hooks is None else hooks.linear
-    if hasattr(p["w"], "dequantize"):  # a QuantizedWeight (QLoRA)
+    if hasattr(p["w"], "dequantize") and not _IN_REMAT_LAYER.get():  # a QuantizedWeight (QLoRA)
         return _rematerialized(fn)(x, p, rng)
     return fn(x, p, rng)
 
@@ -90,7 +95,9 @@ def _rematerialized(fn):
     dense copy as a residual, which inside the layer scan would stack a dense copy of every layer (a full bf16
     copy of the base) between the forward and the backward pass. (A custom VJP that dequantizes only once the
     output's gradient exists, tried unrolled on the default model, kept more memory: 1320 against 1029 MB of
-    temporaries.)"""
+    temporaries.) Inside a scanned `remat_layer` it is left out: the layer is recomputed whole, and the nested
+    checkpoint cost memory there (Llama-3-8B shapes with 4 layers, QLoRA at 4k tokens compiled for a TPU v5e
+    2x2 slice: 6.16 against 5.56 GiB of temporaries per chip, bench/long_context.py)."""
     return jax.checkpoint(fn)
 
 
@@ -102,8 +109,19 @@ def remat_layer(body, unroll: bool):
     default model: no memory saved at all; an optimization barrier over the inputs and the gradient did not
     change that either). Unrolled, the layer is `_recompute_after_grad`."""
     if not unroll:
-        return jax.checkpoint(body, prevent_cse=False)
+        return jax.checkpoint(_marked(body), prevent_cse=False)
     return _recompute_after_grad(body)
+
+
+def _marked(body):
+    """`body`, traced with `_IN_REMAT_LAYER` set (each trace: the forward pass and the recomputation)."""
+    def run(*args, **kwargs):
+        token = _IN_REMAT_LAYER.set(True)
+        try:
+            return body(*args, **kwargs)
+        finally:
+            _IN_REMAT_LAYER.reset(token)
+    return run
 
 
 def _recompute_after_grad(body):
@@ -174,26 +192,16 @@ def attention_mask(q_seg, q_pos, q_idx, k_seg, k_pos, k_idx, window, causal: boo
 
     Segment ids keep packed examples apart; `*_idx` are slots in the sequence or KV cache (causality);
     `*_pos` are positions within an example (sliding window). `window` 0 means no window (a traced scalar).
-    A negative key segment is shared: every query outside padding sees it (a soft prompt before packed examples).
+    Negative ids are shared: a negative key is seen by every query outside padding (a soft prompt before packed
+    examples), and a negative query sees every key outside padding (the soft prompt of an encoder reads the
+    whole input; under causality, a prompt placed first sees only itself).
     """
-    shared = (k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)
+    shared = ((k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)) | (q_seg[:, :, None] < 0)
     mask = ((q_seg[:, :, None] == k_seg[:, None, :]) | shared) & (k_seg[:, None, :] != 0)
     if causal:
         mask &= k_idx[:, None, :] <= q_idx[:, :, None]
     dist = q_pos[:, :, None] - k_pos[:, None, :]
     return mask & ((window <= 0) | (dist < window))
-
-
-def attend(q, k, v, mask):
-    """q: (B, T, N, H), k/v: (B, S, K, H), mask: (B, T, S) -> (B, T, N, H). Grouped-query aware."""
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 def last_token(h, segment_ids):

@@ -23,10 +23,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxft.models.attention import attention, prefix_of
 from jaxft.models.config import LlamaConfig
 from jaxft.models.hooks import hooks_of
-from jaxft.models.layers import (apply_rope, attend, attention_mask, dense, einsum, remat_layer, rms_norm,
-                                 rope_frequencies)
+from jaxft.models.layers import apply_rope, dense, einsum, remat_layer, rms_norm, rope_frequencies
 from jaxft.models.table import Entry
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
@@ -135,6 +135,7 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    packed = segment_ids is not None  # without segment ids, one example per row: what every kernel expresses
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
     x = embeddings if embeddings is not None else as_dense(params["embed"]["w"], dtype)[tokens]
@@ -144,9 +145,11 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     x, positions, segment_ids = hooks.input_embeddings(trainable, x, positions, segment_ids)
     n_soft, t = x.shape[1] - t, x.shape[1]
 
+    # The mask in pieces (`jaxft.models.attention.attention`): segments, positions, and cache slots if any.
+    segments = segment_ids if packed or n_soft else None
+    mask = dict(q_segments=segments, k_segments=segments, q_positions=positions, k_positions=positions,
+                segment_kind="shared" if n_soft else "packed")
     if cache is None:
-        q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        keys_meta = (segment_ids, positions, q_idx)
         layer_cache, new_meta = None, None
     else:
         index = cache["index"]
@@ -154,15 +157,16 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
         k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
         k_pos = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, index))
         s = cache["segment_ids"].shape[1]
-        keys_meta = (k_seg, k_pos, jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))
+        mask.update(q_segments=segment_ids, k_segments=k_seg, k_positions=k_pos, q_index=q_idx,
+                    k_index=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)))
         layer_cache = (cache["k"], cache["v"])
         new_meta = {"segment_ids": k_seg, "positions": k_pos, "index": index + t}
 
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
-    body = partial(_layer, cfg, hooks, inv_freq, (segment_ids, positions, q_idx), keys_meta,
-                   None if cache is None else cache["index"], layout=layout, mlp=mlp or mlp_block)
+    body = partial(_layer, cfg, hooks, inv_freq, segment_ids, mask, None if cache is None else cache["index"],
+                   layout=layout, mlp=mlp or mlp_block)
     if remat:
         body = remat_layer(body, unroll or isinstance(base["layers"], (list, tuple)))
 
@@ -262,11 +266,13 @@ def mlp_block(cfg: LlamaConfig, hooks, p: dict, h, rngs, layout=None):
     return hooks.block_output(mlp, dense(gate, mlp["down_proj"], hooks, rngs[2])), None
 
 
-def _layer(cfg: LlamaConfig, hooks, inv_freq, query_meta, keys_meta, index, x, p, window, rng, kv, *,
-           layout=None, mlp=mlp_block):
-    """One transformer block: x (B, T, D) -> (x, ((k, v) cache of this layer or None, the MLP's side output))."""
+def _layer(cfg: LlamaConfig, hooks, inv_freq, q_seg, mask, index, x, p, window, rng, kv, *, layout=None,
+           mlp=mlp_block):
+    """One transformer block: x (B, T, D) -> (x, ((k, v) cache of this layer or None, the MLP's side output)).
+    q_seg (B, T): the queries' segment ids; mask: the mask's pieces, `attention`'s keywords; window: this layer's
+    (traced)."""
     b, t, _ = x.shape
-    q_seg, q_pos, q_idx = query_meta
+    q_pos = mask["q_positions"]
     rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
     attn = p["attn"]
 
@@ -281,9 +287,11 @@ def _layer(cfg: LlamaConfig, hooks, inv_freq, query_meta, keys_meta, index, x, p
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
         kv = (k, v)
         k, v = k.astype(x.dtype), v.astype(x.dtype)
-    mask = attention_mask(q_seg, q_pos, q_idx, *keys_meta, window)
-    k, v, mask = hooks.attention_kv(attn, k, v, mask, q_seg)  # after the cache: what it adds is not cached
-    o = attend(q, k, v, mask).reshape(b, t, cfg.n_heads * cfg.head_dim)
+    prefix = prefix_of(hooks, attn, k, v, q_seg)  # after the cache: what the method adds is not cached
+    if len(set(cfg.layer_windows)) == 1:  # one window for every layer: a static one, which kernels take
+        window = cfg.layer_windows[0]
+    o = attention(q, k, v, window=window, prefix=prefix, layout=layout, **mask)
+    o = o.reshape(b, t, cfg.n_heads * cfg.head_dim)
     x = x + hooks.block_output(attn, dense(o, attn["o_proj"], hooks, rngs[3]))
 
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)

@@ -40,7 +40,8 @@ import numpy as np
 
 from jaxft.models.config import ConfigError
 from jaxft.models.hooks import hooks_of
-from jaxft.models.layers import NEG_INF, attention_mask, dense, einsum, remat_layer, rms_norm
+from jaxft.models.attention import attention, prefix_of
+from jaxft.models.layers import dense, einsum, remat_layer, rms_norm
 from jaxft.models.loss import token_loss
 from jaxft.models.table import Entry
 from jaxft.parallel.rules import constrain
@@ -258,9 +259,8 @@ def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict
     x, _, segment_ids = hooks.input_embeddings(trainable, x, jnp.zeros((b, s), jnp.int32), segment_ids)
     s = x.shape[1]
     x = constrain(x, ("batch", "seq", "embed"), layout)
-    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    mask = attention_mask(segment_ids, idx, idx, segment_ids, idx, idx, 0, causal=False)
-    mask |= (segment_ids[:, :, None] < 0) & (segment_ids[:, None, :] != 0)  # the prompt sees the whole input
+    # the mask's pieces (`jaxft.models.attention`); a soft prompt (negative ids) sees the whole input
+    mask = dict(q_segments=segment_ids, k_segments=segment_ids, causal=False)
     bias = position_bias(params["encoder"]["rel_bias"]["w"], jnp.arange(s), jnp.arange(s), cfg, bidirectional=True)
     body = partial(_encoder_layer, cfg, hooks, bias.astype(dtype), mask, segment_ids, layout=layout)
     if remat:
@@ -329,10 +329,11 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
         k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], dec_segment_ids.astype(jnp.int32), (0, index))
         k_idx = jnp.arange(k_seg.shape[1], dtype=jnp.int32)
     bq, bk = jnp.broadcast_to(q_idx, (b, t)), jnp.broadcast_to(k_idx, (b, k_idx.shape[0]))
-    self_mask = attention_mask(dec_segment_ids, bq, bq, k_seg, bk, bk, 0, causal=True)
-    s = enc_segment_ids.shape[1]
-    e_idx = jnp.zeros((b, s), jnp.int32)
-    cross_mask = attention_mask(dec_segment_ids, bq, bq, enc_segment_ids, e_idx, e_idx, 0, causal=False)
+    # the masks' pieces (`jaxft.models.attention`): cache slots only where there is a cache
+    self_mask = dict(q_segments=dec_segment_ids, k_segments=k_seg, segment_kind="packed")
+    if cache is not None:
+        self_mask.update(q_index=bq, k_index=bk)
+    cross_mask = dict(q_segments=dec_segment_ids, k_segments=enc_segment_ids, causal=False)
     n_prefix = hooks.prefix_length  # keys and values `attention_kv` puts first
     if n_prefix:  # as PEFT: P past keys and values at positions 0..P-1 of the decoder; the text from P on
         bias = position_bias(params["decoder"]["rel_bias"]["w"], q_idx + n_prefix,
@@ -463,15 +464,11 @@ def position_bias(w, q_idx, k_idx, cfg: Config, *, bidirectional: bool):
     return jnp.transpose(as_dense(w, jnp.float32)[table[rel]], (2, 0, 1))
 
 
-def _attend(q, k, v, bias, mask):
-    """q (B, T, N, H), k/v (B, S, N, H), bias (N, T, S) or None, mask (B, T, S) -> (B, T, N*H). Unscaled scores."""
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
-    scores = jnp.where(mask[:, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(*out.shape[:2], -1).astype(q.dtype)
+def _attend(q, k, v, bias, mask: dict, prefix=None, layout=None):
+    """q (B, T, N, H), k/v (B, S, N, H), bias (N, T, S) or None, mask: the pieces of `attention`'s mask
+    -> (B, T, N*H). T5's scores are not scaled."""
+    out = attention(q, k, v, bias=bias, prefix=prefix, scale=1.0, layout=layout, **mask)
+    return out.reshape(*out.shape[:2], -1)
 
 
 def _mlp(cfg: Config, p: dict, h, hooks, rngs, layout):
@@ -493,8 +490,8 @@ def _encoder_layer(cfg: Config, hooks, bias, mask, segment_ids, x, p, rng, *, la
     attn = p["self_attn"]
     h = rms_norm(x, p["self_attn_norm"]["scale"], cfg.norm_eps)
     q, k, v = (_heads(dense(h, attn[f"{m}_proj"], hooks, r), cfg) for m, r in zip("qkv", rngs))
-    k, v, mask = hooks.attention_kv(attn, k, v, mask, segment_ids)
-    x = x + hooks.block_output(attn, dense(_attend(q, k, v, bias, mask), attn["o_proj"], hooks, rngs[3]))
+    o = _attend(q, k, v, bias, mask, prefix_of(hooks, attn, k, v, segment_ids), layout)
+    x = x + hooks.block_output(attn, dense(o, attn["o_proj"], hooks, rngs[3]))
     out = _mlp(cfg, p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps), hooks, rngs[4:], layout)
     return constrain(x + hooks.block_output(p["mlp"], out), ("batch", "seq", "embed"), layout)
 
@@ -517,8 +514,8 @@ def _decoder_layer(cfg: Config, hooks, bias, self_mask, cross_mask, index, segme
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
         kv = (k, v)
         k, v = k.astype(x.dtype), v.astype(x.dtype)
-    k, v, self_mask = hooks.attention_kv(attn, k, v, self_mask, segment_ids)  # not cached
-    x = x + hooks.block_output(attn, dense(_attend(q, k, v, bias, self_mask), attn["o_proj"], hooks, rngs[3]))
+    o = _attend(q, k, v, bias, self_mask, prefix_of(hooks, attn, k, v, segment_ids), layout)  # prefix: not cached
+    x = x + hooks.block_output(attn, dense(o, attn["o_proj"], hooks, rngs[3]))
 
     attn = p["cross_attn"]
     h = rms_norm(x, p["cross_attn_norm"]["scale"], cfg.norm_eps)
@@ -528,8 +525,8 @@ def _decoder_layer(cfg: Config, hooks, bias, self_mask, cross_mask, index, segme
         cross = tuple(_heads(dense(encoded.astype(x.dtype), attn[f"{m}_proj"], hooks, r), cfg)
                       for m, r in zip("kv", rngs[5:7]))
         new_cross = None if kv is None else cross
-    o = dense(_attend(q, cross[0].astype(x.dtype), cross[1].astype(x.dtype), None, cross_mask), attn["o_proj"],
-              hooks, rngs[7])
+    o = dense(_attend(q, cross[0].astype(x.dtype), cross[1].astype(x.dtype), None, cross_mask, layout=layout),
+              attn["o_proj"], hooks, rngs[7])
     x = x + hooks.block_output(attn, o)
 
     out = _mlp(cfg, p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps), hooks, rngs[8:], layout)

@@ -34,7 +34,8 @@ from jaxft.models import tables
 from jaxft.models.bert import ENCODER_LAYER_AXES, layer_norm  # the one LayerNorm (it belongs in layers.py)
 from jaxft.models.config import ConfigError
 from jaxft.models.table import Entry, module_rows
-from jaxft.models.layers import attend, dense, remat_layer
+from jaxft.models.attention import attention
+from jaxft.models.layers import dense, remat_layer
 from jaxft.parallel.rules import constrain
 from jaxft.tree import overlay, unflatten
 
@@ -272,7 +273,7 @@ def _layer(cfg: Config, lora, x, p, rng, *, layout=None):
                   layout)
     k = dense(y, attn["k_proj"], lora, rngs[1]).reshape(b, t, n, h)
     v = dense(y, attn["v_proj"], lora, rngs[2]).reshape(b, t, n, h)
-    o = attend(q, k, v, jnp.ones((b, t, t), bool)).reshape(b, t, n * h)
+    o = attention(q, k, v, causal=False, layout=layout).reshape(b, t, n * h)
     x = x + dense(o, attn["o_proj"], lora, rngs[3])
     y = layer_norm(x, p["mlp_norm"], cfg.norm_eps)
     up = ACTIVATIONS[cfg.act](dense(y, p["mlp"]["up_proj"], lora, rngs[4]))

@@ -80,6 +80,13 @@ def context_attention(q, k, v, layout: Layout, segment_ids=None, positions=None,
     return fn(q, k, v, meta, jnp.asarray(window, jnp.int32))
 
 
+def context_size(layout: Layout | None) -> int:
+    """C: the number of devices `layout`'s rules.seq splits a sequence over (1 without a layout)."""
+    if layout is None:
+        return 1
+    return math.prod(layout.mesh.shape[a] for a in _axes(layout.spec(("batch", "seq", "heads", "head_dim"))[1]))
+
+
 def zigzag(t: int, size: int) -> np.ndarray:
     """(T,) int: the order of slots that balances causal attention over `size` devices (zig-zag layout).
 
@@ -105,7 +112,7 @@ def _block_mask(q_seg, q_pos, q_slot, k_seg, k_pos, k_slot, window, causal):
     jaxft.models.layers.attention_mask's rule (this package sits below jaxft.models, so it cannot import it;
     tests/test_context_parallel.py holds the two equal).
     """
-    shared = (k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)
+    shared = ((k_seg[:, None, :] < 0) & (q_seg[:, :, None] != 0)) | (q_seg[:, :, None] < 0)
     mask = ((q_seg[:, :, None] == k_seg[:, None, :]) | shared) & (k_seg[:, None, :] != 0)
     if causal:
         mask &= k_slot[:, None, :] <= q_slot[:, :, None]

@@ -1,9 +1,12 @@
-"""The device mesh (data, fsdp, tensor, expert) from the config, and joining the processes of a multi-host run.
+"""The device mesh (data, fsdp, context, tensor, expert) from the config, and joining the processes of a
+multi-host run.
 
   data    replicas: the batch is split, parameters are copied (cheap when they are small, e.g. LoRA on a
           model that fits one device)
   fsdp    fully sharded data parallel: the batch is split and so are parameters and optimizer state, each
           device gathering one layer's weights when it needs them
+  context context parallel: the sequence is split (rules.seq), attention passes key/value blocks around a ring
+          (`jaxft.parallel.context`)
   tensor  tensor parallel: heads, MLP width and vocabulary are split within a layer (fast interconnect only)
   expert  expert parallel: a mixture of experts' experts are split (rules.experts), each device storing E/N of
           them; the grouped expert products gather a layer's experts where they need them, as fsdp gathers a
@@ -21,46 +24,54 @@ import os
 import jax
 from jax.sharding import AxisType, Mesh
 
+from jaxft.backend import apply_prng, attention_of, resolve
 from jaxft.parallel.rules import MESH_AXES, Layout, ShardingError, rules_from_config
 
 log = logging.getLogger("jaxft.parallel")
 
 
 def make_mesh(shape: dict | tuple, devices=None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor, expert) of the given sizes over `devices` (default: all of JAX's).
+    """A mesh with axes (data, fsdp, context, tensor, expert) of the given sizes over `devices` (default: all of
+    JAX's).
 
-    shape: {"data": d, "fsdp": f, "tensor": t, "expert": e} or (d, f, t, e); a missing expert size is 1. One size
-    may be -1 for the devices left over.
+    shape: {"data": d, "fsdp": f, "context": c, "tensor": t, "expert": e} (a missing axis is 1), (d, f, t) or
+    (d, f, c, t, e). One size may be -1 for the devices left over.
     The device order is JAX's (`jax.make_mesh`: on TPU it follows the physical torus; across hosts,
     process by process, so that the leading axes span hosts and `tensor` stays within one).
     Raises ShardingError when the sizes do not multiply to the number of devices.
     """
-    if isinstance(shape, dict):
-        sizes = [shape.get(a, 1) if a == "expert" else shape[a] for a in MESH_AXES]
-    else:
-        sizes = list(shape) + [1] * (len(shape) == len(MESH_AXES) - 1)  # (d, f, t): no expert axis
+    sizes = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+    if len(sizes) == 3:  # (data, fsdp, tensor): no context or expert axis
+        sizes = [sizes[0], sizes[1], 1, sizes[2], 1]
     devices = list(jax.devices() if devices is None else devices)
     if len(sizes) != len(MESH_AXES) or any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes):
         raise ShardingError(f"mesh: sizes {tuple(sizes)} for axes {MESH_AXES} must be positive integers or -1")
-    named = lambda sep: sep.join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if a != "expert" or s != 1)
     if sizes.count(-1) > 1:
-        raise ShardingError(f"mesh: at most one axis may be -1, got {named(' ')}")
+        raise ShardingError(f"mesh: at most one axis may be -1, got {_named(sizes)}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ShardingError(f"mesh: {len(devices)} devices cannot be split into {named(' ')} (the fixed axes "
-                                f"take {known})")
+            raise ShardingError(f"mesh: {len(devices)} devices cannot be split into {_named(sizes)} (the fixed "
+                                f"axes take {known})")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ShardingError(f"mesh: {named(' * ')} = {math.prod(sizes)} devices, but there are {len(devices)} "
-                            f"(use -1 for one axis to take the rest)")
+        raise ShardingError(f"mesh: {_named(sizes, ' * ')} = {math.prod(sizes)} devices, but there are "
+                            f"{len(devices)} (use -1 for one axis to take the rest)")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def _named(sizes, sep: str = " ") -> str:
+    return sep.join(f"{a}={n}" for a, n in zip(MESH_AXES, sizes) if a != "expert" or n != 1)  # (dense models)
+
+
 def from_config(config, devices=None) -> Layout:
-    """The Layout of `config.mesh` and `config.rules` (see configs/default_lora.py)."""
+    """The Layout of `config.mesh`, `config.rules` and `config.attention` (see jaxft/config/base.py). As the
+    first thing a run builds, before any random key, it also sets the backend policy's PRNG (`rbg` on GPU and
+    TPU, `jaxft.backend.apply_prng`)."""
     mesh = make_mesh({a: config.mesh[a] for a in MESH_AXES}, devices)
-    return Layout(mesh, rules_from_config(config.rules))
+    platform = mesh.devices.flat[0].platform  # the target's (a TPU topology's when `jaxft aot` compiles for one)
+    apply_prng(resolve(platform))
+    return Layout(mesh, rules_from_config(config.rules), attention_of(config, platform))
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

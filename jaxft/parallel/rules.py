@@ -1,7 +1,8 @@
 """Logical axes -> mesh axes: the one table every PartitionSpec of jaxft is derived from.
 
 An array dimension is named with a logical axis (`batch`, `embed`, `heads`, ...: see LOGICAL_AXES); the rules
-of the config map each logical axis to zero or more mesh axes (`data`, `fsdp`, `tensor`, `expert`). A `Layout` holds a
+of the config map each logical axis to zero or more mesh axes (`data`, `fsdp`, `context`, `tensor`, `expert`). A
+`Layout` holds a
 mesh and those rules and turns names into `PartitionSpec`s and `NamedSharding`s, checking on the way that
 every split dimension divides evenly. Nothing here reads a global mesh: the layout is passed explicitly.
 """
@@ -15,7 +16,9 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+from jaxft.backend import Attention
+
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert")  # context: the sequence split (jaxft.parallel.context)
 LOGICAL_AXES = {  # name -> what it is (the axis letters of jaxft.models.layers)
     "batch": "B, rows of a batch",
     "seq": "T, positions of a row",
@@ -42,10 +45,12 @@ class Layout:
     """A device mesh and the rules that map logical axes onto it. Hashable, so it can be static under jit.
 
     rules: ((logical axis, (mesh axis, ...)), ...) for every name of LOGICAL_AXES; () means replicated.
+    attention: how the model's attention layers compute on this mesh (`jaxft.backend.Attention`).
     """
 
     mesh: Mesh
     rules: tuple[tuple[str, tuple[str, ...]], ...]
+    attention: Attention = Attention()
 
     def __post_init__(self):
         for name, axes in self.rules:

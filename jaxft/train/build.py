@@ -82,8 +82,11 @@ def task_model(config, fam, cfg, spec, tokenizer, layout) -> tasks.Model:
     pad = 0 if tokenizer is None else (tokenizer.pad_token_id or 0)
     dtype = dtype_of(config, "dtype")
     cfg = moe_settings(config, cfg, str(config.model))  # the router losses' weights (mixtures of experts)
-    return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype, layout=layout, remat=config.train.remat,
-                       unroll=unroll_layers(config, dtype), pad_id=pad, pool=pool, loss_chunk=config.train.loss_chunk)
+    platform = None if layout is None else layout.mesh.devices.flat[0].platform  # (the compile target's)
+    remat = backend_lib.resolve(platform, dtype, remat=config.train.remat).remat
+    return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype, layout=layout, remat=remat,
+                       unroll=unroll_layers(config, dtype, platform), pad_id=pad, pool=pool,
+                       loss_chunk=config.train.loss_chunk)
 
 
 def unroll_layers(config, dtype, backend: str | None = None) -> bool:

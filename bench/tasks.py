@@ -195,7 +195,8 @@ def copy_head(model, head: dict) -> None:
 def peft_run(config, prep: dict, autocast: bool) -> dict:
     import peft
 
-    from jaxft.tasks import rows, seq2seq
+    from jaxft.data import rows
+    from jaxft.tasks import seq2seq
     from jaxft.train.optim import schedule
 
     t0 = time.perf_counter()
@@ -287,7 +288,8 @@ def generate(model, tokenizer, config, prompts: list[str], autocast: bool) -> li
     import transformers
 
     from jaxft.data.formats import prompt_ids
-    from jaxft.tasks import rows, seq2seq
+    from jaxft.data import rows
+    from jaxft.tasks import seq2seq
 
     d, e = config.data, config.eval
     ids = [prompt_ids(p, tokenizer, system_prompt=d.system_prompt, chat_template=d.chat_template) for p in prompts]

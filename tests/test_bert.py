@@ -362,7 +362,7 @@ def test_mlm_head_for_checkpoints_without_one(tmp_path):
 
 def test_training_stream_resumes():
     """Training batches are masked afresh at each step, and a resumed stream repeats the same masking."""
-    from jaxft.tasks import rows
+    from jaxft.data import rows
     tokens, segments = _synthetic(rows=16, length=32, vocab=V)
     ids = {"mask_id": MASK_ID, "vocab_size": V, "special_ids": SPECIAL}
     first = mlm._Masked(rows.stream({"tokens": tokens, "segment_ids": segments}, 4, 0), ids, 0)

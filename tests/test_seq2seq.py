@@ -21,7 +21,7 @@ from jaxft.data import DataError, Record, packing, read_records, tokenize_record
 from jaxft.data.sources import read_parallel
 from jaxft.models import llama
 from jaxft.tasks import Eval, Model, seq2seq
-from jaxft.tasks import rows as task_rows
+from jaxft.data import rows as task_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 W = tiny.WORDS

@@ -16,7 +16,8 @@ import tiny
 from jaxft import checkpoint
 from jaxft.data import DataError
 from jaxft.models import family_of
-from jaxft.tasks import Model, classification, embedding, rows, token_classification
+from jaxft.data import rows
+from jaxft.tasks import Model, classification, embedding, token_classification
 
 TEXTS = ["the quick brown fox jumps over a lazy dog", "seven wise owls", "count stars at night while the fox"]
 T = 12

@@ -1,7 +1,8 @@
 """The data pipeline: files -> records -> tokens with a loss mask -> packed rows -> batches (grain).
 
 A batch is a dict of numpy arrays, all (B, T): tokens, targets (already shifted), loss_mask, segment_ids
-(0 = padding) and positions; see `jaxft.data.packing`.
+(0 = padding) and positions; see `jaxft.data.packing`. The tasks other than language modelling read the same
+files into fixed-length examples (`jaxft.data.rows`); every training stream is `jaxft.data.pipeline.stream`.
 """
 
 from jaxft.data.formats import FIELDS, Examples, tokenize_records

@@ -55,7 +55,7 @@ def make_dataset(paths: Paths, format: str, tokenizer, seq_len: int, batch_size:
     records = _read(paths, split, text_sample_by, cache_dir)
     examples = _tokenize(records, paths, format, tokenizer, seq_len, fields, system_prompt, chat_template)
     return _train_stream(examples, len(records), seq_len, batch_size, seed, pack, num_epochs,
-                         _process_slice(batch_size, process_index, process_count), paths)
+                         process_slice(batch_size, process_index, process_count), paths)
 
 
 def make_eval_batches(paths: Paths, format: str, tokenizer, seq_len: int, batch_size: int, *, pack: bool = True,
@@ -71,7 +71,7 @@ def make_eval_batches(paths: Paths, format: str, tokenizer, seq_len: int, batch_
     records = _read(paths, split, text_sample_by, cache_dir)
     examples = _tokenize(records, paths, format, tokenizer, seq_len, fields, system_prompt, chat_template)
     return _eval_list(examples, len(records), seq_len, batch_size, pack,
-                      _process_slice(batch_size, process_index, process_count))
+                      process_slice(batch_size, process_index, process_count))
 
 
 def for_training(config, tokenizer) -> tuple[grain.DatasetIterator, list[dict[str, np.ndarray]], dict]:
@@ -87,7 +87,7 @@ def for_training(config, tokenizer) -> tuple[grain.DatasetIterator, list[dict[st
               "messages": {"messages": d.messages_field}, "text": {"text": d.text_field}}.get(d.format)
     tokenize = dict(format=d.format, tokenizer=tokenizer, seq_len=t.seq_len, fields=fields,
                     system_prompt=d.system_prompt, chat_template=True)
-    part = _process_slice(t.batch_size, None, None)
+    part = process_slice(t.batch_size)
     records = _read(d.train, "train", "document", None)
     examples = _tokenize(records, d.train, **tokenize)
     eval_examples, n_eval_records = None, len(records)
@@ -117,10 +117,18 @@ def _train_stream(examples: Examples, n_records: int, seq_len: int, batch_size: 
         raise DataError(f"{_names(paths)}: {len(rows)} row(s) of {seq_len} tokens, fewer than the batch size "
                         f"{batch_size}")
     stats = _stats(examples, n_records, rows, seq_len, len(rows) // batch_size)
-    ds = (grain.MapDataset.range(len(rows)).shuffle(seed).repeat(num_epochs)
-          .batch(batch_size, drop_remainder=True)
-          .map(_BuildBatch(examples, rows, seq_len, part)))
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)), stats
+    return stream(len(rows), batch_size, seed, _BuildBatch(examples, rows, seq_len, part), num_epochs), stats
+
+
+def stream(n: int, batch_size: int, seed: int, build: grain.transforms.Map,
+           num_epochs: int | None = None) -> grain.IterDataset:
+    """The one training stream of jaxft's data: indices 0..n-1 of rows (or examples) reshuffled every epoch over
+    `num_epochs` passes (None: endless), in global batches of `batch_size` (a last partial one dropped), each
+    turned into arrays by `build` (global indices (batch_size,) -> this process's batch: `process_slice`).
+    `iter()` of it resumes exactly through get_state() / set_state()."""
+    ds = (grain.MapDataset.range(n).shuffle(seed).repeat(num_epochs).batch(batch_size, drop_remainder=True)
+          .map(build))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
 
 
 def _eval_list(examples: Examples, n_records: int, seq_len: int, batch_size: int, pack: bool,
@@ -172,7 +180,8 @@ def _stats(examples: Examples, n_records: int, rows: list, seq_len: int, batches
     return stats
 
 
-def _process_slice(batch_size: int, index: int | None, count: int | None) -> slice:
+def process_slice(batch_size: int, index: int | None = None, count: int | None = None) -> slice:
+    """This process's rows of a global batch of `batch_size` (index / count default to JAX's processes)."""
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
     if not 0 <= index < count:

@@ -19,7 +19,8 @@ import numpy as np
 
 from jaxft import metrics
 from jaxft.models import family_of
-from jaxft.tasks import Eval, Model, evaluate_batches, heads, rows
+from jaxft.data import rows
+from jaxft.tasks import Eval, Model, evaluate_batches, heads
 
 KINDS = ("encoder", "decoder")
 

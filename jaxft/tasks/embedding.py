@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.models.loss import token_loss
-from jaxft.tasks import Eval, Model, evaluate_batches, heads, rows
+from jaxft.data import rows
+from jaxft.tasks import Eval, Model, evaluate_batches, heads
 from jaxft.tasks.classification import encode
 
 KINDS = ("encoder", "decoder")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft import tree
+from jaxft.data import rows
 from jaxft.models.loss import token_loss
 
 KINDS = ("encoder",)
@@ -71,7 +72,6 @@ def batches(config, tokenizer) -> tuple:
     """(endless training iterator, evaluation batches, info): texts of data.text_field, tokenized with the
     special tokens, cut to train.seq_len; the evaluation rows (at most train.eval_batches batches) masked once
     with a fixed seed."""
-    from jaxft.tasks import rows
     ids = special_ids(tokenizer)
     t = config.train
     recs = rows.records(config.data.train)
@@ -124,7 +124,6 @@ def evaluate(ev) -> dict[str, float]:
 
 
 def _arrays(recs, config, tokenizer) -> dict[str, np.ndarray]:
-    from jaxft.tasks import rows
     texts = rows.column(recs, config.data.text_field, "data.text_field")
     enc = tokenizer(texts, truncation=True, max_length=config.train.seq_len)["input_ids"]
     n = config.train.seq_len

@@ -34,7 +34,8 @@ from jaxft import metrics as metric_lib
 from jaxft.data import DataError, packing, read_records, tokenize_records
 from jaxft.data.formats import field_names, prompt_ids, seq2seq_texts
 from jaxft.data.sources import read_parallel
-from jaxft.tasks import Eval, Model, TaskError, causal_lm, evaluate_batches, rows
+from jaxft.data import rows
+from jaxft.tasks import Eval, Model, TaskError, causal_lm, evaluate_batches
 
 log = logging.getLogger(__name__)
 

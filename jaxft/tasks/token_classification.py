@@ -28,7 +28,8 @@ import numpy as np
 from jaxft import metrics
 from jaxft.data import DataError
 from jaxft.models import family_of
-from jaxft.tasks import Eval, Model, TaskError, evaluate_batches, heads, rows
+from jaxft.data import rows
+from jaxft.tasks import Eval, Model, TaskError, evaluate_batches, heads
 
 KINDS = ("encoder", "decoder")
 SCHEMES = ("iob1", "iob2")

@@ -2,17 +2,17 @@
 
 The task tokenizes every example into fixed-length numpy arrays {key: (N, ...)}; this module reads the columns
 and the label set, holds out the evaluation part, and turns the arrays into a shuffled, resumable training
-stream (grain, as `jaxft.data`) and into padded evaluation batches. As in `jaxft.data`, batch_size is the
-global batch and each process keeps its own slice of every global batch.
+stream (grain, as `jaxft.data`) and into padded evaluation batches. As for the token rows of `jaxft.data.pipeline`
+(whose stream this is), batch_size is the global batch and each process keeps its own slice of every global batch.
 """
 
 from __future__ import annotations
 
 import grain
-import jax
 import numpy as np
 
-from jaxft.data import DataError, Record, read_records
+from jaxft.data.pipeline import process_slice, stream as batch_stream
+from jaxft.data.sources import DataError, Record, read_records
 
 IGNORE = -100  # a label that counts nothing (padding rows, sub-word continuations), as transformers uses it
 
@@ -96,17 +96,14 @@ def stream(arrays: dict[str, np.ndarray], batch_size: int, seed: int) -> grain.D
     n = len(next(iter(arrays.values())))
     if n < batch_size:
         raise DataError(f"{n} training example(s), fewer than train.batch_size={batch_size}")
-    part = _process_slice(batch_size)
-    ds = (grain.MapDataset.range(n).shuffle(seed).repeat(None).batch(batch_size, drop_remainder=True)
-          .map(_Take(arrays, part)))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+    return iter(batch_stream(n, batch_size, seed, _Take(arrays, process_slice(batch_size))))
 
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, fill: dict[str, int]) -> list[dict]:
     """Batches of the rows in order; the last global batch is padded with rows of `fill` values (each key's
     value: segment_ids 0 and IGNORE labels, so that they count nothing)."""
     n = len(next(iter(arrays.values())))
-    part = _process_slice(batch_size)
+    part = process_slice(batch_size)
     out = []
     for start in range(0, n, batch_size):
         rows = {k: v[start:start + batch_size] for k, v in arrays.items()}
@@ -132,14 +129,6 @@ class _Take(grain.transforms.Map):
 
     def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return {k: v[indices[self.part]] for k, v in self.arrays.items()}
-
-
-def _process_slice(batch_size: int) -> slice:
-    count, index = jax.process_count(), jax.process_index()
-    if batch_size % count:
-        raise ValueError(f"batch_size {batch_size} (global) is not divisible by process_count {count}")
-    local = batch_size // count
-    return slice(index * local, (index + 1) * local)
 
 
 def _is_int(x: str) -> bool:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jaxft.models.config import ConfigError
 from jaxft.models.hooks import hooks_of
 from jaxft.models.attention import attention, prefix_of
-from jaxft.models.layers import dense, einsum, remat_layer
+from jaxft.models.layers import dense, einsum, layer_loop
 from jaxft.models.table import Entry, module_rows
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
@@ -284,17 +284,10 @@ def forward(cfg: Config, base: dict, tokens, *, segment_ids=None, token_types=No
     # As transformers: padding and the soft prompt (negative ids) see every key outside padding: padding
     # queries are given a negative id, which `jaxft.models.layers.attention_mask` reads that way.
     queries = jnp.where(segment_ids == 0, -1, segment_ids)
-    body = partial(_layer, cfg, hooks, queries, segment_ids, layout=layout)
-    if remat:
-        body = remat_layer(body, unroll)
-
-    def step(x, xs):
-        base_l, train_l, rng_l = xs
-        return body(x, overlay(base_l, train_l), rng_l), None
-
+    layer = partial(_layer, cfg, hooks, queries, segment_ids, layout=layout)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
-    train_layers = (trainable or {}).get("layers", {})
-    x, _ = jax.lax.scan(step, x, (base["layers"], train_layers, layer_rngs), unroll=unroll)
+    x, _ = layer_loop(lambda x, p, r: (layer(x, p, r), None), x, base["layers"],
+                      (trainable or {}).get("layers", {}), layer_rngs, remat=remat, unroll=unroll)
     x = x[:, n_soft:]  # without the soft prompt's outputs
     if return_hidden:
         return x, None

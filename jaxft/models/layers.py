@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxft.quant import as_dense
+from jaxft.tree import overlay
 
 # Set while a rematerialized layer (`remat_layer`, scanned) is traced: its backward pass recomputes the whole
 # layer, so a quantized weight's own rematerialization (`dense`) would only add to memory.
@@ -99,6 +100,25 @@ def _rematerialized(fn):
     checkpoint cost memory there (Llama-3-8B shapes with 4 layers, QLoRA at 4k tokens compiled for a TPU v5e
     2x2 slice: 6.16 against 5.56 GiB of temporaries per chip, bench/long_context.py)."""
     return jax.checkpoint(fn)
+
+
+def layer_loop(body, x, base_layers, train_layers, *xs, shared: tuple = (), remat: bool = False,
+               unroll: bool = False):
+    """The one layer loop of every family: body(x, params_l, *xs_l, *shared) -> (x, y_l) over the L layers
+    stacked on the leading axis of `base_layers` (params_l: layer l's weights with the trainable leaves of
+    `train_layers`, a tree of the same stacked paths or {}, overlaid; xs: per-layer stacked arrays or None, e.g.
+    dropout keys and cache slices; shared: what every layer reads, e.g. an encoder's output: passed, not closed
+    over, so that the rematerialized layer differentiates it). `remat`: each layer rematerialized in the
+    backward pass (`remat_layer`); `unroll`: the scan as straight-line code (the backend policy's choice,
+    `jaxft.backend`). -> (x, the y_l stacked)."""
+    if remat:
+        body = remat_layer(body, unroll)
+
+    def step(x, layer):
+        base_l, train_l, *rest = layer
+        return body(x, overlay(base_l, train_l), *rest, *shared)
+
+    return jax.lax.scan(step, x, (base_layers, train_layers, *xs), unroll=unroll)
 
 
 def remat_layer(body, unroll: bool):

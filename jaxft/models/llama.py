@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxft.models.attention import attention, prefix_of
 from jaxft.models.config import LlamaConfig
 from jaxft.models.hooks import hooks_of
-from jaxft.models.layers import apply_rope, dense, einsum, remat_layer, rms_norm, rope_frequencies
+from jaxft.models.layers import apply_rope, dense, einsum, layer_loop, remat_layer, rms_norm, rope_frequencies
 from jaxft.models.table import Entry
 from jaxft.parallel.rules import constrain
 from jaxft.quant import as_dense
@@ -167,19 +167,14 @@ def forward(cfg: LlamaConfig, base: dict, tokens, *, trainable: dict | None = No
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
     body = partial(_layer, cfg, hooks, inv_freq, segment_ids, mask, None if cache is None else cache["index"],
                    layout=layout, mlp=mlp or mlp_block)
-    if remat:
-        body = remat_layer(body, unroll or isinstance(base["layers"], (list, tuple)))
-
-    def step(x, xs):
-        base_l, train_l, window, rng_l, kv = xs
-        return body(x, overlay(base_l, train_l), window, rng_l, kv)
-
     train_layers = (trainable or {}).get("layers", {})
-    if isinstance(base["layers"], (list, tuple)):  # unrolled: per-layer trees from `split_layers`
-        x, (new_kv, aux) = _unrolled(step, x, base["layers"], train_layers, windows, layer_rngs, layer_cache)
+    if isinstance(base["layers"], (list, tuple)):  # decoding over per-layer trees from `split_layers` (policy)
+        step = remat_layer(body, True) if remat else body
+        x, (new_kv, aux) = _unrolled(lambda x, xs: step(x, overlay(xs[0], xs[1]), *xs[2:]), x, base["layers"],
+                                     train_layers, windows, layer_rngs, layer_cache)
     else:
-        x, (new_kv, aux) = jax.lax.scan(step, x, (base["layers"], train_layers, windows, layer_rngs, layer_cache),
-                                        unroll=unroll)
+        x, (new_kv, aux) = layer_loop(body, x, base["layers"], train_layers, windows, layer_rngs, layer_cache,
+                                      remat=remat, unroll=unroll)
 
     x = rms_norm(x[:, n_soft:], params["final_norm"]["scale"], cfg.norm_eps)  # without the soft prompt's outputs
     new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], **new_meta}

@@ -41,7 +41,7 @@ import numpy as np
 from jaxft.models.config import ConfigError
 from jaxft.models.hooks import hooks_of
 from jaxft.models.attention import attention, prefix_of
-from jaxft.models.layers import dense, einsum, remat_layer, rms_norm
+from jaxft.models.layers import dense, einsum, layer_loop, rms_norm
 from jaxft.models.loss import token_loss
 from jaxft.models.table import Entry
 from jaxft.parallel.rules import constrain
@@ -262,17 +262,10 @@ def encode(cfg: Config, base: dict, tokens, *, segment_ids=None, trainable: dict
     # the mask's pieces (`jaxft.models.attention`); a soft prompt (negative ids) sees the whole input
     mask = dict(q_segments=segment_ids, k_segments=segment_ids, causal=False)
     bias = position_bias(params["encoder"]["rel_bias"]["w"], jnp.arange(s), jnp.arange(s), cfg, bidirectional=True)
-    body = partial(_encoder_layer, cfg, hooks, bias.astype(dtype), mask, segment_ids, layout=layout)
-    if remat:
-        body = remat_layer(body, unroll)
-
-    def step(x, xs):
-        base_l, train_l, rng_l = xs
-        return body(x, overlay(base_l, train_l), rng_l), None
-
+    layer = partial(_encoder_layer, cfg, hooks, bias.astype(dtype), mask, segment_ids, layout=layout)
     layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
-    train_layers = (trainable or {}).get("encoder", {}).get("layers", {})
-    x, _ = jax.lax.scan(step, x, (base["encoder"]["layers"], train_layers, layer_rngs), unroll=unroll)
+    x, _ = layer_loop(lambda x, p, r: (layer(x, p, r), None), x, base["encoder"]["layers"],
+                      (trainable or {}).get("encoder", {}).get("layers", {}), layer_rngs, remat=remat, unroll=unroll)
     return rms_norm(x, params["encoder"]["final_norm"]["scale"], cfg.norm_eps)
 
 
@@ -341,21 +334,14 @@ def forward(cfg: Config, base: dict, enc_tokens, dec_tokens, *, enc_segment_ids=
                              bidirectional=False)
     else:
         bias = position_bias(params["decoder"]["rel_bias"]["w"], q_idx, k_idx, cfg, bidirectional=False)
-    body = partial(_decoder_layer, cfg, hooks, bias.astype(dtype), self_mask, cross_mask,
-                   None if cache is None else index, dec_segment_ids, layout=layout)
-    if remat:
-        body = remat_layer(body, unroll)
-
-    def step(x, xs):
-        base_l, train_l, rng_l, kv, cross = xs
-        return body(x, overlay(base_l, train_l), rng_l, kv, cross, encoded)
-
+    layer = partial(_decoder_layer, cfg, hooks, bias.astype(dtype), self_mask, cross_mask,
+                    None if cache is None else index, dec_segment_ids, layout=layout)
     layer_rngs = None if dec_rng is None else jax.random.split(dec_rng, cfg.n_decoder_layers)
-    train_layers = (trainable or {}).get("decoder", {}).get("layers", {})
     kv = None if cache is None else (cache["k"], cache["v"])
     cross = (cache["cross_k"], cache["cross_v"]) if cross_cached else None
-    x, (new_kv, new_cross) = jax.lax.scan(step, x, (base["decoder"]["layers"], train_layers, layer_rngs, kv, cross),
-                                          unroll=unroll)
+    train_layers = (trainable or {}).get("decoder", {}).get("layers", {})
+    x, (new_kv, new_cross) = layer_loop(layer, x, base["decoder"]["layers"], train_layers, layer_rngs, kv, cross,
+                                        shared=(encoded,), remat=remat, unroll=unroll)
     x = rms_norm(x, params["decoder"]["final_norm"]["scale"], cfg.norm_eps)
 
     new_cache = None

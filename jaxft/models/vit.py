@@ -35,7 +35,7 @@ from jaxft.models.bert import ENCODER_LAYER_AXES, layer_norm  # the one LayerNor
 from jaxft.models.config import ConfigError
 from jaxft.models.table import Entry, module_rows
 from jaxft.models.attention import attention
-from jaxft.models.layers import dense, remat_layer
+from jaxft.models.layers import dense, layer_loop
 from jaxft.parallel.rules import constrain
 from jaxft.tree import overlay, unflatten
 
@@ -241,21 +241,18 @@ def forward(cfg: Config, base: dict, pixel_values, *, layer: int | tuple[int, ..
     depth = max(wanted)  # the blocks after the deepest wanted layer are never run
     params = overlay(base, trainable)
     x = constrain(embed(cfg, params, pixel_values, dtype), ("batch", "seq", "embed"), layout)
-    body = partial(_layer, cfg, lora, layout=layout)
-    if remat:
-        body = remat_layer(body, unroll)
+    layer = partial(_layer, cfg, lora, layout=layout)
 
-    def step(x, xs):
-        base_l, train_l, rng_l = xs
-        x = body(x, overlay(base_l, train_l), rng_l)
+    def block(x, p, rng_l):
+        x = layer(x, p, rng_l)
         return x, (x if len(wanted) > 1 else None)  # several layers: every block's output, up to the deepest
 
     def first(tree):
         return jax.tree.map(lambda a: a[:depth], tree)
 
     rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)[:depth]
-    train_layers = first((trainable or {}).get("layers", {}))
-    last, states = jax.lax.scan(step, x, (first(base["layers"]), train_layers, rngs), unroll=unroll)
+    last, states = layer_loop(block, x, first(base["layers"]), first((trainable or {}).get("layers", {})), rngs,
+                              remat=remat, unroll=unroll)
     hidden = [last] if len(wanted) == 1 else [x if k == 0 else states[k - 1] for k in wanted]
     if post_norm:
         hidden = [layer_norm(h, params["post_norm"], cfg.norm_eps) for h in hidden]

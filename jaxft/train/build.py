@@ -15,9 +15,9 @@ from jaxft import backend as backend_lib
 from jaxft import checkpoint, parallel, peft, quant, tasks
 from jaxft.checkpoint import hf
 from jaxft.config.checks import moe_settings
+from jaxft.dtypes import DTYPES
 from jaxft.models import family, family_of
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 TASK_FILE = "task.json"  # in WORKDIR/adapter beside adapter.json: the task, its class names and pooling

@@ -26,6 +26,7 @@ import optax
 
 from jaxft import checkpoint
 from jaxft.data import DataError, read_records
+from jaxft.dtypes import DTYPES
 from jaxft.peft import features
 from jaxft.peft import io as adapter_io
 from jaxft.train import workdir as workdir_lib
@@ -33,7 +34,6 @@ from jaxft.train.metrics import MetricsWriter
 from jaxft.train.optim import make_optimizer
 
 log = logging.getLogger("jaxft.train")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:

@@ -297,7 +297,8 @@ def test_features_classifier_end_to_end(model, tmp_path, monkeypatch):
                                       "train.batch_size=16", "train.steps=60", "train.learning_rate=3e-2",
                                       "train.warmup_steps=0", "data.eval_fraction=0.2", "features.layer=0"])
     summary = train(config, tmp_path / "run")
-    assert summary["eval_accuracy"] >= 0.9 and summary["data"] == {"train": 96, "eval": 24, "classes": ["0", "1"]}
+    assert summary["eval_metrics"]["accuracy"] >= 0.9
+    assert summary["data"] == {"labels": ["0", "1"], "train_examples": 96, "eval_examples": 24}
     assert sorted(p.name for p in (tmp_path / "run" / "features").glob("*.npy")) == ["eval.npy", "train.npy"]
     head, spec, meta = adapter_io.load(tmp_path / "run" / "adapter")
     assert meta["method"] == "features" and spec == features.FeatureSpec(0, "mean", ("0", "1"), 16)

@@ -58,7 +58,7 @@ def _method_build(key, base: dict, config, cfg, tokenizer) -> tuple[dict, Method
     module = implementation(method)
     if not hasattr(module, "build"):
         raise PeftError(f"peft.method {method!r} trains a head on cached features, not through the language-model "
-                        f"trainer: use jaxft.train.features.train (`jaxft train` dispatches to it)")
+                        f"trainer: the classification task trains its head (`jaxft.tasks.classification.features_trainable`)")
     return module.build(key, base, config, cfg, tokenizer)
 
 

@@ -309,8 +309,12 @@ def test_features_classifier_end_to_end(model, tmp_path, monkeypatch):
         raise AssertionError("features were recomputed instead of read from the cache")
 
     monkeypatch.setattr(features, "extract", no_extraction)
-    again = train(config, tmp_path / "run", resume=True)  # the head again, on the cached features
+    again = train(config, tmp_path / "run", resume=True)  # the finished run, its features read back
     assert [list(h) for h in again["eval_history"]] == [list(h) for h in summary["eval_history"]]
+    # --overwrite moves the run aside but keeps its cached features, and trains the same head again on them
+    fresh = train(config, tmp_path / "run", overwrite=True)
+    assert fresh["eval_history"] == summary["eval_history"]
+    assert sorted(p.name for p in (tmp_path / "run" / "features").glob("*.npy")) == ["eval.npy", "train.npy"]
 
 
 def test_trainer_runs_prefix_with_projection_and_saves_the_prefixes(model, tmp_path):

@@ -17,7 +17,7 @@ held-out set (--eval-examples) and a training file (--train-examples). Each meth
   trainable   parameters of the trainable tree (count, % of the base model's)
   peak MB     RSS high-water mark of the process when training returns (model, data, compilation included)
   step s      median wall time of steps 3..N (from the trainer's metrics; features: of head steps, after the
-              features were computed once: see feature_s in the JSON)
+              features were computed once, which wall_s includes)
   accuracy    the greedy answer's first word equals the label, on the held-out sentences (features: the head)
   eval loss   held-out loss before -> after (the trainer's evaluation; features: the head's cross-entropy)
   d ppl       forgetting: perplexity on a fixed slice of ../shared/data/causal_lm/tinyshakespeare.txt after
@@ -126,9 +126,8 @@ def worker(method: str, kind: str, train_file: str, eval_file: str, steps: int, 
            "learning_rate": config.train.learning_rate}
     if method == "features":
         history = summary["eval_history"]
-        return {**out, "accuracy": summary["eval_accuracy"], "step_s": summary["step_seconds"],
-                "eval_loss_before": history[0][1], "eval_loss_after": history[-1][1], "d_ppl": 0.0,
-                "feature_s": summary["feature_seconds"]}
+        return {**out, "accuracy": summary["eval_metrics"]["accuracy"], "step_s": _head_step_time(metrics, batch),
+                "eval_loss_before": history[0][1], "eval_loss_after": history[-1][1], "d_ppl": 0.0}
     history = summary["eval_history"]
     out.update(eval_loss_before=history[0][1], eval_loss_after=history[-1][1])
     if kind == "instruction":
@@ -164,6 +163,14 @@ def step_time(config, tokenizer, metrics: list[dict]) -> float:
     for step in sorted(rows):
         seen += int((next(batches)["segment_ids"] != 0).sum())
         ends[step] = seen / rows[step]["tokens_per_s"]
+    deltas = sorted(ends[s] - ends[s - 1] for s in ends if s >= 3 and s - 1 in ends)
+    return deltas[len(deltas) // 2]
+
+
+def _head_step_time(metrics: list[dict], batch: int) -> float:
+    """Median wall time of head steps 3..N: a features run logs rows of cached features per second (as
+    tokens_per_s) since the loop began, `batch` rows a step."""
+    ends = {r["step"]: r["step"] * batch / r["tokens_per_s"] for r in metrics if "tokens_per_s" in r}
     deltas = sorted(ends[s] - ends[s - 1] for s in ends if s >= 3 and s - 1 in ends)
     return deltas[len(deltas) // 2]
 

@@ -125,12 +125,13 @@ def test_bert_features_run_trains_a_head_that_classifies(tmp_path, monkeypatch, 
     overrides = [f"model={path}", f"data.train={tmp_path / 'train.tsv'}", "peft.method=features", "dtype=float32",
                  "param_dtype=float32", "train.seq_len=12", "train.batch_size=16", "train.steps=40",
                  "train.eval_every=20", "train.learning_rate=3e-2", "train.warmup_steps=0",
-                 "data.eval_fraction=0.2"]  # mean pooling: a random BERT's [CLS] hardly depends on the words
+                 "train.log_every=1", "data.eval_fraction=0.2"]  # mean pooling: a random BERT's [CLS] hardly depends on the words
     config = config_lib.load(CONFIG, overrides)
     summary = train(config, tmp_path / "run")
     history = summary["eval_history"]
     assert [h[0] for h in history] == [0, 20, 40] and history[-1][1] < 0.5 * history[0][1], history
-    assert summary["eval_accuracy"] >= 0.9 and summary["data"] == {"train": 96, "eval": 24, "classes": ["0", "1"]}
+    assert summary["eval_metrics"]["accuracy"] >= 0.9
+    assert summary["data"] == {"labels": ["0", "1"], "train_examples": 96, "eval_examples": 24}
     assert {"loss.png", "eval_accuracy.png"} <= {p.name for p in (tmp_path / "run" / "plots").iterdir()}
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(x)]
@@ -151,27 +152,27 @@ def test_bert_features_run_trains_a_head_that_classifies(tmp_path, monkeypatch, 
     real_extract = features.extract
     monkeypatch.setattr(features, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
     before = {f: (tmp_path / "run" / f).read_bytes() for f in ("config.json", "summary.json", "metrics.jsonl")}
-    with pytest.raises(WorkdirError, match=r"already holds a run \(config\.json, metrics\.jsonl, summary\.json, "
-                                           r"adapter.*Pass --resume"):  # a fresh run never replaces a finished one
+    with pytest.raises(WorkdirError, match=r"already holds a run \(config\.json, checkpoints/, metrics\.jsonl, "
+                                           r"summary\.json, adapter.*Pass --resume"):  # a fresh run never replaces a finished one
         train(config, tmp_path / "run")
     assert {f: (tmp_path / "run" / f).read_bytes() for f in before} == before
-    again = train(config, tmp_path / "run", resume=True)  # the head again, on the cached features
-    assert not calls and again["eval_history"] == summary["eval_history"]  # read back, not recomputed
+    again = train(config, tmp_path / "run", resume=True)  # a finished run: features read back, no step run
+    assert not calls and again["eval_history"] == [list(h) for h in summary["eval_history"]]  # not recomputed
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]  # one row per step
-    cached = np.load(tmp_path / "run" / "features" / "train.npy")
-    bert_dir(path, seed=1)  # another checkpoint at the same path: its own features
-    stamp = (path / "model.safetensors").stat()
-    os.utime(path / "model.safetensors", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
-    last = train(config, tmp_path / "run", resume=True)
-    assert len(calls) == 2 and np.abs(np.load(tmp_path / "run" / "features" / "train.npy") - cached).max() > 1e-3
 
     capsys.readouterr()
     assert cli.main(["eval", "--config", CONFIG, "--workdir", str(tmp_path / "run")]
                     + [f"--config.{o}" for o in overrides]) == 0
     scored = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert scored["accuracy"] == last["eval_accuracy"] and abs(scored["eval_loss"] - last["eval_loss"]) < 1e-6
-    assert set(scored) == {"eval_loss", "accuracy", "precision", "recall", "f1"}
+    assert scored == again["eval_metrics"]  # the same evaluator on the same cached features
+    assert set(scored) == {"loss", "accuracy", "precision", "recall", "f1"} and not calls
     assert "accuracy" in capsys.readouterr().out  # the table
+    cached = np.load(tmp_path / "run" / "features" / "train.npy")
+    bert_dir(path, seed=1)  # another checkpoint at the same path: its own features
+    stamp = (path / "model.safetensors").stat()
+    os.utime(path / "model.safetensors", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    train(config, tmp_path / "run", resume=True)
+    assert len(calls) == 2 and np.abs(np.load(tmp_path / "run" / "features" / "train.npy") - cached).max() > 1e-3
 
 
 def test_features_run_continues_from_a_saved_head(tmp_path):
@@ -183,6 +184,7 @@ def test_features_run_continues_from_a_saved_head(tmp_path):
               "param_dtype=float32", "train.seq_len=12", "train.batch_size=16", "train.warmup_steps=0",
               "data.eval_fraction=0.2", "train.eval_every=0"]
     first = train(config_lib.load(CONFIG, common + ["train.steps=30", "train.learning_rate=3e-2"]), tmp_path / "a")
+    assert first["eval_metrics"]["accuracy"] >= 0.9
     # no steps: the continued run's head is exactly the saved one, so its step-0 evaluation is the end of the
     # first run's
     again = train(config_lib.load(CONFIG, common + ["train.steps=0",

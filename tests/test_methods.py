@@ -297,7 +297,8 @@ def test_features_classifier_end_to_end(model, tmp_path, monkeypatch):
                                       "train.batch_size=16", "train.steps=60", "train.learning_rate=3e-2",
                                       "train.warmup_steps=0", "data.eval_fraction=0.2", "features.layer=0"])
     summary = train(config, tmp_path / "run")
-    assert summary["eval_accuracy"] >= 0.9 and summary["data"] == {"train": 96, "eval": 24, "classes": ["0", "1"]}
+    assert summary["eval_metrics"]["accuracy"] >= 0.9
+    assert summary["data"] == {"labels": ["0", "1"], "train_examples": 96, "eval_examples": 24}
     assert sorted(p.name for p in (tmp_path / "run" / "features").glob("*.npy")) == ["eval.npy", "train.npy"]
     head, spec, meta = adapter_io.load(tmp_path / "run" / "adapter")
     assert meta["method"] == "features" and spec == features.FeatureSpec(0, "mean", ("0", "1"), 16)
@@ -308,8 +309,12 @@ def test_features_classifier_end_to_end(model, tmp_path, monkeypatch):
         raise AssertionError("features were recomputed instead of read from the cache")
 
     monkeypatch.setattr(features, "extract", no_extraction)
-    again = train(config, tmp_path / "run", resume=True)  # the head again, on the cached features
+    again = train(config, tmp_path / "run", resume=True)  # the finished run, its features read back
     assert [list(h) for h in again["eval_history"]] == [list(h) for h in summary["eval_history"]]
+    # --overwrite moves the run aside but keeps its cached features, and trains the same head again on them
+    fresh = train(config, tmp_path / "run", overwrite=True)
+    assert fresh["eval_history"] == summary["eval_history"]
+    assert sorted(p.name for p in (tmp_path / "run" / "features").glob("*.npy")) == ["eval.npy", "train.npy"]
 
 
 def test_trainer_runs_prefix_with_projection_and_saves_the_prefixes(model, tmp_path):

@@ -7,8 +7,7 @@ import sys
 import time
 
 from jaxft.commands import CommandError
-
-DTYPES = ("float32", "bfloat16")
+from jaxft.dtypes import DTYPES
 
 DESCRIPTION = """\
 Generate text from a prompt. Only the generated text is printed on stdout; progress goes to stderr.

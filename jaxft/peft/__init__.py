@@ -57,8 +57,8 @@ def _method_build(key, base: dict, config, cfg, tokenizer) -> tuple[dict, Method
     method = config.peft.method
     module = implementation(method)
     if not hasattr(module, "build"):
-        raise PeftError(f"peft.method {method!r} trains a head on cached features, not through the language-model "
-                        f"trainer: use jaxft.train.features.train (`jaxft train` dispatches to it)")
+        raise PeftError(f"peft.method {method!r} trains a head on cached features, not through the language model: "
+                        f"the classification task builds it (`jaxft.tasks.classification.features_trainable`)")
     return module.build(key, base, config, cfg, tokenizer)
 
 

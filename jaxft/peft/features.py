@@ -14,8 +14,9 @@ real token: the one a decoder has read the whole text into; BERT's [SEP], T5's E
 BERT's [CLS], the usual pooling of encoders; T5 has no [CLS], so the first word's, as Sentence-T5's "first").
 A decoder's first token sees only itself: cls is refused there.
 
-Features are computed once (`extract`), cached on disk (`cached`; `jaxft.train.features` keys the cache by
-model, family, texts and settings) and the head alone is trained on them. Inference is the model followed by
+Features are computed once (`extract`), cached on disk (`cached`, keyed by `model_key`, the texts and the
+settings: `jaxft.tasks.classification.feature_batches`) and the classification task trains the head alone on
+them through the common train step. Inference is the model followed by
 the head (`predict`, `classify`). The head is a linear map or an MLP with one ReLU hidden layer:
 
   head/out/w (D, C), head/out/b (C,)                                  linear
@@ -233,3 +234,13 @@ def pad_right(texts: list[list[int]], rows: int, seq_len: int) -> tuple[np.ndarr
         tokens[i, :len(ids)] = ids
         segment_ids[i, :len(ids)] = 1
     return tokens, segment_ids
+
+
+def model_key(model) -> dict:
+    """What tells models apart in the feature cache's key: the family, the architecture, and the checkpoint's
+    path with the size and modification time of its files (another checkpoint saved there is another model)."""
+    path = Path(model.path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return {"family": model.cfg.model_type, "config": model.cfg.to_hf(), "model": str(path),
+            "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+

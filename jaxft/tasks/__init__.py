@@ -70,8 +70,8 @@ def get(name: str) -> ModuleType:
 
 
 def name_of(config) -> str:
-    """config.task (the base config's default: causal_lm)."""
-    return config.task
+    """config.task (the base config's default: causal_lm); peft.method=features is a mode of classification."""
+    return "classification" if config.peft.method == "features" else config.task
 
 
 def check_kind(name: str, task: ModuleType, family: ModuleType, model: str) -> None:

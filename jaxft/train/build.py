@@ -15,9 +15,9 @@ from jaxft import backend as backend_lib
 from jaxft import checkpoint, parallel, peft, quant, tasks
 from jaxft.checkpoint import hf
 from jaxft.config.checks import moe_settings
+from jaxft.dtypes import DTYPES
 from jaxft.models import family, family_of
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 TASK_FILE = "task.json"  # in WORKDIR/adapter beside adapter.json: the task, its class names and pooling
@@ -59,11 +59,15 @@ def _family_of_checkpoint(path):
     return family_of(hf.read_config(Path(path)))
 
 
-def trainable_builder(config, cfg, tokenizer, task, n_labels: int, key):
+def trainable_builder(config, cfg, tokenizer, task, labels, key):
     """build(key, base) -> (trainable tree, MethodSpec): the PEFT method's tree (`jaxft.peft.build`) and the
     task's head under `head/` (keyed from `key`, so that the method's own initialization is unchanged), fresh
-    unless peft.init_from's adapter holds one."""
+    unless peft.init_from's adapter holds one. labels: the class names of a head over classes. With
+    peft.method=features the tree is the head alone, with its FeatureSpec (`task.features_trainable`)."""
     head_key = jax.random.fold_in(key, 1)
+    n_labels = len(labels)
+    if config.peft.method == "features":
+        return lambda k, b: task.features_trainable(head_key, config, cfg, list(labels))
 
     def build(k, b):
         trainable, spec = peft.build(k, b, config, cfg, tokenizer)
@@ -95,23 +99,26 @@ def unroll_layers(config, dtype, backend: str | None = None) -> bool:
     return backend_lib.resolve(backend, dtype, config.quant.format != "none", config.train.layer_loop).unroll_layers
 
 
-def _names(ndim: int, micro: bool) -> tuple:
-    """Logical axes of a batch array: rows over `batch`, positions over `seq`, anything after unsplit; a
-    leading micro-batch axis (gradient accumulation) unsplit."""
+ROW_VECTORS = ("features",)  # batch keys that hold one vector per row (B, D), not one value per position
+
+
+def _names(ndim: int, micro: bool, key: str = "") -> tuple:
+    """Logical axes of a batch array: rows over `batch`, positions over `seq` (a vector of ROW_VECTORS unsplit),
+    anything after unsplit; a leading micro-batch axis (gradient accumulation) unsplit."""
     n = ndim - int(micro)
-    names = (("batch", "seq") + (None,) * n)[:n]
+    names = (("batch", None if key in ROW_VECTORS else "seq") + (None,) * n)[:n]
     return (None, *names) if micro else names
 
 
 def batch_shardings(batch: dict, layout, micro: bool) -> dict:
     """The sharding of each array of a batch ((A, B, ...) micro-batches or (B, ...)): rows over `batch`,
     positions over `seq`."""
-    return {k: layout.sharding(_names(np.ndim(v), micro)) for k, v in batch.items()}
+    return {k: layout.sharding(_names(np.ndim(v), micro, k)) for k, v in batch.items()}
 
 
 def put_batch(batch: dict, layout, micro: bool) -> dict:
     """This process's rows of a global batch -> global arrays on the mesh, each with its own logical axes."""
-    return {k: parallel.put_batch({k: v}, layout, _names(np.ndim(v), micro))[k] for k, v in batch.items()}
+    return {k: parallel.put_batch({k: v}, layout, _names(np.ndim(v), micro, k))[k] for k, v in batch.items()}
 
 
 class Evaluator:
@@ -149,8 +156,8 @@ def dtype_of(config, key):
 
 
 def stack_micro(batch: dict, accum: int) -> dict:
-    """(B, T) rows -> (A, B/A, T) micro-batches for gradient accumulation."""
-    b = batch["tokens"].shape[0]
+    """(B, ...) rows -> (A, B/A, ...) micro-batches for gradient accumulation."""
+    b = len(next(iter(batch.values())))
     if b % accum:
         raise ValueError(f"train.batch_size={b} is not a multiple of train.grad_accum={accum}")
     return {k: np.asarray(v).reshape(accum, b // accum, *v.shape[1:]) for k, v in batch.items()}

@@ -26,17 +26,12 @@ def evaluate(config, workdir: str | Path) -> tuple[dict[str, float], str]:
     """(metrics, what was evaluated) for `config`'s task, model and evaluation data, with the weights of
     `workdir` (see the module docstring); writes WORKDIR/eval.json."""
     workdir = Path(workdir)
-    if config.peft.method == "features":  # a head over cached features: scored by the features trainer's code
-        from jaxft.train import features
-
-        results = features.evaluate(config, workdir)
-        return results, str(workdir / "adapter")
     adapter = workdir / "adapter"
     has_ckpt = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
     if has_ckpt and not (adapter / "adapter.json").is_file():
         raise ValueError(f"{workdir}: holds checkpoints but no adapter yet; finish the run with "
                          f"`jaxft train --resume` first")
-    run = build_run(config, training=False)
+    run = build_run(config, training=False, cache_dir=workdir / "features")  # (peft.method=features' cache)
     batches, info, name = run.eval_batches, run.info, run.task_name
     if not batches:
         raise DataError(f"{config.data.train}: no evaluation data (set data.eval, or data.eval_fraction > 0)")
@@ -44,10 +39,10 @@ def evaluate(config, workdir: str | Path) -> tuple[dict[str, float], str]:
 
     if (adapter / "adapter.json").is_file():
         trainable, spec, _ = adapter_io.load(adapter)
-        if isinstance(spec, FeatureSpec):
-            raise ValueError(f"{adapter}: a peft.method=features head, but the config's peft.method is "
-                             f"{config.peft.method!r}")
-        spec = as_method(spec)
+        if isinstance(spec, FeatureSpec) != (config.peft.method == "features"):
+            what = "peft.method=features head" if isinstance(spec, FeatureSpec) else "language-model adapter"
+            raise ValueError(f"{adapter}: a {what}, but the config's peft.method is {config.peft.method!r}")
+        spec = spec if isinstance(spec, FeatureSpec) else as_method(spec)
         saved = json.loads((adapter / TASK_FILE).read_text()) if (adapter / TASK_FILE).is_file() else {}
         if saved.get("task", "causal_lm") != name:
             raise ValueError(f"{adapter}: trained for task {saved.get('task', 'causal_lm')!r}, but the config's task "

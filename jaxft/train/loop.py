@@ -3,7 +3,7 @@
 
 Read top to bottom, this is the whole life of a run after it is built: evaluation at step 0 and every
 train.eval_every steps, the divergence guard, checkpoints and exact resume, preemption, early stopping, and the
-summary. (`peft.method=features` trains its head in `jaxft.train.features`.)
+summary. (`peft.method=features` is the classification task on cached features: the same loop trains its head.)
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from jaxft.train.build import TASK_FILE
 from jaxft.train.run import build_run
 
 log = logging.getLogger("jaxft.train")
+FEATURES = "features"  # WORKDIR/features: the pooled features of peft.method=features, computed once
 
 
 class TrainingError(RuntimeError):
@@ -47,12 +48,7 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
     for line in config_lib.describe(config):  # the settings in force, and where each comes from
         log.info("config: %s", line)
     workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)  # writes nothing
-    if config.peft.method == "features":  # a head on frozen features: its own short loop (no LM steps)
-        from jaxft.train import features
-        summary = features.train(config, workdir, resume=resume, overwrite=overwrite)
-        plots.after_run(workdir)
-        return summary
-    run = build_run(config)  # model, method, data, state and the jitted steps
+    run = build_run(config, cache_dir=workdir / FEATURES)  # model, method, data, state and the jitted steps
     task_name, spec, m, base, train_data = run.task_name, run.spec, run.model, run.base, run.train_data
     state, train_step, evaluate, info, lr_schedule = run.state, run.train_step, run.evaluate, run.info, run.lr_schedule
     log.info("data: %s", info)
@@ -70,6 +66,8 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
         aside = workdir_lib.commit(workdir, config, resume=resume, overwrite=overwrite)
         if aside is not None:
             log.warning("moved the earlier run in %s aside to %s", workdir, aside)
+            if (aside / FEATURES).is_dir():  # the features this run just cached (peft.method=features) stay
+                os.replace(aside / FEATURES, workdir / FEATURES)
     parallel.any_process(False)  # the others wait for the workdir to exist
     ckpts = Checkpoints(workdir, config.train.keep_checkpoints)
     earlier, changed = {}, {}  # the summary of the run this one continues, the settings changed since
@@ -125,7 +123,9 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
                 raise TrainingError(f"{why}; stopped. The last good checkpoint ({_saved(ckpts)}) "
                                     f"is kept in {ckpts.dir}. Lower train.learning_rate, then --resume, or "
                                     f"start again with --overwrite")
-            tokens_seen += int(batch["segment_ids"].astype(bool).sum())
+            # (rows of cached features, for peft.method=features: they have no tokens)
+            tokens_seen += int(batch["segment_ids"].astype(bool).sum()) if "segment_ids" in batch else len(
+                batch["labels"])
             tok_s = tokens_seen / (time.perf_counter() - t0)
             lr = float(lr_schedule(step - 1))
             moe = {k: float(v) for k, v in out.items() if k.startswith("moe_")}  # router losses and expert load

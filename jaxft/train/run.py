@@ -72,7 +72,7 @@ class Run:
 
 
 def build_run(config, *, abstract: bool = False, devices=None, model_config=None, training: bool = True,
-              data: bool = True) -> Run:
+              data: bool = True, cache_dir=None) -> Run:
     """The run `config` describes (see the module docstring).
 
     devices: the mesh's devices (default: JAX's), e.g. a TPU topology's compile-only devices for `abstract`.
@@ -81,7 +81,8 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
     training=False (`jaxft eval`): no optimizer, state or train step; `evaluator(spec)` runs every evaluation
     batch instead of train.eval_batches of them. data=False (benchmarks): the model is read but no data;
     `batch` is abstract as in an abstract run, to be filled with synthetic arrays of its shapes (`Run.put`),
-    and there is no evaluator.
+    and there is no evaluator. cache_dir: where peft.method=features keeps the frozen model's pooled features
+    (WORKDIR/features; None: computed, not kept).
     """
     n_devices = len(devices) if devices is not None else jax.device_count()
     data = data and model_config is None
@@ -93,6 +94,10 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
     layout = parallel.from_config(config, devices)
     key = jax.random.PRNGKey(config.seed)
     init_key, state_key = jax.random.split(key)
+    features = config.peft.method == "features"  # the classification task's head on cached features
+    if features and (abstract or not data):
+        raise ValueError("peft.method=features: trains a head on features computed from data; there is no "
+                         "abstract or data-free run of it (jaxft aot, benchmarks)")
 
     if abstract or model_config is not None:
         cfg = model_config if model_config is not None else _config_of(config.model)
@@ -100,16 +105,19 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
         tasks.check_kind(task_name, task, fam, str(config.model))
         base, tokenizer, model_path = random_base(config, cfg, layout, abstract), None, str(config.model)
         train_data, eval_batches, info = None, [], {}
-        n_labels = _labels_of_config(config)
+        labels = _labels_of_config(config)
     else:
-        model, fam = load_model(config, layout, task)
+        model, fam = load_model(config, layout, None if features else task)  # (features: T5's encoder too)
         cfg, base, tokenizer, model_path = model.cfg, model.params, model.tokenizer, str(model.path)
-        train_data, eval_batches, info = task.batches(config, tokenizer) if data else (None, [], {})
+        if features:
+            train_data, eval_batches, info = task.feature_batches(config, model, cache_dir)
+        else:
+            train_data, eval_batches, info = task.batches(config, tokenizer) if data else (None, [], {})
         if training:
             eval_batches = eval_batches[:config.train.eval_batches]
-        n_labels = len(info.get("labels", ())) if data else _labels_of_config(config)
+        labels = info.get("labels", ()) if data else _labels_of_config(config)
 
-    build = trainable_builder(config, cfg, tokenizer, task, n_labels, key)
+    build = trainable_builder(config, cfg, tokenizer, task, labels, key)
     if abstract:
         trainable, spec = _abstract_trainable(build, init_key, base, layout, fam.PARAM_AXES)
     elif training:
@@ -239,10 +247,10 @@ def _without_data(config):
     return config
 
 
-def _labels_of_config(config) -> int:
-    """The head's classes in an abstract run: data.labels where set, else 2 (the head is a few bytes)."""
-    names = [x for x in str(config.data.labels or "").split(",") if x.strip()]
-    return len(names) or 2
+def _labels_of_config(config) -> list[str]:
+    """The head's classes in an abstract run: data.labels where set, else two (the head is a few bytes)."""
+    names = [x.strip() for x in str(config.data.labels or "").split(",") if x.strip()]
+    return names or ["0", "1"]
 
 
 def _unaliased(trainable: dict, base: dict) -> dict:

@@ -56,7 +56,7 @@ def make_train_step(forward: Callable, optimizer: optax.GradientTransformation,
 
     def train_step(state, base, batch):
         rng, step_rng = jax.random.split(state["rng"])
-        n_micro = batch["tokens"].shape[0]
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
         rngs = jax.random.split(step_rng, n_micro)
 
         def micro(carry, xs):

@@ -102,6 +102,12 @@ class Config:
     layer_windows = property(lambda self: self.text.layer_windows)
 
     @property
+    def n_params(self) -> int:
+        """All three parts' parameters (counted from their shapes, nothing allocated)."""
+        shapes = jax.eval_shape(lambda: init(jax.random.key(0), self))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+    @property
     def image_tokens(self) -> int:
         """P': the embeddings (image tokens) one image becomes."""
         n = self.vision.n_patches

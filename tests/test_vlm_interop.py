@@ -1,0 +1,52 @@
+"""Interop of a vision-language model's parts on a tiny random LLaVA (the directory of test_vlm_generate): the
+merged export (`jaxft export --merged`: the language model's LoRA and the tower's LoRA merged, the trained
+projector written as it is) loads in transformers with the adapted model's logits."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from jaxft import checkpoint, cli, config as config_lib, peft
+from jaxft.models import llava
+from jaxft.peft import io as adapter_io
+from test_vlm_generate import setup  # noqa: F401  (the tiny LLaVA directory, a module fixture)
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "default_lora.py")
+
+
+def _adapter(model_dir, out, *overrides):
+    """A jaxft adapter of every part (random, nonzero: LoRA's B too) saved as training saves it."""
+    loaded = checkpoint.load(model_dir)
+    config = config_lib.load(CONFIG, [f"model={model_dir}", "data.train=x.json", "lora.rank=4", "lora.dropout=0.0",
+                                      *overrides])
+    trainable, spec = peft.build(jax.random.PRNGKey(0), loaded.params, config, loaded.cfg)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    trainable = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    adapter_io.save(out, trainable, spec, config, model_dir)
+    return loaded, trainable, spec
+
+
+def test_merged_export_loads_in_transformers(setup, tmp_path, monkeypatch):  # noqa: F811
+    root, _, processor, files = setup
+    model_dir = root / "model"
+    loaded, trainable, spec = _adapter(model_dir, tmp_path / "adapter", "vision.method=lora")
+    cfg = loaded.cfg
+    monkeypatch.setattr(cli, "_cache_compilations", lambda: None)
+    assert cli.main(["export", "--adapter", str(tmp_path / "adapter"), "--merged", str(tmp_path / "merged"),
+                     "--dtype", "float32"]) == 0
+    merged = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    inputs = processor(text="the <image> quick fox", images=[Image.open(files[0]).convert("RGB")],
+                       return_tensors="np")
+    tokens, pixels = inputs["input_ids"], inputs["pixel_values"]
+    ours = llava.forward(cfg, loaded.params, tokens, pixel_values=pixels, trainable=trainable, peft=spec)[0]
+    with torch.no_grad():
+        theirs = merged(input_ids=torch.tensor(tokens), pixel_values=torch.tensor(pixels)).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
+    plain = llava.forward(cfg, loaded.params, tokens, pixel_values=pixels)[0]
+    assert float(jnp.max(jnp.abs(ours - plain))) > 1e-2  # the adapter acts: the comparison is not blind to it

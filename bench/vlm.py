@@ -5,10 +5,11 @@ ViT-B/16-shaped CLIP tower (12 blocks of width 768, 224 x 224 pixels in 16 x 16 
 image) and a random 2-layer projector. The methods are the defaults of a vision-language run: LoRA r=16 (alpha
 32) on every linear layer of the language model, the projector trained in full, the tower frozen; AdamW, float32.
 Each row: one example of the shapes-and-colours task (`vlm_task.generate`: a 64 x 64 image, resized to 224, and
-its question and answer), padded to --seq tokens, the loss on the answer; both sides take the same batch. Reports seconds per step, each process's
-peak memory (max RSS: host memory, as this runs on CPU), and each side's achieved FLOP/s as a fraction of the
-matmul peak of its framework measured in the same process. jaxft runs the trainer's own step
-(`jaxft.train.run.build_run` of configs/default_lora.py with the LLaVA directory as `model`). Each side runs in a
+its question and answer), padded to --seq tokens, the loss on the answer; both sides take the same batch.
+Reports seconds per step, each process's peak memory (max RSS: host memory, as this runs on CPU), and each
+side's achieved FLOP/s as a fraction of the matmul peak of its framework measured in the same process. jaxft
+runs the trainer's own step (`jaxft.train.run.build_run` of configs/default_lora.py with the LLaVA directory as
+`model`, the run's first batch). Each side runs in a
 fresh process, one after the other.
 
     .venv/bin/python bench/vlm.py [--steps 2] [--batch 2] [--seq 256] [--layers 12]

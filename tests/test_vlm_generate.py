@@ -105,4 +105,5 @@ def test_bad_input(setup, capsys, monkeypatch, tmp_path):
     text_only = tiny.llama_dir(tmp_path / "llama")
     assert cli.main(["generate", "--model", str(text_only), "--image", str(files[0]), "--prompt", "fox"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"jaxft generate: error: {files[0]}: model_type 'llama' at {text_only} is a text-only model, with no vision"
+    assert err == (f"jaxft generate: error: {files[0]}: model_type 'llama' at {text_only} is a text-only model, "
+                   f"with no vision")

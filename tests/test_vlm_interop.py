@@ -78,3 +78,29 @@ def test_merged_export_loads_in_transformers(setup, tmp_path, monkeypatch):  # n
     np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
     plain = llava.forward(cfg, loaded.params, tokens, pixel_values=pixels)[0]
     assert float(jnp.max(jnp.abs(ours - plain))) > 1e-2  # the adapter acts: the comparison is not blind to it
+
+
+def test_peft_adapter_imports(setup, tmp_path):  # noqa: F811
+    """An adapter made by PEFT over transformers' LLaVA (LoRA on the language model, the projector in
+    modules_to_save) loads in jaxft (`export.load_adapter`: generate --adapter, peft.init_from) with its logits."""
+    root, _, processor, files = setup
+    torch.manual_seed(0)
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(root / "model")
+    targets = r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
+    lora = hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=["multi_modal_projector"])
+    tuned = hf_peft.get_peft_model(base, lora)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.requires_grad:  # LoRA's B too, and the projector's copy
+                p.add_(0.05 * torch.randn_like(p))
+    tuned.save_pretrained(tmp_path / "peft")
+    tokens, pixels = _inputs(processor, files)
+    with torch.no_grad():
+        theirs = tuned.eval()(input_ids=torch.tensor(tokens), pixel_values=torch.tensor(pixels)).logits.numpy()
+    loaded = checkpoint.load(root / "model")
+    trainable, spec = export.load_adapter(tmp_path / "peft", loaded.cfg)
+    assert spec.part_methods == (("vision", "frozen"), ("projector", "full")) and spec.lora.rank == 4
+    ours = llava.forward(loaded.cfg, loaded.params, tokens, pixel_values=pixels, trainable=trainable, peft=spec)[0]
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+    plain = llava.forward(loaded.cfg, loaded.params, tokens, pixel_values=pixels)[0]
+    assert float(jnp.max(jnp.abs(ours - plain))) > 1e-2

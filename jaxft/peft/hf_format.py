@@ -224,6 +224,45 @@ def _parts_save(flat: dict, spec, cfg, base_class: str | None):
     return {"tensors": tensors, "modules": modules, "model_type": cfg.model_type}, rest, target
 
 
+def _parts_load(path: Path, conf: dict, cfg, source: str) -> tuple[dict, parts.PartsSpec]:
+    """A PEFT LORA adapter of a vision-language model (what `_parts_save` writes, or PEFT over transformers'
+    class): the language model's LoRA, and the projector where `modules_to_save` names it (the tower frozen)."""
+    if conf.get("peft_type") != "LORA":
+        raise AdapterError(f"{source}: peft_type {conf.get('peft_type')!r}: jaxft reads LORA adapters of a "
+                           f"{cfg.model_type} model")
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise AdapterError(f"{file}: not found")
+    arrays = _read_tensors(file)
+    conf = dict(conf)
+    saved = conf.pop("modules_to_save", None) or []
+    saved = [saved] if isinstance(saved, str) else list(saved)
+    rows = [e for e in family_of(cfg).table(cfg.model_type) if e.path.startswith("projector/")]
+    module = rows[0].hf.split(".")[1]
+    if saved not in ([], [module]):
+        raise AdapterError(f"{source}: modules_to_save={json.dumps(saved)} is not supported by jaxft (it reads "
+                           f"the projector, {module!r}, there)")
+    trainable: dict = {}
+    if saved:
+        flat = {}
+        for e in rows:
+            name = PREFIX + e.hf
+            if name in arrays:
+                x = arrays.pop(name)
+                flat[e.path.split("/", 1)[1]] = x.T if e.transpose else x
+        trainable["projector"] = tree.unflatten(flat)
+    text_prefix = PREFIX + family_of(cfg).PREFIXES[cfg.model_type][0]
+    arrays = {PREFIX + "model." + k[len(text_prefix):] if k.startswith(text_prefix) else k: v
+              for k, v in arrays.items()}  # the language model's names as LlamaForCausalLM's
+    spec = _lora_spec(conf, source)
+    trainable.update(_lora_tree(arrays, spec, cfg.text, file))
+    text = as_method(spec)
+    spec = parts.PartsSpec(**{f: getattr(text, f) for f in text.__dataclass_fields__},
+                           part_methods=(("vision", "frozen"), ("projector", "full" if saved else "frozen")))
+    shapes.check(trainable, spec, cfg, str(file))
+    return trainable, spec
+
+
 def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
     """(trainable tree, spec) of the PEFT adapter directory `path`, for a base model of `cfg`: a LoraSpec for
     LORA, else the MethodSpec of ia3, prefix or prompt. The tree is float32 numpy; a task head PEFT saved in
@@ -237,6 +276,8 @@ def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
     conf = read_config(path)
     source = str(path / CONFIG)
     peft_type = conf.get("peft_type")
+    if parts.is_multimodal(cfg):
+        return _parts_load(path, conf, cfg, source)
     if peft_type not in PEFT_TYPES:
         raise AdapterError(f"{source}: peft_type {peft_type!r} is not supported (jaxft reads LORA adapters, with "
                            f"use_rslora and use_dora, IA3, PREFIX_TUNING and PROMPT_TUNING)")

@@ -1,8 +1,10 @@
 """`jaxft generate --image` and `jaxft.data.vlm.image_prompt` + `jaxft.generate.generate(extras=...)` on a tiny
 random LLaVA directory (CLIP tower, a tokenizer with `<image>`, the CLIP image processor): greedy tokens equal
 transformers' `generate` on what LlavaProcessor makes of the same prompt and image files, with one and two
-images; markers that disagree with the images, a missing or unreadable image and an image given to a text-only
-model are one-line errors naming the file."""
+images; markers that disagree with the images, a missing or unreadable image, an image given to a text-only
+model, an image past the pixel bound are one-line errors naming the file."""
+
+import re
 
 import numpy as np
 import pytest
@@ -102,6 +104,10 @@ def test_bad_input(setup, capsys, monkeypatch, tmp_path):
         assert cli.main(["generate", "--model", model, *args]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"jaxft generate: error: {message}"), err[-1]
+    loaded = checkpoint.load(root / "model")  # an image past the pixel bound (a decompression-bomb guard)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(files[0]))}: image of 52x40 pixels is larger than the "
+                                         rf"bound of 1000$"):
+        vlm.image_prompt(root / "model", loaded.cfg, loaded.tokenizer, "fox", files[:1], max_pixels=1000)
     text_only = tiny.llama_dir(tmp_path / "llama")
     assert cli.main(["generate", "--model", str(text_only), "--image", str(files[0]), "--prompt", "fox"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -82,7 +82,8 @@ def test_merged_export_loads_in_transformers(setup, tmp_path, monkeypatch):  # n
 
 def test_peft_adapter_imports(setup, tmp_path):  # noqa: F811
     """An adapter made by PEFT over transformers' LLaVA (LoRA on the language model, the projector in
-    modules_to_save) loads in jaxft (`export.load_adapter`: generate --adapter, peft.init_from) with its logits."""
+    modules_to_save) loads in jaxft (`export.load_adapter`: generate --adapter, peft.init_from) with its logits,
+and a run continues from it (peft.init_from)."""
     root, _, processor, files = setup
     torch.manual_seed(0)
     base = transformers.LlavaForConditionalGeneration.from_pretrained(root / "model")
@@ -104,3 +105,9 @@ def test_peft_adapter_imports(setup, tmp_path):  # noqa: F811
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
     plain = llava.forward(loaded.cfg, loaded.params, tokens, pixel_values=pixels)[0]
     assert float(jnp.max(jnp.abs(ours - plain))) > 1e-2
+    # and it continues training from there (peft.init_from): the run's tree is the adapter's
+    config = config_lib.load(CONFIG, [f"model={root / 'model'}", "data.train=x.json", "lora.rank=4", "lora.alpha=8",
+                                      "lora.dropout=0.0", "lora.targets=default",
+                                      f"peft.init_from={tmp_path / 'peft'}"])
+    again, _ = peft.build(jax.random.PRNGKey(0), loaded.params, config, loaded.cfg)
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), again, trainable))

@@ -149,8 +149,20 @@ def test_trainer_runs_llava_with_images(setup, tmp_path):
     assert float(jnp.max(jnp.abs(tuned - plain))) > 1e-2  # the saved adapter, with its parts' specs, acts
 
 
-def test_merge_of_parts_is_refused(setup):
+def test_merge_of_parts(setup):
+    """Merged parts compute what base + trainable computes (LoRA text and projector, full tower); a language-model
+    method that no weights express is refused by its own merge."""
     loaded = checkpoint.load(setup[0])
-    trainable, spec = peft.build(jax.random.PRNGKey(0), loaded.params, _config(setup), loaded.cfg)
-    with pytest.raises(PeftError, match="merging a vision-language model's parts"):
-        peft.merge(loaded.params, trainable, spec)
+    cfg, base = loaded.cfg, loaded.params
+    trainable, spec = peft.build(jax.random.PRNGKey(0), base, _config(setup, "vision.method=full",
+                                                                      "projector.method=lora"), cfg)
+    trainable = jax.tree.map(lambda x: x + 0.05, trainable)
+    tokens = np.array([[3] + [cfg.image_token_id] * cfg.image_tokens + [4, 5]])
+    pixels = np.random.RandomState(2).randn(1, 3, 32, 32).astype(np.float32)
+    want = llava.forward(cfg, base, tokens, pixel_values=pixels, trainable=trainable, peft=spec)[0]
+    got = llava.forward(cfg, peft.merge(base, trainable, spec), tokens, pixel_values=pixels)[0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert float(jnp.max(jnp.abs(want - llava.forward(cfg, base, tokens, pixel_values=pixels)[0]))) > 1e-2
+    trainable, spec = peft.build(jax.random.PRNGKey(0), base, _config(setup, "peft.method=prefix"), cfg)
+    with pytest.raises(PeftError, match="prefix cannot be merged"):
+        peft.merge(base, trainable, spec)

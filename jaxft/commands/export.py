@@ -22,12 +22,16 @@ stdout, progress to stderr. Every model family exports: LLaMA (Llama, Mistral, Q
                 T5ForConditionalGeneration (seq2seq); without a task, the class of the base's config.
                 --base-class names another (e.g. BertModel, whose modules have no `bert.` prefix).
                 A task head goes in as PEFT's modules_to_save (classifier, or score for decoders).
+                A vision-language model (LLaVA): the language model's LoRA for ...ForConditionalGeneration,
+                a trained projector as modules_to_save (multi_modal_projector); LoRA on the tower or the
+                projector, or a fully trained tower, export --merged.
   --merged OUT  the base model with the adapter merged into its weights: a plain transformers model
                 directory (config.json, safetensors, sharded past --max-shard-gb, the tokenizer) that
                 AutoModelForCausalLM (LLaMA family), AutoModelForMaskedLM (BERT with its masked-LM head) or
                 T5ForConditionalGeneration loads; with a task head, AutoModelForSequenceClassification /
                 AutoModelForTokenClassification, the run's labels as id2label. For lora, ia3, full and
-                partial; a quantized base is merged onto its dequantized weights.
+                partial; a quantized base is merged onto its dequantized weights. A vision-language
+                model's LoRA parts are merged, its fully trained parts written as they are.
 
 Bottleneck adapters (adapter) and features heads have neither form: use them with jaxft
 (jaxft generate --adapter, jaxft.peft.features.classify).

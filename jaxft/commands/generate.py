@@ -21,6 +21,10 @@ examples:
   jaxft generate --prompt "What is the capital of France?" --chat
   jaxft generate --model path/to/model.gguf --prompt "Once upon a time" --temperature 0.8 --top-p 0.95
   echo "Tell me a joke." | jaxft generate --prompt - --chat
+  jaxft generate --model path/to/llava --image a.png --image b.png --prompt "<image> then <image>: what changed?"
+
+With --image (a vision-language model), each <image> marker of the prompt is where the next image goes, as the
+model's transformers processor takes it; a prompt with no marker gets the images at its start.
 """
 
 
@@ -35,6 +39,9 @@ def register(subparsers) -> None:
                         "adapter directory or a training workdir (any method that changes the language model: "
                         "lora, adapter, prefix, prompt, ia3, full, partial)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt; '-' reads it from stdin")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file for a vision-language model (LLaVA), once per image, in the order of the "
+                        "prompt's <image> markers")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message in the tokenizer's chat template, ready for the "
                         "assistant's answer")
@@ -85,9 +92,18 @@ def run(args) -> int:
     _log(f"loaded {model.path} ({model.source}, {model.cfg.n_params / 1e6:.0f}M parameters, {args.dtype}) "
          f"in {time.perf_counter() - start:.1f}s")
 
-    if args.chat:
-        if not tok.chat_template:
-            raise CommandError(f"{model.path}: the tokenizer has no chat template, so --chat cannot be used")
+    if args.chat and not tok.chat_template:
+        raise CommandError(f"{model.path}: the tokenizer has no chat template, so --chat cannot be used")
+    extras = None
+    if args.image:
+        from jaxft.data.vlm import image_prompt
+
+        try:
+            ids, pixels = image_prompt(model.path, model.cfg, tok, prompt, args.image, chat=args.chat)
+        except ValueError as e:  # (ImageError included) a bad image file, markers that disagree with the images
+            raise CommandError(e) from None
+        extras = {"pixel_values": pixels.astype(jnp.dtype(args.dtype))}
+    elif args.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False)
         ids = tok(prompt, add_special_tokens=False)["input_ids"]  # the template already has what it needs
@@ -100,7 +116,8 @@ def run(args) -> int:
     try:
         new = generate(model.cfg, model.params, [ids], max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       eos_ids=stop_ids(tok, args.chat), trainable=trainable, peft=spec, dtype=jnp.dtype(args.dtype))[0]
+                       eos_ids=stop_ids(tok, args.chat), trainable=trainable, peft=spec, dtype=jnp.dtype(args.dtype),
+                       extras=extras)[0]
     except ValueError as e:  # a prompt too long for the model
         raise CommandError(e) from None
     seconds = time.perf_counter() - start

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxft.data.formats import Examples, tokenize_records
-from jaxft.data.images import MAX_PIXELS, ImageError, open_image
+from jaxft.data.images import MAX_PIXELS, ImageError, image_processor, open_image, pixel_values
 from jaxft.data.sources import DataError, Record
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,49 @@ def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens
                         starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                         skipped_too_long=len(too_long), skipped_empty=0)
     return VlmExamples(examples, images, skipped_images=bad, skipped_too_long=len(too_long))
+
+
+def image_prompt(model_dir: str | Path, cfg, tokenizer, prompt: str, paths, *, chat: bool = False,
+                 max_pixels: int = MAX_PIXELS) -> tuple[list[int], np.ndarray]:
+    """A prompt with images for `jaxft.generate.generate(..., extras={"pixel_values": pixels})`: (token ids with
+    each MARKER repeated to the model's image tokens, pixels (I, C, H, W) from the directory's own image processor
+    (preprocessor_config.json)), as LlavaProcessor makes them. The k-th MARKER of `prompt` is the k-th of `paths`;
+    a prompt with none gets them all at its start (MARKER * I + "\n"). `chat` wraps the prompt as a user message
+    in the tokenizer's chat template. Raises ValueError (ImageError for an image) in one line naming the file."""
+    paths = [Path(p) for p in paths]
+    if not hasattr(cfg, "image_token_id"):
+        raise ValueError(f"{paths[0] if paths else 'image'}: model_type {cfg.model_type!r} at {model_dir} is a "
+                         f"text-only model, with no vision")
+    if cfg.model_type != "llava":
+        raise ValueError(f"{model_dir}: prompts with images for model_type {cfg.model_type!r} are not supported yet "
+                         f"(its processor tiles each image into a count of its own; only llava)")
+    markers = prompt.count(MARKER)
+    if markers == 0 and paths:
+        prompt = MARKER * len(paths) + "\n" + prompt
+    elif markers != len(paths):
+        raise ValueError(f"the prompt holds {markers} {MARKER!r} marker(s) but {len(paths)} image(s) were given")
+    pixels = pixel_values(_processor(model_dir), [open_image(p, max_pixels) for p in paths])
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    image_id = marker_id(tokenizer)
+    if image_id != cfg.image_token_id:
+        raise ValueError(f"{model_dir}: the tokenizer's {MARKER!r} is token {image_id}, the model's image token is "
+                         f"{cfg.image_token_id}")
+    if ids.count(image_id) != len(paths):
+        raise ValueError(f"the rendered prompt holds {ids.count(image_id)} image token(s) for {len(paths)} image(s) "
+                         f"(does the chat template hold {MARKER!r}?)")
+    return [j for i in ids for j in ([i] * cfg.image_tokens if i == image_id else [i])], pixels
+
+
+def _processor(model_dir: str | Path):
+    settings = Path(model_dir) / "preprocessor_config.json"
+    if not settings.is_file():
+        raise ValueError(f"{settings}: not found (the model's image processor settings)")
+    return image_processor(json.loads(settings.read_text()), str(settings))
 
 
 def marker_id(tokenizer, marker: str = MARKER) -> int:

@@ -18,6 +18,7 @@ linear maps, and the trainable tree's `vision/` and `projector/` subtrees are th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from typing import Any
@@ -102,6 +103,12 @@ class Config:
     layer_windows = property(lambda self: self.text.layer_windows)
 
     @property
+    def n_params(self) -> int:
+        """All three parts' parameters (counted from their shapes, nothing allocated)."""
+        shapes = jax.eval_shape(lambda: init(jax.random.key(0), self))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+    @property
     def image_tokens(self) -> int:
         """P': the embeddings (image tokens) one image becomes."""
         n = self.vision.n_patches
@@ -157,26 +164,63 @@ split_layers = llama.split_layers
 split_cache = llama.split_cache
 
 
-def image_embeddings(cfg: Config, base: dict, pixel_values, *, trainable: dict | None = None, peft=None,
-                     rng=None, dtype=jnp.float32, remat: bool = False, unroll: bool = False, layout=None):
-    """pixel_values (I, C, H, W), as the model's image processor makes them -> (I, P', E) embeddings: LLaVA's
-    selected layer(s) through the MLP projector, or Idefics3's post-normed last layer through the pixel
-    shuffle and its linear map."""
+def tower_features(cfg: Config, base: dict, pixel_values, *, trainable: dict | None = None, peft=None, rng=None,
+                   dtype=jnp.float32, remat: bool = False, unroll: bool = False, layout=None):
+    """pixel_values (I, C, H, W) -> (I, P', D_vision): what the tower gives the connector (LLaVA's selected
+    layer(s), Idefics3's post-normed last layer). Of a frozen tower, the same for an image at every epoch: what
+    `FeatureCache` keeps."""
     trainable = trainable or {}
     kw = dict(trainable=trainable.get("vision"), lora=getattr(peft, "vision", None), rng=rng, dtype=dtype,
               remat=remat, unroll=unroll, layout=layout)
     pixel_values = jnp.asarray(pixel_values, dtype)
     if cfg.model_type == "llava":
-        features = connectors.llava_features(cfg.vision, base["vision"], pixel_values, layer=cfg.feature_layer,
-                                             strategy=cfg.strategy, **kw)
-    else:
-        features = vit.forward(cfg.vision, base["vision"], pixel_values, layer=-1, post_norm=True, **kw)
-    return connectors.project(cfg.projector, base["projector"], features, trainable=trainable.get("projector"),
-                              lora=getattr(peft, "projector", None))
+        return connectors.llava_features(cfg.vision, base["vision"], pixel_values, layer=cfg.feature_layer,
+                                         strategy=cfg.strategy, **kw)
+    return vit.forward(cfg.vision, base["vision"], pixel_values, layer=-1, post_norm=True, **kw)
+
+
+def image_embeddings(cfg: Config, base: dict, pixel_values, *, trainable: dict | None = None, peft=None,
+                     rng=None, dtype=jnp.float32, remat: bool = False, unroll: bool = False, layout=None,
+                     features=None):
+    """pixel_values (I, C, H, W), as the model's image processor makes them -> (I, P', E) embeddings: the tower's
+    features (`tower_features`, or `features` (I, P', D_vision) given instead of the pixels) through the
+    connector (LLaVA's MLP projector, Idefics3's pixel shuffle and linear map)."""
+    trainable = trainable or {}
+    if features is None:
+        features = tower_features(cfg, base, pixel_values, trainable=trainable, peft=peft, rng=rng, dtype=dtype,
+                                  remat=remat, unroll=unroll, layout=layout)
+    return connectors.project(cfg.projector, base["projector"], jnp.asarray(features, dtype),
+                              trainable=trainable.get("projector"), lora=getattr(peft, "projector", None))
+
+
+class FeatureCache:
+    """A frozen tower's features per image, computed once: `cache(pixel_values (I, C, H, W))` -> (I, P',
+    D_vision) numpy, the images it has seen (by their pixel bytes) read back, the others run through the tower
+    in one call. Pass the result as `forward(..., image_features=...)` for a multi-epoch run whose tower is
+    frozen (`vision.method=frozen`): the same numbers as the pixels give, without the tower's forward pass."""
+
+    def __init__(self, cfg: Config, base: dict, dtype=jnp.float32):
+        self._features = jax.jit(lambda b, px: tower_features(cfg, b, px, dtype=dtype))
+        self._base, self._store = base, {}
+        self.hits = self.misses = 0
+
+    def __call__(self, pixel_values) -> np.ndarray:
+        pixel_values = np.ascontiguousarray(pixel_values)
+        keys = [hashlib.sha1(x.tobytes()).digest() for x in pixel_values]
+        first = {}  # each new image once, at its first row
+        for i, k in enumerate(keys):
+            if k not in self._store:
+                first.setdefault(k, i)
+        if first:
+            computed = np.asarray(self._features(self._base, pixel_values[list(first.values())]))
+            self._store.update(zip(first, computed))
+        self.misses += len(first)
+        self.hits += len(keys) - len(first)
+        return np.stack([self._store[k] for k in keys])
 
 
 def forward(cfg: Config, base: dict, tokens, *, pixel_values=None, image_mask=None, trainable: dict | None = None,
-            peft=None, lora=None, rng=None, dtype=jnp.float32, embeddings=None, **kw):
+            peft=None, lora=None, rng=None, dtype=jnp.float32, embeddings=None, image_features=None, **kw):
     """tokens (B, T) with `cfg.image_token_id` at each image's P' positions, pixel_values (I, C, H, W) the images
     in the order of their tokens (row by row) -> (logits (B, T, V) float32, cache), as `llama.forward` (whose
     keyword arguments `kw` go to it: positions, segment_ids, cache, remat, unroll, return_hidden, layout).
@@ -184,18 +228,19 @@ def forward(cfg: Config, base: dict, tokens, *, pixel_values=None, image_mask=No
     image_mask (I,) bool marks the real images where a batch pads them to a static count (padding images come
     after the real ones, `jaxft.data.vlm_batches`). Without pixel_values the tokens are text only: the decode
     steps after a prefill with images. Outside jit, a count of image tokens other than the images' P' each is
-    a ValueError naming both.
+    a ValueError naming both. image_features (I, P', D_vision), a frozen tower's output (`FeatureCache`), stand
+    for pixel_values: the tower is not run.
     """
     peft = peft if peft is not None else lora
     text_trainable = _text_part(trainable)
     if embeddings is None:
         table_w = overlay(base, text_trainable)["embed"]["w"]
         embeddings = as_dense(table_w, dtype)[tokens]
-    if pixel_values is not None:
+    if pixel_values is not None or image_features is not None:
         vision_rng = None if rng is None else jax.random.fold_in(rng, 1)
         images = image_embeddings(cfg, base, pixel_values, trainable=trainable, peft=peft, rng=vision_rng,
                                   dtype=dtype, remat=kw.get("remat", False), unroll=kw.get("unroll", False),
-                                  layout=kw.get("layout"))
+                                  layout=kw.get("layout"), features=image_features)
         if image_mask is not None and not isinstance(image_mask, jax.core.Tracer):
             images = images[:int(np.sum(np.asarray(image_mask)))]  # the real ones (they come first)
         embeddings = connectors.merge_images(embeddings, tokens, images, cfg.image_token_id)

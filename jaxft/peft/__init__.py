@@ -94,8 +94,7 @@ def merge(base: dict, trainable: dict, spec, dtype=None) -> dict:
     """
     method = spec.method
     if isinstance(spec, parts.PartsSpec):  # the method's merge knows the language model's leaves alone
-        raise PeftError("peft.merge: merging a vision-language model's parts (vision/, projector/) is not supported "
-                        "yet; keep the base and the adapter")
+        return parts.merge(base, trainable, spec, dtype, merge)
     module = implementation(method)
     if not hasattr(module, "merge"):
         why = getattr(module, "UNMERGEABLE", "no base weights compute what it does")

@@ -49,7 +49,7 @@ from jaxft.checkpoint.assemble import expected_shapes, summarize
 from jaxft.checkpoint.hf import _replace_dir
 from jaxft.models import family_of
 from jaxft.models.config import LlamaConfig
-from jaxft.peft import hf_prompts, shapes
+from jaxft.peft import hf_prompts, parts, shapes
 from jaxft.peft.hf_prompts import refuse_unknown
 from jaxft.peft.lora import LoraSpec
 from jaxft.peft.method import AdapterError, MethodSpec, as_method, method_of
@@ -142,8 +142,13 @@ def save(out_dir, trainable: dict, spec, cfg: LlamaConfig, *, base_model: str, t
     check_writable(out_dir, overwrite)
     shapes.check(trainable, spec, cfg, "the trainable tree")
     run = run or {}
-    target = target_class(cfg, run.get("task"), base_class)
     flat = {p: np.asarray(x, np.float32) for p, x in tree.items(trainable)}
+    saved_parts: dict = {}
+    if isinstance(spec, parts.PartsSpec):  # the language model's method on its own, the parts as modules_to_save
+        saved_parts, flat, target = _parts_save(flat, spec, cfg, base_class)
+        cfg, spec = cfg.text, parts.text_spec(spec)
+    else:
+        target = target_class(cfg, run.get("task"), base_class)
     head = {p: x for p, x in flat.items() if p.startswith("head/")}
     flat = {p: x for p, x in flat.items() if not p.startswith("head/")}
     method = method_of(spec)
@@ -156,15 +161,22 @@ def save(out_dir, trainable: dict, spec, cfg: LlamaConfig, *, base_model: str, t
         tensors, config, what = _ia3_save(flat, cfg, target.prefix)
     else:
         tensors, config, what = hf_prompts.save(flat, as_method(spec), cfg, run, base_model, target)
+    if saved_parts:  # a regex over whole paths: the tower's q_proj / v_proj must not match the language model's
+        adapted = sorted({re.sub(r"\.\d+\.", ".{i}.", n.removeprefix(PREFIX).rsplit(".", 2)[0], count=1)
+                          for n in tensors if n.endswith("lora_A.weight")})
+        config["target_modules"] = "(" + "|".join(re.escape(t).replace(r"\{i\}", r"\d+") for t in adapted) + ")"
+        tensors.update(saved_parts["tensors"])
     auto = None
     if target.task_type is None:  # PEFT records the class it wrapped where no task type says it
-        module = cfg.model_type
+        module = saved_parts.get("model_type", cfg.model_type)
         auto = {"base_model_class": target.name, "parent_library": f"transformers.models.{module}.modeling_{module}"}
     config = {"task_type": target.task_type, "base_model_name_or_path": base_model, "revision": None,
               "inference_mode": True, "auto_mapping": auto, **config}
     if head_tensors:
         tensors.update(head_tensors)
         config["modules_to_save"] = [target.head]
+    if saved_parts.get("modules"):
+        config["modules_to_save"] = saved_parts["modules"]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -183,6 +195,74 @@ def save(out_dir, trainable: dict, spec, cfg: LlamaConfig, *, base_model: str, t
     return out_dir
 
 
+def _parts_save(flat: dict, spec, cfg, base_class: str | None):
+    """A vision-language model's parts for PEFT: ({"tensors": the trained projector's weights under their module
+    path, "modules": its module for `modules_to_save`, "model_type"}, the language model's leaves, the class PEFT
+    wraps). Raises AdapterError for what has no PEFT export yet (a LoRA part, a fully trained tower)."""
+    from_class = {"llava": "LlavaForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration"}
+    name = from_class[cfg.model_type]
+    if base_class not in (None, name):
+        raise AdapterError(f"base class: {base_class!r} is not the class of a {cfg.model_type} model ({name})")
+    if spec.method != "lora":
+        raise AdapterError(f"a {cfg.model_type} adapter exports to PEFT with LoRA on the language model, not "
+                           f"{spec.method}; export it merged (--merged OUT) where its method merges")
+    methods = dict(spec.part_methods)
+    for part, method in methods.items():
+        if method == "lora" or (part == "vision" and method == "full"):
+            raise AdapterError(f"{part}.method={method!r} has no PEFT export yet (PEFT exports the language model's "
+                               f"LoRA and a trained projector); export it merged (--merged OUT)")
+    tensors, modules = {}, []
+    if methods.get("projector") == "full":
+        rows = [e for e in family_of(cfg).table(cfg.model_type) if e.path.startswith("projector/")]
+        for e in rows:
+            if e.path in flat:
+                tensors[PREFIX + e.hf] = flat[e.path].T if e.transpose else flat[e.path]
+        modules = [rows[0].hf.split(".")[1]]  # "multi_modal_projector" (the module PEFT saves whole)
+    text_prefix = family_of(cfg).PREFIXES[cfg.model_type][0]
+    target = mapping.PeftClass(name, text_prefix, None, None)
+    rest = {p: x for p, x in flat.items() if p.split("/", 1)[0] not in parts.DEFAULTS}
+    return {"tensors": tensors, "modules": modules, "model_type": cfg.model_type}, rest, target
+
+
+def _parts_load(path: Path, conf: dict, cfg, source: str) -> tuple[dict, parts.PartsSpec]:
+    """A PEFT LORA adapter of a vision-language model (what `_parts_save` writes, or PEFT over transformers'
+    class): the language model's LoRA, and the projector where `modules_to_save` names it (the tower frozen)."""
+    if conf.get("peft_type") != "LORA":
+        raise AdapterError(f"{source}: peft_type {conf.get('peft_type')!r}: jaxft reads LORA adapters of a "
+                           f"{cfg.model_type} model")
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise AdapterError(f"{file}: not found")
+    arrays = _read_tensors(file)
+    conf = dict(conf)
+    saved = conf.pop("modules_to_save", None) or []
+    saved = [saved] if isinstance(saved, str) else list(saved)
+    rows = [e for e in family_of(cfg).table(cfg.model_type) if e.path.startswith("projector/")]
+    module = rows[0].hf.split(".")[1]
+    if saved not in ([], [module]):
+        raise AdapterError(f"{source}: modules_to_save={json.dumps(saved)} is not supported by jaxft (it reads "
+                           f"the projector, {module!r}, there)")
+    trainable: dict = {}
+    if saved:
+        flat = {}
+        for e in rows:
+            name = PREFIX + e.hf
+            if name in arrays:
+                x = arrays.pop(name)
+                flat[e.path.split("/", 1)[1]] = x.T if e.transpose else x
+        trainable["projector"] = tree.unflatten(flat)
+    text_prefix = PREFIX + family_of(cfg).PREFIXES[cfg.model_type][0]
+    arrays = {PREFIX + "model." + k[len(text_prefix):] if k.startswith(text_prefix) else k: v
+              for k, v in arrays.items()}  # the language model's names as LlamaForCausalLM's
+    spec = _lora_spec(conf, source)
+    trainable.update(_lora_tree(arrays, spec, cfg.text, file))
+    text = as_method(spec)
+    spec = parts.PartsSpec(**{f: getattr(text, f) for f in text.__dataclass_fields__},
+                           part_methods=(("vision", "frozen"), ("projector", "full" if saved else "frozen")))
+    shapes.check(trainable, spec, cfg, str(file))
+    return trainable, spec
+
+
 def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
     """(trainable tree, spec) of the PEFT adapter directory `path`, for a base model of `cfg`: a LoraSpec for
     LORA, else the MethodSpec of ia3, prefix or prompt. The tree is float32 numpy; a task head PEFT saved in
@@ -196,6 +276,8 @@ def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
     conf = read_config(path)
     source = str(path / CONFIG)
     peft_type = conf.get("peft_type")
+    if parts.is_multimodal(cfg):
+        return _parts_load(path, conf, cfg, source)
     if peft_type not in PEFT_TYPES:
         raise AdapterError(f"{source}: peft_type {peft_type!r} is not supported (jaxft reads LORA adapters, with "
                            f"use_rslora and use_dora, IA3, PREFIX_TUNING and PROMPT_TUNING)")

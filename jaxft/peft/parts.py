@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxft import tree
 from jaxft.models import vit
 from jaxft.peft import lora
-from jaxft.peft.method import MethodSpec, PeftError
+from jaxft.peft.method import AdapterError, MethodSpec, PeftError
 from jaxft.quant import as_dense
 
 PART_METHODS = ("frozen", "lora", "full")
@@ -95,6 +95,54 @@ def build(key, base: dict, config, cfg, tokenizer, build_text) -> tuple[dict, Pa
             specs[part] = part_spec
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(MethodSpec)}
     return trainable, PartsSpec(**fields, **specs, part_methods=tuple(methods))
+
+
+def text_spec(spec: PartsSpec) -> MethodSpec:
+    """The language model's method alone (what its method's module reads)."""
+    return MethodSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(MethodSpec)})
+
+
+def check(flat: dict[str, tuple[int, ...]], spec: PartsSpec, base: dict[str, tuple[int, ...]], source: str) -> dict:
+    """Raises AdapterError naming `source` and the leaf unless the parts' leaves of `flat` (path -> shape) are
+    what each part's method makes over a base of leaf shapes `base`; returns the language model's leaves, for
+    its own method's check."""
+    methods = dict(spec.part_methods)
+    for part in DEFAULTS:
+        leaves = {p.split("/", 1)[1]: s for p, s in flat.items() if p.startswith(part + "/")}
+        want = {p.split("/", 1)[1]: s for p, s in base.items() if p.startswith(part + "/")}
+        method = methods.get(part, "frozen")
+        if method == "lora":
+            rank = getattr(spec, part).rank
+            weights = {p.rsplit("/", 1)[0]: shape for p, shape in want.items() if p.endswith("/w")}
+            want = {f"{m}/{leaf}": s for m, (*lead, d_in, d_out) in weights.items() if f"{m}/lora_a" in leaves
+                    for leaf, s in (("lora_a", (*lead, d_in, rank)), ("lora_b", (*lead, rank, d_out)))}
+        elif method == "frozen":
+            want = {}
+        for path in sorted(set(leaves) | set(want)):
+            if leaves.get(path) != want.get(path):
+                raise AdapterError(f"{source}: {part}/{path} is {leaves.get(path) or 'missing'}, a {part} trained "
+                                   f"by {method} has {want.get(path) or 'no such leaf'}")
+    return {p: s for p, s in flat.items() if p.split("/", 1)[0] not in DEFAULTS}
+
+
+def merge(base: dict, trainable: dict, spec: PartsSpec, dtype, merge_text) -> dict:
+    """A plain base of a vision-language model that computes what base + trainable computes: the language model's
+    leaves through `merge_text(text_base, text_trainable, MethodSpec, dtype)` (`jaxft.peft.merge`, which raises for
+    the methods no weights express), a LoRA part as W + s A B (`lora.merge`, stacked or not), a full part's
+    trained leaves in place (in the base leaves' dtype unless `dtype`), a frozen part as it is. `base` may hold
+    only the subtrees that change (export passes no more)."""
+    out = merge_text({k: v for k, v in base.items() if k not in DEFAULTS},
+                     {k: v for k, v in trainable.items() if k not in DEFAULTS}, text_spec(spec), dtype)
+    for part, method in spec.part_methods:
+        if part not in base:
+            continue
+        if method == "full":
+            out[part] = jax.tree.map(lambda x, b: x.astype(dtype or b.dtype), trainable[part], base[part])
+        elif method == "lora":
+            out[part] = lora.merge(base[part], trainable[part], getattr(spec, part), dtype)
+        else:
+            out[part] = base[part]
+    return out
 
 
 def _matrix_lora(key, params: dict, rank: int) -> dict:

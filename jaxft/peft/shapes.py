@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from jaxft import tree
 from jaxft.checkpoint.assemble import expected_shapes
+from jaxft.peft import parts
 from jaxft.peft.method import AdapterError, PeftError, as_method, implementation, method_of
 
 
@@ -25,6 +26,9 @@ def check(trainable: dict, spec, cfg, source: str) -> None:
         _check_head({p: s for p, s in flat.items() if p.startswith("head/")}, cfg, source, about)
         flat = {p: s for p, s in flat.items() if not p.startswith("head/")}
         spec = as_method(spec)
+    if isinstance(spec, parts.PartsSpec):  # the parts' leaves here, the language model's by its method below
+        flat = parts.check(flat, spec, expected_shapes(cfg), source)
+        cfg, spec = cfg.text, parts.text_spec(spec)
     if not flat:
         raise AdapterError(f"{source}: the adapter holds no tensors")
     base = expected_shapes(cfg)

@@ -10,7 +10,7 @@ MoE's (both counts are printed). Both: ../shared/data/instruction/alpaca_small.j
 Each model trains in its own fresh process through the trainer (`jaxft.train.loop.train`); the eval loss is the
 trainer's (token loss only, no router loss) before and after training.
 
-    .venv/bin/python bench/moe_vs_dense.py [--steps 20] [--batch 4] [--seq 128] [--moe-rank 4]
+    .venv/bin/python bench/moe_vs_dense.py [--steps 16] [--batch 4] [--seq 96] [--moe-rank 4]
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def worker(side: str, rank: int, train_file: str, eval_file: str, steps: int, ba
     overrides = ["dtype=bfloat16", "param_dtype=bfloat16", f"lora.rank={rank}", f"lora.alpha={2.0 * rank}",
                  "lora.dropout=0.0", f"data.train={train_file}", f"data.eval={eval_file}", f"train.steps={steps}",
                  f"train.batch_size={batch}", f"train.seq_len={seq}", f"train.learning_rate={lr}",
-                 "train.eval_every=0", f"train.save_every={steps}", "train.keep_checkpoints=1"]
+                 "train.eval_every=0", f"train.save_every={steps}", "train.keep_checkpoints=1",
+                 "train.layer_loop=scan"]  # one compiled layer: minutes less to compile on a CPU
     overrides += [f"model={MOE_DIR}"] if moe else ["model=default", "lora.targets=all-linear"]
     config = config_lib.load(str(ROOT / "configs" / ("moe_lora.py" if moe else "default_lora.py")), overrides)
     with tempfile.TemporaryDirectory(prefix=f"jaxft-bench-{side}-") as workdir:
@@ -88,12 +89,12 @@ def run_worker(*args) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=96)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--moe-rank", type=int, default=4)
-    ap.add_argument("--eval-examples", type=int, default=64)
+    ap.add_argument("--eval-examples", type=int, default=32)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

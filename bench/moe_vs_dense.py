@@ -42,8 +42,8 @@ def lora_sizes(cfg) -> tuple[int, int]:
     return L * (attn + cfg.n_experts * mlp + d + cfg.n_experts), L * (attn + mlp)
 
 
-def write_data(out: Path, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
-    records = json.loads(DATA.read_text())
+def write_data(out: Path, data: Path, n_eval: int, seed: int = 0) -> tuple[Path, Path]:
+    records = json.loads(data.read_text())
     random.Random(seed).shuffle(records)
     paths = []
     for name, part in (("train.jsonl", records[n_eval:]), ("eval.jsonl", records[:n_eval])):
@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--moe-rank", type=int, default=4)
     ap.add_argument("--eval-examples", type=int, default=32)
+    ap.add_argument("--data", default=str(DATA), help="alpaca-style JSON (default: %(default)s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -107,7 +108,7 @@ def main():
     load_start = os.getloadavg()[0]
     out = {}
     with tempfile.TemporaryDirectory(prefix="jaxft-moe-vs-dense-") as tmp:
-        train_file, eval_file = write_data(Path(tmp), args.eval_examples)
+        train_file, eval_file = write_data(Path(tmp), Path(args.data), args.eval_examples)
         for side, rank in (("moe", args.moe_rank), ("dense", dense_rank)):
             out[side] = run_worker(side, rank, train_file, eval_file, args.steps, args.batch, args.seq, args.lr)
             r = out[side]

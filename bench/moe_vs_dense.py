@@ -115,8 +115,7 @@ def main():
             print(f"{side:<6} r={rank:<3} trainable {r['trainable']:>10,}  eval loss {r['eval_loss_before']:.4f} -> "
                   f"{r['eval_loss_after']:.4f}  ({r['wall_s']:.0f} s)", flush=True)
     gap = out["moe"]["eval_loss_after"] - out["dense"]["eval_loss_after"]
-    print(("the MoE beats the dense model" if gap < 0 else "the MoE does not beat the dense model")
-          + f" by {abs(gap):.4f} in held-out eval loss")
+    print(f"the MoE's held-out eval loss is {abs(gap):.4f} {'below' if gap < 0 else 'above'} the dense model's")
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "settings": vars(args) | {
         "dense_rank": dense_rank}, "load_average": {"start": load_start, "end": os.getloadavg()[0]}, **out,
         "moe_minus_dense_eval_loss": gap}

@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--moe-rank", type=int, default=4)
     ap.add_argument("--eval-examples", type=int, default=32)
     ap.add_argument("--data", default=str(DATA), help="alpaca-style JSON (default: %(default)s)")
+    ap.add_argument("--tag", default="", help="results go to bench/results/moe_vs_dense[_TAG].json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -121,7 +122,7 @@ def main():
         "moe_minus_dense_eval_loss": gap}
     record["settings"].pop("worker")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "moe_vs_dense.json").write_text(json.dumps(record, indent=1) + "\n")
+    (RESULTS / f"moe_vs_dense{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"RESULT moe_eval_loss={out['moe']['eval_loss_after']:.4f} dense_eval_loss={out['dense']['eval_loss_after']:.4f}"
           f" moe_minus_dense={gap:.4f} moe_trainable={out['moe']['trainable']} dense_trainable="
           f"{out['dense']['trainable']} moe_before={out['moe']['eval_loss_before']:.4f} "

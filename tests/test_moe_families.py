@@ -204,3 +204,32 @@ def test_save_hf_writes_back_the_tensors_it_loaded(tmp_path, variant):
     assert sorted(written) == sorted(original)
     for name, x in original.items():
         np.testing.assert_array_equal(written[name], x, err_msg=name)
+
+
+def test_capacity_factor_key_reaches_the_model(tmp_path):
+    """moe.capacity_factor: large enough (capacity = every routed row) gives the dropless logits; a small one
+    drops rows (which ones: tests/test_moe.py's test_capacity_factor_drops_what_it_says) and so changes them; 0
+    means dropless; on a dense model or negative, a one-line error naming the key."""
+    from jaxft import config as config_lib
+    from jaxft.config.checks import ConfigFileError, moe_settings
+    from jaxft.models.config import LlamaConfig
+
+    loaded = checkpoint.load(_save(_model("mixtral"), tmp_path / "m", "per_expert"))
+    config = config_lib.base.get_config()
+    dropless = np.asarray(_forward(moe_settings(config, loaded.cfg, "m"))(loaded.params, TOKENS)[0])
+    config.moe.capacity_factor = 0.0
+    assert moe_settings(config, loaded.cfg, "m").capacity_factor is None
+    config.moe.capacity_factor = 2.0  # E / k: each expert may take all N tokens
+    cfg = moe_settings(config, loaded.cfg, "m")
+    assert cfg.capacity_factor == 2.0
+    np.testing.assert_allclose(np.asarray(_forward(cfg)(loaded.params, TOKENS)[0]), dropless, atol=1e-6)
+    config.moe.capacity_factor = 0.5
+    small = np.asarray(_forward(moe_settings(config, loaded.cfg, "m"))(loaded.params, TOKENS)[0])
+    assert np.abs(small - dropless).max() > 1e-3
+    dense = LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, mlp_dim=8)
+    with pytest.raises(ConfigFileError, match=r"^moe.capacity_factor: 0.5 is for mixture-of-experts models"):
+        moe_settings(config, dense, "d")
+    config.moe.capacity_factor, config.train.learning_rate = -1.0, 1e-4
+    with pytest.raises(ConfigFileError, match=r"^moe.capacity_factor: -1.0 must be a number >= 0, or None for "
+                                              r"dropless routing"):
+        config_lib.validate(config, require_data=False)

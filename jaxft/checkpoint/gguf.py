@@ -4,7 +4,9 @@ GGUF names its tensors differently (`blk.3.attn_q.weight`); gguf-py's own name m
 Face names of the mapping table, so the table stays the one description of the model. llama.cpp also
 permutes the rows of the query and key projections of `llama` models (its rotary embedding pairs adjacent
 dimensions, Hugging Face's pairs the two halves); that is undone here exactly as transformers' GGUF loader
-does it. Only the types below are read: they dequantize exactly with gguf-py, and the rest (k-quants, i-quants)
+does it. Mixtral-style files are `llama` files with `llama.expert_count` / `llama.expert_used_count` and each
+layer's experts stacked in one tensor per projection (`blk.N.ffn_{gate,up,down}_exps.weight`: the per-expert
+Hugging Face (out, in) weights stacked to (E, out, in)); they load as the `mixtral` family. Only the types below are read: they dequantize exactly with gguf-py, and the rest (k-quants, i-quants)
 are left for a native quantized path rather than silently widened.
 """
 
@@ -22,12 +24,15 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from jaxft.checkpoint.assemble import LeafFn, LoadError, assemble
-from jaxft.models import family_of
+from jaxft.models import family_of, mixtral
 from jaxft.models.config import ConfigError, LlamaConfig
 
 READABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1)
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 _PERMUTED = ("llama",)  # the architectures whose q/k rows llama.cpp's converter permutes
+# The mixtral family's expert stacks (TABLE names, (E, in, out)) -> llama.cpp's stacked tensors (E, out, in).
+_EXPERTS = {f"{mixtral.MOE_PREFIX}.experts.{name}": f"blk.{{i}}.ffn_{gguf_name}_exps.weight"
+            for name, gguf_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))}
 _REQUIRED = object()
 
 
@@ -53,12 +58,14 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
     del reader
     tok = _tokenizer(path, metadata_end) if has_tokenizer else None
 
-    names = gguf.get_tensor_name_map(ARCHS[cfg.model_type], cfg.n_layers)
+    arch = "llama" if cfg.model_type == "mixtral" else cfg.model_type  # llama.cpp's name for Mixtral files
+    names = gguf.get_tensor_name_map(ARCHS[arch], cfg.n_layers)
     to_gguf = {}
     for entry in family_of(cfg).TABLE:
         for i in range(cfg.n_layers) if "{i}" in entry.hf else [None]:
             hf = entry.hf.format(i=i)
-            to_gguf[hf] = names.get_name(hf, try_suffixes=(".weight", ".bias")) or hf
+            stacked = _EXPERTS.get(entry.hf, "").format(i=i)
+            to_gguf[hf] = stacked or names.get_name(hf, try_suffixes=(".weight", ".bias")) or hf
     to_hf = {g: h for h, g in to_gguf.items()}
     present = {to_hf.get(name, name): name for name in tensors}
 
@@ -70,8 +77,10 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
             if file.readinto(data.reshape(-1).view(np.uint8)) != data.nbytes:
                 raise LoadError(f"{path}: tensor {name} runs past the end of the file")
             x = dequantize(data, qtype)
-            if cfg.model_type in _PERMUTED and (".attn_q." in name or ".attn_k." in name):
+            if arch in _PERMUTED and (".attn_q." in name or ".attn_k." in name):
                 x = unpermute(x, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
+            if "_exps." in name:  # (E, out, in) -> jaxft's (E, in, out)
+                x = np.swapaxes(x, 1, 2)
             return x
 
         params = assemble(cfg, present, read, file=str(path), dtype=dtype, leaf_fn=leaf_fn,
@@ -146,7 +155,14 @@ def read_config(reader: gguf.GGUFReader, file: str) -> LlamaConfig:
     for key in ("num_key_value_heads", "head_dim"):
         if isinstance(hf[key], list):  # per-layer values, which the model does not have
             raise LoadError(f"{file}: per-layer {key} {hf[key]} is not supported")
+    experts = get("expert_count", 0)
+    if experts and arch != "llama":
+        raise LoadError(f"{file}: {arch}.expert_count {experts}: mixture-of-experts GGUF files are read for the "
+                        f"llama architecture (Mixtral-style) only")
     try:
+        if experts:
+            return mixtral.Config.from_hf({**hf, "model_type": "mixtral", "num_local_experts": experts,
+                                           "num_experts_per_tok": get("expert_used_count")}, source=file)
         return LlamaConfig.from_hf(hf, source=file)
     except ConfigError as e:
         raise LoadError(str(e)) from None

@@ -102,6 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.moe = ml_collections.ConfigDict()  # mixture-of-experts models only (Mixtral, Qwen2-MoE): the router's losses
     c.moe.aux_loss_coef = placeholder(float)  # load-balancing loss weight; None: the model's router_aux_loss_coef
     c.moe.router_z_loss_coef = placeholder(float)  # router z-loss weight in training; None: 0 (the models define none)
+    c.moe.capacity_factor = placeholder(float)  # rows per expert ceil(factor*tokens*top_k/E), extra ones dropped
+    # (in training and evaluation, per micro-batch, first choices first); None or 0: dropless
 
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "lora"  # lora, adapter, prefix, prompt, ia3, full, partial or features; settings below

@@ -116,24 +116,29 @@ def _method(config) -> None:
 
 
 def _moe(m) -> None:
-    for key in ("aux_loss_coef", "router_z_loss_coef"):
+    for key in ("aux_loss_coef", "router_z_loss_coef", "capacity_factor"):
         value = m[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not (math.isfinite(value) and value >= 0)):
-            _fail(f"moe.{key}", value, "must be a number >= 0, or None for the model's own")
+            _fail(f"moe.{key}", value, "must be a number >= 0, or None for " + (
+                "dropless routing" if key == "capacity_factor" else "the model's own"))
 
 
 def moe_settings(config, cfg, model: str):
-    """The model config `cfg` with config.moe's loss coefficients; ConfigFileError naming the key where one is
-    set for a model (`model`, as config.model names it) that is not a mixture of experts."""
+    """The model config `cfg` with config.moe's loss coefficients and capacity factor; ConfigFileError naming the
+    key where one is set for a model (`model`, as config.model names it) that is not a mixture of experts."""
     given = {key: value for key, value in config.moe.items() if value is not None}
+    if not given.get("capacity_factor"):  # 0 means dropless, as None does
+        given.pop("capacity_factor", None)
     if not hasattr(cfg, "n_experts"):
         for key, value in given.items():
             _fail(f"moe.{key}", value, f"is for mixture-of-experts models, but {model} is a dense "
                                        f"{cfg.model_type} model (leave it None)")
         return cfg
     return dataclasses.replace(cfg, router_aux_loss_coef=float(given.get("aux_loss_coef", cfg.router_aux_loss_coef)),
-                               router_z_loss_coef=float(given.get("router_z_loss_coef", cfg.router_z_loss_coef)))
+                               router_z_loss_coef=float(given.get("router_z_loss_coef", cfg.router_z_loss_coef)),
+                               capacity_factor=float(given["capacity_factor"]) if "capacity_factor" in given
+                               else cfg.capacity_factor)
 
 
 def _task(config, require_data: bool) -> None:

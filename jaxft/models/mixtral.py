@@ -58,6 +58,7 @@ class Config(LlamaConfig):
     shared_dim: int = 0  # Fs, the shared expert's width (Qwen2-MoE); 0: none
     router_aux_loss_coef: float = 0.02  # the load-balancing loss weight (the checkpoint's; moe.aux_loss_coef)
     router_z_loss_coef: float = 0.0  # the router z-loss weight (moe.router_z_loss_coef)
+    capacity_factor: float | None = None  # rows per expert: ceil(factor N k / E), the rest dropped; None: dropless
     model_type: str = "mixtral"
 
     @classmethod
@@ -178,7 +179,7 @@ def moe_mlp(cfg: Config, hooks, p: dict, h, rngs, layout=None):
     The router and the shared expert go through the method's `linear` hook, the experts through its
     `grouped_linear` hook (LoRA's per-expert factors; `jaxft.models.hooks`)."""
     mlp = p["mlp"]
-    y, aux = moe.moe_block(h, mlp, top_k=cfg.top_k, normalize=cfg.normalize,
+    y, aux = moe.moe_block(h, mlp, top_k=cfg.top_k, normalize=cfg.normalize, capacity_factor=cfg.capacity_factor,
                            dense=lambda x, q: dense(x, q, hooks, None), expert_linear=hooks.grouped_linear)
     return hooks.block_output(mlp, y), aux["router_logits"]
 

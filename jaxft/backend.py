@@ -6,6 +6,11 @@ Model and generation code take the policy's fields as plain arguments and carry 
 their own; the measurements behind each CPU choice are in bench/README.md (bench/train_step.py,
 bench/generate.py, bench/qlora.py). On GPU and TPU nothing here duplicates weights or changes the program
 that XLA would otherwise compile, except what is stated for accelerators below.
+
+Not a backend choice, so not here: `jaxft.models.layers.einsum`'s low-precision backward (with bf16 operands
+the gradient matmuls run in bf16, accumulating in f32, as bf16 training on TPUs and GPUs does; JAX's own
+transpose would promote every frozen weight to f32 on every step on any backend). It is the numerics of bf16
+compute everywhere, tested against the plain gradient in tests/test_mixed_einsum.py.
 """
 
 from __future__ import annotations

@@ -14,11 +14,13 @@ most RUN_LIMIT_MIB of temporaries.
 With --steps, the whole training step instead, through the real wired path (`jaxft.parallel.aot`'s compile of
 the trainer's step: the families' attention seam, the backend policy's remat and PRNG for the target):
 Llama-3-8B shapes, LoRA r=16 all-linear or QLoRA (NF4), bf16, fsdp over every chip, one row of T tokens a chip,
-for each --topologies x --impls x --seqs: GiB per device (arguments + temporaries + outputs - aliased) or
+the loss over chunks of --loss-chunk tokens (train.loss_chunk), for each --topologies x --methods x --impls x
+--seqs: GiB per device (arguments + temporaries + outputs - aliased) or
 'needs N' where the compiler says it does not fit.
 
     .venv/bin/python bench/long_context.py [--seqs 4096,8192,16384] [--tpu v5e:2x2] [--time]
-    .venv/bin/python bench/long_context.py --steps [--topologies v5e:2x2,v5e:4x4] [--impls xla,splash]
+    .venv/bin/python bench/long_context.py --steps [--topologies v5e:2x2,v5e:4x4] [--methods lora,qlora]
+        [--impls xla,splash] [--seqs 16384] [--loss-chunk 2048] [--extra mesh.context=2 ...]
 
 (For the TPU rows, put libtpu on the path without installing it into the project's environment, e.g.
 `pip install --target /tmp/libtpu libtpu` and PYTHONPATH=/tmp/libtpu.)
@@ -96,19 +98,21 @@ LLAMA3_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_head
 METHODS = {"lora": "none", "qlora": "nf4"}  # name -> quant.format
 
 
-def step_gib(topology: str, method: str, impl: str, t: int, extra=()) -> dict:
-    """The 8B train step compiled for `topology` (one row of t tokens a chip, fsdp over all): GiB per device."""
+def step_gib(topology: str, method: str, impl: str, t: int, loss_chunk: int = 0, extra=()) -> dict:
+    """The 8B train step compiled for `topology` (one row of t tokens a chip, fsdp over all, the loss over
+    chunks of loss_chunk tokens, 0: full logits): GiB per device, or what it needs where it does not fit."""
     from jaxft import config as config_lib
     from jaxft.models.config import LlamaConfig
-    from jaxft.parallel.aot import compile_train_step, out_of_memory, topology_devices
+    from jaxft.train.aot import compile_train_step, out_of_memory, topology_devices
 
     devices = topology_devices(topology)
     config = config_lib.load(Path(__file__).parent.parent / "configs" / "default_lora.py", [
         f"quant.format={METHODS[method]}", f"train.seq_len={t}", f"train.batch_size={len(devices)}", "mesh.data=1",
-        "mesh.fsdp=-1", "lora.targets=all-linear", f"attention.impl={impl}", *extra])
+        "mesh.fsdp=-1", "lora.targets=all-linear", f"attention.impl={impl}",
+        f"train.loss_chunk={loss_chunk}", *extra])
     start = time.perf_counter()
     try:
-        mem = compile_train_step(config, LlamaConfig(**LLAMA3_8B), devices).memory_analysis()
+        mem = compile_train_step(config, devices, LlamaConfig(**LLAMA3_8B)).memory_analysis()
         gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                - mem.alias_size_in_bytes) / 2**30
         out = {"gib": round(gib, 2), "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
@@ -128,7 +132,8 @@ def steps(args):
             for impl in args.impls.split(","):
                 for t in (int(s) for s in args.seqs.split(",")):
                     row = {"topology": topology, "method": method, "impl": impl, "seq": t,
-                           **step_gib(topology, method, impl, t)}
+                           "loss_chunk": args.loss_chunk, "extra": " ".join(args.extra),
+                           **step_gib(topology, method, impl, t, args.loss_chunk, args.extra)}
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     print("\n| topology | method | attention | T | GiB per device (or needs) | temporaries | compile s |")
@@ -138,8 +143,13 @@ def steps(args):
         print(f"| {r['topology']} | {r['method']} | {r['impl']} | {r['seq']} | {fits} | {r.get('temp_gib', '')} | "
               f"{r['compile_s']} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "long_context_steps.json").write_text(json.dumps(
-        {"date": date.today().isoformat(), "jax": jax.__version__, "model": "llama3-8b", "rows": rows}, indent=2))
+    # each run adds its rows to the file (keyed by their settings), so that points compiled apart stay together
+    path = RESULTS / "long_context_steps.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    key = lambda r: tuple(r.get(k) for k in ("topology", "method", "impl", "seq", "loss_chunk", "extra"))  # noqa: E731
+    merged = {key(r): r for r in old} | {key(r): {**r, "date": date.today().isoformat()} for r in rows}
+    path.write_text(json.dumps({"jax": jax.__version__, "model": "llama3-8b", "rows": list(merged.values())},
+                               indent=2) + "\n")
     print("RESULT " + " ".join(f"{r['topology']}_{r['method']}_{r['impl']}_{r['seq']}="
                                f"{r.get('gib', 'needs_' + str(r.get('needs_gib')))}" for r in rows))
 
@@ -152,7 +162,9 @@ def main():
     p.add_argument("--steps", action="store_true", help="the 8B train step per topology, method, impl and T")
     p.add_argument("--topologies", default="v5e:2x2,v5e:4x4")
     p.add_argument("--methods", default="lora,qlora")
-    p.add_argument("--impls", default="xla,splash")
+    p.add_argument("--impls", default="auto", help="--steps: attention.impl (auto: the target's, splash on TPU)")
+    p.add_argument("--loss-chunk", type=int, default=2048, help="--steps: train.loss_chunk (0: full logits)")
+    p.add_argument("--extra", nargs="*", default=[], help="--steps: more config overrides, e.g. mesh.context=2")
     args = p.parse_args()
     if args.steps:
         return steps(args)

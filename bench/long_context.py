@@ -21,6 +21,8 @@ the loss over chunks of --loss-chunk tokens (train.loss_chunk), for each --topol
     .venv/bin/python bench/long_context.py [--seqs 4096,8192,16384] [--tpu v5e:2x2] [--time]
     .venv/bin/python bench/long_context.py --steps [--topologies v5e:2x2,v5e:4x4] [--methods lora,qlora]
         [--impls xla,splash] [--seqs 16384] [--loss-chunk 2048] [--extra mesh.context=2 ...]
+    .venv/bin/python bench/long_context.py --cpu-step --seqs 16384 --impls chunked [--loss-chunk 2048] [--n-steps 1]
+        (the default model's own train step on this CPU: peak RSS and seconds; one setting a process)
 
 (For the TPU rows, put libtpu on the path without installing it into the project's environment, e.g.
 `pip install --target /tmp/libtpu libtpu` and PYTHONPATH=/tmp/libtpu.)
@@ -154,6 +156,34 @@ def steps(args):
                                f"{r.get('gib', 'needs_' + str(r.get('needs_gib')))}" for r in rows))
 
 
+def cpu_step(t: int, impl: str, loss_chunk: int, steps: int) -> dict:
+    """The default model's own train step (configs/default_lora.py as it stands, LoRA r=16 all-linear, one row
+    of t random tokens) on this CPU: seconds of the first call (compile + run) and of each next step, and the
+    process's peak RSS (GiB; run one setting per process, as --cpu-step does)."""
+    import resource
+
+    import numpy as np
+
+    from jaxft import config as config_lib
+    from jaxft.train.run import build_run
+
+    config = config_lib.load(Path(__file__).parent.parent / "configs" / "default_lora.py", [
+        "train.batch_size=1", f"train.seq_len={t}", f"attention.impl={impl}", f"train.loss_chunk={loss_chunk}"])
+    run = build_run(config, data=False)
+    tok = np.random.RandomState(0).randint(0, run.cfg.vocab_size, (1, t + 1)).astype(np.int32)
+    batch = run.put({"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((1, t), np.float32),
+                     "segment_ids": np.ones((1, t), np.int32), "positions": np.arange(t, dtype=np.int32)[None]})
+    state, times = run.state, []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        state, metrics = run.train_step(state, run.base, batch)
+        loss = float(metrics["loss"])
+        times.append(round(time.perf_counter() - start, 1))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
+    return {"seq": t, "impl": impl, "loss_chunk": loss_chunk, "peak_rss_gib": round(rss, 2),
+            "first_call_s": times[0], "step_s": times[1:], "loss": round(loss, 3), "dtype": config.dtype}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seqs", default="4096,8192,16384")
@@ -165,7 +195,23 @@ def main():
     p.add_argument("--impls", default="auto", help="--steps: attention.impl (auto: the target's, splash on TPU)")
     p.add_argument("--loss-chunk", type=int, default=2048, help="--steps: train.loss_chunk (0: full logits)")
     p.add_argument("--extra", nargs="*", default=[], help="--steps: more config overrides, e.g. mesh.context=2")
+    p.add_argument("--cpu-step", action="store_true",
+                   help="the default model's train step on this CPU at --seqs with --impls (one setting a run)")
+    p.add_argument("--n-steps", type=int, default=1, help="--cpu-step: steps timed after the first call")
     args = p.parse_args()
+    if args.cpu_step:
+        row = cpu_step(int(args.seqs), args.impls, args.loss_chunk, args.n_steps)
+        path = RESULTS / "long_context_cpu_step.json"
+        old = json.loads(path.read_text())["rows"] if path.exists() else []
+        rows = [r for r in old if (r["seq"], r["impl"], r["loss_chunk"]) != (row["seq"], row["impl"],
+                                                                          row["loss_chunk"])] + [row]
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"date": date.today().isoformat(), "jax": jax.__version__,
+                                    "cpu": platform.processor() or platform.machine(), "model": "default (SmolLM2-135M)",
+                                    "rows": rows}, indent=2) + "\n")
+        print("RESULT " + " ".join(f"cpu_{row['impl']}_{row['seq']}_{k}={row[k]}"
+                                   for k in ("peak_rss_gib", "first_call_s", "step_s")))
+        return None
     if args.steps:
         return steps(args)
     seqs = [int(s) for s in args.seqs.split(",")]

@@ -98,6 +98,9 @@ def _tpu_device(name: str):
 LLAMA3_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, mlp_dim=14336,
                  rope_theta=500000.0, max_seq_len=131072)
 METHODS = {"lora": "none", "qlora": "nf4"}  # name -> quant.format
+# What libtpu 0.0.42.1 offers a chip (its out-of-memory message's figure). Its compiler refuses only temporaries
+# over this; a step whose arguments + temporaries exceed it compiles and would fail when loaded, so check here.
+HBM_GIB = {"v5e": 15.75}
 
 
 def step_gib(topology: str, method: str, impl: str, t: int, loss_chunk: int = 0, extra=()) -> dict:
@@ -119,6 +122,9 @@ def step_gib(topology: str, method: str, impl: str, t: int, loss_chunk: int = 0,
                - mem.alias_size_in_bytes) / 2**30
         out = {"gib": round(gib, 2), "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
                "args_gib": round(mem.argument_size_in_bytes / 2**30, 2)}
+        hbm = HBM_GIB.get(topology.split(":")[0])
+        if hbm is not None:
+            out["fits"] = gib <= hbm
     except jax.errors.JaxRuntimeError as e:
         sizes = out_of_memory(str(e))
         if sizes is None:
@@ -141,7 +147,9 @@ def steps(args):
     print("\n| topology | method | attention | T | GiB per device (or needs) | temporaries | compile s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        fits = r["gib"] if "gib" in r else f"needs {r['needs_gib']} of {r['has_gib']}"
+        fits = r["gib"] if "gib" in r else f"needs {r['needs_gib']} of {r['has_gib']} in temporaries"
+        if r.get("fits") is False:
+            fits = f"{fits}: does not fit ({HBM_GIB[r['topology'].split(':')[0]]})"
         print(f"| {r['topology']} | {r['method']} | {r['impl']} | {r['seq']} | {fits} | {r.get('temp_gib', '')} | "
               f"{r['compile_s']} |")
     RESULTS.mkdir(exist_ok=True)

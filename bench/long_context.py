@@ -164,7 +164,7 @@ def steps(args):
                                f"{r.get('gib', 'needs_' + str(r.get('needs_gib')))}" for r in rows))
 
 
-def cpu_step(t: int, impl: str, loss_chunk: int, steps: int) -> dict:
+def cpu_step(t: int, impl: str, loss_chunk: int, steps: int, extra=()) -> dict:
     """The default model's own train step (configs/default_lora.py as it stands, LoRA r=16 all-linear, one row
     of t random tokens) on this CPU: seconds of the first call (compile + run) and of each next step, and the
     process's peak RSS (GiB; run one setting per process, as --cpu-step does)."""
@@ -176,7 +176,8 @@ def cpu_step(t: int, impl: str, loss_chunk: int, steps: int) -> dict:
     from jaxft.train.run import build_run
 
     config = config_lib.load(Path(__file__).parent.parent / "configs" / "default_lora.py", [
-        "train.batch_size=1", f"train.seq_len={t}", f"attention.impl={impl}", f"train.loss_chunk={loss_chunk}"])
+        "train.batch_size=1", f"train.seq_len={t}", f"attention.impl={impl}", f"train.loss_chunk={loss_chunk}",
+        *extra])
     run = build_run(config, data=False)
     tok = np.random.RandomState(0).randint(0, run.cfg.vocab_size, (1, t + 1)).astype(np.int32)
     batch = run.put({"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((1, t), np.float32),
@@ -188,7 +189,7 @@ def cpu_step(t: int, impl: str, loss_chunk: int, steps: int) -> dict:
         loss = float(metrics["loss"])
         times.append(round(time.perf_counter() - start, 1))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
-    return {"seq": t, "impl": impl, "loss_chunk": loss_chunk, "peak_rss_gib": round(rss, 2),
+    return {"seq": t, "impl": impl, "loss_chunk": loss_chunk, "extra": " ".join(extra), "peak_rss_gib": round(rss, 2),
             "first_call_s": times[0], "step_s": times[1:], "loss": round(loss, 3), "dtype": config.dtype}
 
 
@@ -208,11 +209,11 @@ def main():
     p.add_argument("--n-steps", type=int, default=1, help="--cpu-step: steps timed after the first call")
     args = p.parse_args()
     if args.cpu_step:
-        row = cpu_step(int(args.seqs), args.impls, args.loss_chunk, args.n_steps)
+        row = cpu_step(int(args.seqs), args.impls, args.loss_chunk, args.n_steps, args.extra)
         path = RESULTS / "long_context_cpu_step.json"
         old = json.loads(path.read_text())["rows"] if path.exists() else []
-        rows = [r for r in old if (r["seq"], r["impl"], r["loss_chunk"]) != (row["seq"], row["impl"],
-                                                                          row["loss_chunk"])] + [row]
+        key = lambda r: (r["seq"], r["impl"], r["loss_chunk"], r.get("extra", ""))  # noqa: E731
+        rows = [r for r in old if key(r) != key(row)] + [row]
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps({"date": date.today().isoformat(), "jax": jax.__version__,
                                     "cpu": platform.processor() or platform.machine(), "model": "default (SmolLM2-135M)",

@@ -14,11 +14,15 @@ most RUN_LIMIT_MIB of temporaries.
 With --steps, the whole training step instead, through the real wired path (`jaxft.parallel.aot`'s compile of
 the trainer's step: the families' attention seam, the backend policy's remat and PRNG for the target):
 Llama-3-8B shapes, LoRA r=16 all-linear or QLoRA (NF4), bf16, fsdp over every chip, one row of T tokens a chip,
-for each --topologies x --impls x --seqs: GiB per device (arguments + temporaries + outputs - aliased) or
+the loss over chunks of --loss-chunk tokens (train.loss_chunk), for each --topologies x --methods x --impls x
+--seqs: GiB per device (arguments + temporaries + outputs - aliased) or
 'needs N' where the compiler says it does not fit.
 
     .venv/bin/python bench/long_context.py [--seqs 4096,8192,16384] [--tpu v5e:2x2] [--time]
-    .venv/bin/python bench/long_context.py --steps [--topologies v5e:2x2,v5e:4x4] [--impls xla,splash]
+    .venv/bin/python bench/long_context.py --steps [--topologies v5e:2x2,v5e:4x4] [--methods lora,qlora]
+        [--impls xla,splash] [--seqs 16384] [--loss-chunk 2048] [--extra mesh.context=2 ...]
+    .venv/bin/python bench/long_context.py --cpu-step --seqs 16384 --impls chunked [--loss-chunk 2048] [--n-steps 1]
+        (the default model's own train step on this CPU: peak RSS and seconds; one setting a process)
 
 (For the TPU rows, put libtpu on the path without installing it into the project's environment, e.g.
 `pip install --target /tmp/libtpu libtpu` and PYTHONPATH=/tmp/libtpu.)
@@ -94,25 +98,33 @@ def _tpu_device(name: str):
 LLAMA3_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, mlp_dim=14336,
                  rope_theta=500000.0, max_seq_len=131072)
 METHODS = {"lora": "none", "qlora": "nf4"}  # name -> quant.format
+# What libtpu 0.0.42.1 offers a chip (its out-of-memory message's figure). Its compiler refuses only temporaries
+# over this; a step whose arguments + temporaries exceed it compiles and would fail when loaded, so check here.
+HBM_GIB = {"v5e": 15.75}
 
 
-def step_gib(topology: str, method: str, impl: str, t: int, extra=()) -> dict:
-    """The 8B train step compiled for `topology` (one row of t tokens a chip, fsdp over all): GiB per device."""
+def step_gib(topology: str, method: str, impl: str, t: int, loss_chunk: int = 0, extra=()) -> dict:
+    """The 8B train step compiled for `topology` (one row of t tokens a chip, fsdp over all, the loss over
+    chunks of loss_chunk tokens, 0: full logits): GiB per device, or what it needs where it does not fit."""
     from jaxft import config as config_lib
     from jaxft.models.config import LlamaConfig
-    from jaxft.parallel.aot import compile_train_step, out_of_memory, topology_devices
+    from jaxft.train.aot import compile_train_step, out_of_memory, topology_devices
 
     devices = topology_devices(topology)
     config = config_lib.load(Path(__file__).parent.parent / "configs" / "default_lora.py", [
         f"quant.format={METHODS[method]}", f"train.seq_len={t}", f"train.batch_size={len(devices)}", "mesh.data=1",
-        "mesh.fsdp=-1", "lora.targets=all-linear", f"attention.impl={impl}", *extra])
+        "mesh.fsdp=-1", "lora.targets=all-linear", f"attention.impl={impl}",
+        f"train.loss_chunk={loss_chunk}", *extra])
     start = time.perf_counter()
     try:
-        mem = compile_train_step(config, LlamaConfig(**LLAMA3_8B), devices).memory_analysis()
+        mem = compile_train_step(config, devices, LlamaConfig(**LLAMA3_8B)).memory_analysis()
         gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                - mem.alias_size_in_bytes) / 2**30
         out = {"gib": round(gib, 2), "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
                "args_gib": round(mem.argument_size_in_bytes / 2**30, 2)}
+        hbm = HBM_GIB.get(topology.split(":")[0])
+        if hbm is not None:
+            out["fits"] = gib <= hbm
     except jax.errors.JaxRuntimeError as e:
         sizes = out_of_memory(str(e))
         if sizes is None:
@@ -128,20 +140,57 @@ def steps(args):
             for impl in args.impls.split(","):
                 for t in (int(s) for s in args.seqs.split(",")):
                     row = {"topology": topology, "method": method, "impl": impl, "seq": t,
-                           **step_gib(topology, method, impl, t)}
+                           "loss_chunk": args.loss_chunk, "extra": " ".join(args.extra),
+                           **step_gib(topology, method, impl, t, args.loss_chunk, args.extra)}
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     print("\n| topology | method | attention | T | GiB per device (or needs) | temporaries | compile s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        fits = r["gib"] if "gib" in r else f"needs {r['needs_gib']} of {r['has_gib']}"
+        fits = r["gib"] if "gib" in r else f"needs {r['needs_gib']} of {r['has_gib']} in temporaries"
+        if r.get("fits") is False:
+            fits = f"{fits}: does not fit ({HBM_GIB[r['topology'].split(':')[0]]})"
         print(f"| {r['topology']} | {r['method']} | {r['impl']} | {r['seq']} | {fits} | {r.get('temp_gib', '')} | "
               f"{r['compile_s']} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "long_context_steps.json").write_text(json.dumps(
-        {"date": date.today().isoformat(), "jax": jax.__version__, "model": "llama3-8b", "rows": rows}, indent=2))
+    # each run adds its rows to the file (keyed by their settings), so that points compiled apart stay together
+    path = RESULTS / "long_context_steps.json"
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    key = lambda r: tuple(r.get(k) for k in ("topology", "method", "impl", "seq", "loss_chunk", "extra"))  # noqa: E731
+    merged = {key(r): r for r in old} | {key(r): {**r, "date": date.today().isoformat()} for r in rows}
+    path.write_text(json.dumps({"jax": jax.__version__, "model": "llama3-8b", "rows": list(merged.values())},
+                               indent=2) + "\n")
     print("RESULT " + " ".join(f"{r['topology']}_{r['method']}_{r['impl']}_{r['seq']}="
                                f"{r.get('gib', 'needs_' + str(r.get('needs_gib')))}" for r in rows))
+
+
+def cpu_step(t: int, impl: str, loss_chunk: int, steps: int, extra=()) -> dict:
+    """The default model's own train step (configs/default_lora.py as it stands, LoRA r=16 all-linear, one row
+    of t random tokens) on this CPU: seconds of the first call (compile + run) and of each next step, and the
+    process's peak RSS (GiB; run one setting per process, as --cpu-step does)."""
+    import resource
+
+    import numpy as np
+
+    from jaxft import config as config_lib
+    from jaxft.train.run import build_run
+
+    config = config_lib.load(Path(__file__).parent.parent / "configs" / "default_lora.py", [
+        "train.batch_size=1", f"train.seq_len={t}", f"attention.impl={impl}", f"train.loss_chunk={loss_chunk}",
+        *extra])
+    run = build_run(config, data=False)
+    tok = np.random.RandomState(0).randint(0, run.cfg.vocab_size, (1, t + 1)).astype(np.int32)
+    batch = run.put({"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((1, t), np.float32),
+                     "segment_ids": np.ones((1, t), np.int32), "positions": np.arange(t, dtype=np.int32)[None]})
+    state, times = run.state, []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        state, metrics = run.train_step(state, run.base, batch)
+        loss = float(metrics["loss"])
+        times.append(round(time.perf_counter() - start, 1))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
+    return {"seq": t, "impl": impl, "loss_chunk": loss_chunk, "extra": " ".join(extra), "peak_rss_gib": round(rss, 2),
+            "first_call_s": times[0], "step_s": times[1:], "loss": round(loss, 3), "dtype": config.dtype}
 
 
 def main():
@@ -152,8 +201,26 @@ def main():
     p.add_argument("--steps", action="store_true", help="the 8B train step per topology, method, impl and T")
     p.add_argument("--topologies", default="v5e:2x2,v5e:4x4")
     p.add_argument("--methods", default="lora,qlora")
-    p.add_argument("--impls", default="xla,splash")
+    p.add_argument("--impls", default="auto", help="--steps: attention.impl (auto: the target's, splash on TPU)")
+    p.add_argument("--loss-chunk", type=int, default=2048, help="--steps: train.loss_chunk (0: full logits)")
+    p.add_argument("--extra", nargs="*", default=[], help="--steps: more config overrides, e.g. mesh.context=2")
+    p.add_argument("--cpu-step", action="store_true",
+                   help="the default model's train step on this CPU at --seqs with --impls (one setting a run)")
+    p.add_argument("--n-steps", type=int, default=1, help="--cpu-step: steps timed after the first call")
     args = p.parse_args()
+    if args.cpu_step:
+        row = cpu_step(int(args.seqs), args.impls, args.loss_chunk, args.n_steps, args.extra)
+        path = RESULTS / "long_context_cpu_step.json"
+        old = json.loads(path.read_text())["rows"] if path.exists() else []
+        key = lambda r: (r["seq"], r["impl"], r["loss_chunk"], r.get("extra", ""))  # noqa: E731
+        rows = [r for r in old if key(r) != key(row)] + [row]
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"date": date.today().isoformat(), "jax": jax.__version__,
+                                    "cpu": platform.processor() or platform.machine(), "model": "default (SmolLM2-135M)",
+                                    "rows": rows}, indent=2) + "\n")
+        print("RESULT " + " ".join(f"cpu_{row['impl']}_{row['seq']}_{k}={row[k]}"
+                                   for k in ("peak_rss_gib", "first_call_s", "step_s")))
+        return None
     if args.steps:
         return steps(args)
     seqs = [int(s) for s in args.seqs.split(",")]

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="a jaxft training config file")
     p.add_argument("--model", metavar="DIR_OR_JSON",
                    help="an HF model directory or its config.json, for the shapes (default: config.model)")
+    p.add_argument("--memory-gib", type=float, metavar="GIB",
+                   help="memory per device the plan must fit (default: the TPU chip's; none for cpu)")
     p.set_defaults(run=run, overrides_allowed=True)
 
 
@@ -34,6 +36,6 @@ def run(args) -> int:
 
     try:
         config = config_lib.load(args.config, args.overrides)
-        return check(config, args.topology, args.model)
+        return check(config, args.topology, args.model, args.memory_gib)
     except (config_lib.ConfigFileError, LoadError, ShardingError, ValueError, FileNotFoundError) as e:
         raise CommandError(str(e)) from None

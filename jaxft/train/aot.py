@@ -66,10 +66,24 @@ def out_of_memory(message: str) -> tuple[int, int] | None:
     return None
 
 
-def check(config, topology: str, model: str | None = None) -> int:
+# What one chip holds (GiB) by libtpu's device_kind: v5e as libtpu reports it usable (15.75 of 16); the others
+# their HBM. The compiler does not refuse every program above it (libtpu 0.0.42.1 compiled 8B steps planning
+# 19 GiB for a v5e chip), so `check` compares the plan itself.
+DEVICE_GIB = {"TPU v5 lite": 15.75, "TPU v4": 32.0, "TPU v5": 95.0, "TPU v5p": 95.0, "TPU v6 lite": 32.0}
+
+
+def planned_bytes(mem) -> int:
+    """What a compiled step holds on one device at its peak: arguments + outputs + temporaries, less the
+    outputs that reuse a donated argument's buffer (XLA's `memory_analysis()`)."""
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+
+
+def check(config, topology: str, model: str | None = None, memory_gib: float | None = None) -> int:
     """Compiles `config`'s train step for `topology` and prints the per-device memory plan as one JSON line
-    (exit code 0), or one line on stderr when it does not fit (exit code 1). model: an HF model directory or
-    its config.json, for the shapes (default: config.model's)."""
+    (exit code 0), or one line on stderr when it does not fit (exit code 1): when the compiler refuses it, or
+    when the plan (`planned_bytes`) exceeds `memory_gib` per device (default: the chip's, DEVICE_GIB; none for
+    the CPU). model: an HF model directory or its config.json, for the shapes (default: config.model's)."""
     cfg = None
     if model:
         path = Path(model)
@@ -85,6 +99,11 @@ def check(config, topology: str, model: str | None = None) -> int:
               f"device, has {sizes[1] / 2**30:.2f} GiB", file=sys.stderr)
         return 1
     mem = compiled.memory_analysis()
+    has = memory_gib if memory_gib is not None else DEVICE_GIB.get(devices[0].device_kind)
+    if mem is not None and has is not None and planned_bytes(mem) > has * 2**30:
+        print(f"jaxft aot: the train step does not fit {topology}: needs {planned_bytes(mem) / 2**30:.2f} GiB per "
+              f"device, has {has:.2f} GiB", file=sys.stderr)
+        return 1
     report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
               "processes": len({d.process_index for d in devices}), "task": config.task,
               "method": config.peft.method, "mesh": {a: config.mesh[a] for a in MESH_AXES}}
@@ -100,9 +119,10 @@ def main(argv=None) -> int:
     p.add_argument("--topology", required=True, help="'cpu', or a TPU topology like v5e:4x4, v4:2x2x2, v6e:8x8")
     p.add_argument("--config", required=True, help="a jaxft training config file")
     p.add_argument("--model", help="an HF model directory or its config.json (shapes only; default config.model)")
+    p.add_argument("--memory-gib", type=float, help="memory per device (default: the TPU chip's; none for cpu)")
     args, extra = p.parse_known_args(argv)
     return check(config_lib.load(args.config, [a.removeprefix("--config.") for a in extra]), args.topology,
-                 args.model)
+                 args.model, args.memory_gib)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Figures are XLA's `compiled.memory_analysis()` temporaries (no array is allocate
 CPU rows also run the default model's attention call once (seconds, forward + backward), where it plans at
 most RUN_LIMIT_MIB of temporaries.
 
-With --steps, the whole training step instead, through the real wired path (`jaxft.parallel.aot`'s compile of
+With --steps, the whole training step instead, through the real wired path (`jaxft aot`'s compile of
 the trainer's step: the families' attention seam, the backend policy's remat and PRNG for the target):
 Llama-3-8B shapes, LoRA r=16 all-linear or QLoRA (NF4), bf16, fsdp over every chip, one row of T tokens a chip,
 the loss over chunks of --loss-chunk tokens (train.loss_chunk), for each --topologies x --methods x --impls x

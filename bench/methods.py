@@ -46,6 +46,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import workers  # bench/workers.py (bench/ is the script's directory)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 SHARED = ROOT.parent / "shared" / "data"
@@ -225,12 +227,7 @@ def _peak_mb() -> float:
 
 
 def run_worker(method: str, **kwargs) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps({"method": method, **kwargs})]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("WORKER ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"worker {method} failed (exit {out.returncode}): {out.stdout[-2000:]}")
-    return json.loads(lines[-1][len("WORKER "):])
+    return workers.run(__file__, {"method": method, **kwargs}, method, cwd=ROOT)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import workers  # bench/workers.py (bench/ is the script's directory)
 
 ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -102,20 +103,7 @@ def jaxft_step(side: str, batch: int, seq: int, steps: int) -> dict:
     if side.endswith("qlora"):
         overrides.append("quant.format=nf4")
     run = build_run(config_lib.load(str(config_file), overrides), data=False)
-    tok = np.random.RandomState(0).randint(0, run.cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-    mb = run.put({"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
-                  "segment_ids": np.ones((batch, seq), np.int32),
-                  "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()})
-    state, base, step = run.state, run.base, run.train_step
-    t = time.perf_counter()
-    state, m = step(state, base, mb)
-    float(m["loss"])
-    compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, base, mb)
-        float(m["loss"])
-    return {"s": (time.perf_counter() - t) / steps, "compile_s": compile_s, "loss": float(m["loss"])}
+    return workers.time_steps(run, workers.lm_batch(run, batch, seq), steps)
 
 
 def peft_step(batch: int, seq: int, steps: int) -> dict:

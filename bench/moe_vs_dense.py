@@ -31,6 +31,7 @@ RESULTS = Path(__file__).parent / "results"
 DATA = ROOT.parent / "shared" / "data" / "instruction" / "alpaca_small.json"
 sys.path.insert(0, str(Path(__file__).parent))
 from moe import MOE_DIR, ensure_model  # noqa: E402  (the benchmark scripts are not a package)
+import workers  # noqa: E402  (bench/workers.py)
 
 
 def lora_sizes(cfg) -> tuple[int, int]:
@@ -80,11 +81,7 @@ def worker(side: str, rank: int, train_file: str, eval_file: str, steps: int, ba
 
 
 def run_worker(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], stdout=subprocess.PIPE, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("WORKER ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"worker {args[0]} failed (exit {out.returncode}): {out.stdout[-2000:]}")
-    return json.loads(lines[-1][len("WORKER "):])
+    return workers.run(__file__, args, args[0])
 
 
 def main():

@@ -37,6 +37,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import workers  # bench/workers.py (bench/ is the script's directory)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 CONFIG = str(ROOT / "configs" / "default_lora.py")  # the trainer's config, overridden per case
@@ -230,12 +232,7 @@ WORKERS = {"load": worker_load, "step": worker_step, "time": worker_time, "sft":
 
 def run_worker(kind: str, **kwargs) -> dict:
     """Runs one worker in a fresh Python process; its progress output goes to our stderr."""
-    cmd = [sys.executable, __file__, "--worker", json.dumps({"kind": kind, **kwargs})]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("WORKER ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"worker {kind} {kwargs} failed (exit {out.returncode}): {out.stdout[-2000:]}")
-    return json.loads(lines[-1][len("WORKER "):])
+    return workers.run(__file__, {"kind": kind, **kwargs}, f"{kind} {kwargs}", cwd=ROOT)
 
 
 # --------------------------------------------------------------------------------------------------------------

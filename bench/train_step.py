@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+import workers  # bench/workers.py (bench/ is the script's directory)
 from jaxft import checkpoint, config as config_lib, hub
 from jaxft.backend import resolve
 from jaxft.train.build import DTYPES
@@ -79,20 +80,8 @@ def jaxft_step_time(precision: str, batch: int, seq: int, steps: int, unroll: bo
                                       f"train.seq_len={seq}", "train.learning_rate=1e-4",
                                       f"train.layer_loop={'unroll' if unroll else 'scan'}"])
     run = build_run(config, data=False)
-    tok = np.random.RandomState(0).randint(0, run.cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-    mb = run.put({"tokens": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
-                  "segment_ids": np.ones((batch, seq), np.int32),
-                  "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()})
-    state, base, step = run.state, run.base, run.train_step
-    t = time.perf_counter()
-    state, m = step(state, base, mb)
-    float(m["loss"])
-    compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, base, mb)
-        float(m["loss"])
-    return (time.perf_counter() - t) / steps, compile_s
+    timed = workers.time_steps(run, workers.lm_batch(run, batch, seq), steps)
+    return timed["s"], timed["compile_s"]
 
 
 def peft_step_time(gguf_path: Path, precision: str, batch: int, seq: int, steps: int) -> float:
@@ -136,12 +125,7 @@ def worker(side: str, precision: str, batch: int, seq: int, steps: int) -> dict:
 def run_worker(*args) -> dict:
     """`worker(*args)` in a fresh Python process: the two frameworks never share a process, so neither one's
     idle thread pool (torch's OpenMP threads spin after each parallel region) takes CPU from the other."""
-    cmd = [sys.executable, __file__, "--worker", json.dumps(args)]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("WORKER ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"worker {args} failed (exit {out.returncode}): {out.stdout[-2000:]}")
-    return json.loads(lines[-1][len("WORKER "):])
+    return workers.run(__file__, args)
 
 
 def main():

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from train_step import matmul_peak, model_flops  # (bench/ is the script's directory)
+import workers  # bench/workers.py
 
 RESULTS = Path(__file__).parent / "results"
 CONFIG = str(Path(__file__).parents[1] / "configs" / "default_lora.py")
@@ -158,11 +159,7 @@ def worker(side: str, model: str, data: str, rows: int, seq: int, steps: int, ba
 
 
 def run_worker(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)], stdout=subprocess.PIPE, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("WORKER ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"worker {args} failed (exit {out.returncode}): {out.stdout[-2000:]}")
-    return json.loads(lines[-1][len("WORKER "):])
+    return workers.run(__file__, args)
 
 
 def main():

@@ -13,3 +13,13 @@ def default_model_path():
     from jaxft.hub import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(autouse=True)
+def no_persistent_compilation_cache(monkeypatch):
+    """`jaxft.cli.main` turns on JAX's persistent compilation cache (the user's ~/.cache/jaxft/xla) for the rest
+    of its process: in the test process that would read programs other processes wrote (a segfault was seen
+    reading one). Tests that want the cache run the command line in a subprocess with JAXFT_CACHE set."""
+    from jaxft import cli
+
+    monkeypatch.setattr(cli, "_cache_compilations", lambda: None)

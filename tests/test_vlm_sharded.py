@@ -15,7 +15,7 @@ import numpy as np
 
 RULES = (("batch", ("data", "fsdp")), ("seq", ()), ("embed", ("fsdp",)), ("heads", ("tensor",)),
          ("kv_heads", ("tensor",)), ("head_dim", ()), ("mlp", ("tensor",)), ("vocab", ("tensor",)),
-         ("layers", ()), ("lora_rank", ()))
+         ("layers", ()), ("lora_rank", ()), ("experts", ()))
 
 
 def test_sharded_llava_equals_one_device(tmp_path):

@@ -67,27 +67,6 @@ def model_flops(cfg, tokens: int, rank: int, top_k: int, n_experts: int) -> floa
     return tokens * (4 * p_matmul + 6 * p_lora)
 
 
-def matmul_peak(framework: str, n: int = 2048, reps: int = 3) -> float:
-    """FLOP/s of a bf16 n x n x n matmul (accumulating in float32, as the training matmuls do)."""
-    if framework == "jax":
-        import jax
-        import jax.numpy as jnp
-        a = jnp.ones((n, n), jnp.bfloat16)
-        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-        f(a, a).block_until_ready()
-        t = time.perf_counter()
-        for _ in range(reps):
-            f(a, a).block_until_ready()
-    else:
-        import torch
-        a = torch.ones((n, n), dtype=torch.bfloat16)
-        torch.mm(a, a)
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, a)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
 def jaxft_step(side: str, batch: int, seq: int, steps: int) -> dict:
     """The trainer's step (`build_run`) for side jaxft-moe, jaxft-moe-qlora or jaxft-dense."""
     from jaxft import config as config_lib
@@ -141,7 +120,7 @@ def peft_step(batch: int, seq: int, steps: int) -> dict:
 
 def worker(side: str, batch: int, seq: int, steps: int) -> dict:
     out = peft_step(batch, seq, steps) if side == "peft-moe" else jaxft_step(side, batch, seq, steps)
-    out["peak"] = matmul_peak("torch" if side == "peft-moe" else "jax")
+    out["peak"] = workers.matmul_peak("torch" if side == "peft-moe" else "jax", "bf16", reps=3)
     out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 

@@ -18,14 +18,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -50,24 +47,7 @@ def model_flops(cfg, tokens: int, rank: int) -> float:
     return tokens * (4 * p_matmul + 6 * p_lora)
 
 
-def matmul_peak(framework: str, dtype: str, n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul (bf16 inputs accumulate in fp32, as the training matmuls do)."""
-    if framework == "jax":
-        dt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
-        a = jnp.ones((n, n), dt)
-        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-        f(a, a).block_until_ready()
-        t = time.perf_counter()
-        for _ in range(reps):
-            f(a, a).block_until_ready()
-    else:
-        dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-        a = torch.ones((n, n), dtype=dt)
-        torch.mm(a, a)
-        t = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, a)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+matmul_peak = workers.matmul_peak  # (bench/vlm.py imports it from here)
 
 
 def jaxft_step_time(precision: str, batch: int, seq: int, steps: int, unroll: bool) -> tuple[float, float]:

@@ -14,6 +14,30 @@ import time
 import numpy as np
 
 
+def matmul_peak(framework: str, dtype: str = "bf16", n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul in `framework` ("jax" or "torch"), `dtype` "bf16" (accumulating in float32,
+    as the training matmuls do) or "f32": the peak each side's fraction is taken of, measured in the same run."""
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        a = jnp.ones((n, n), jnp.bfloat16 if dtype == "bf16" else jnp.float32)
+        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        f(a, a).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(reps):
+            f(a, a).block_until_ready()
+    else:
+        import torch
+
+        a = torch.ones((n, n), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        torch.mm(a, a)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, a)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
 def run(script: str, payload, what: str = "", cwd=None) -> dict:
     """`python script --worker json.dumps(payload)` (in `cwd`, default ours) -> the dict of its last
     `WORKER {...}` line; RuntimeError with the end of its output when it fails."""

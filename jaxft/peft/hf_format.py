@@ -8,7 +8,8 @@ which come from the family's checkpoint mapping table (`jaxft.models.family(mode
 `decoder.block.3.layer.1.EncDecAttention.q` (T5ForConditionalGeneration):
 
   LORA           base_model.model.<module>.lora_A.weight (R, in), lora_B.weight (out, R) and, for DoRA,
-                 lora_magnitude_vector (out,)
+                 lora_magnitude_vector (out,); on a mixture of experts' experts and router, PEFT's
+                 `target_parameters` (see `jaxft.peft.hf_experts`)
   IA3            base_model.model.<module>.ia3_l: (out, 1) scaling the output, or (1, in) scaling the input of
                  a module listed in `feedforward_modules`
   PREFIX_TUNING  prompt_embeddings (P, L*2*K*H)   } see `jaxft.peft.hf_prompts` (T5: (P, 2*Ld*2*N*H) and
@@ -49,7 +50,7 @@ from jaxft.checkpoint.assemble import expected_shapes, summarize
 from jaxft.checkpoint.hf import _replace_dir
 from jaxft.models import family_of
 from jaxft.models.config import LlamaConfig
-from jaxft.peft import hf_prompts, parts, shapes
+from jaxft.peft import hf_experts, hf_prompts, parts, shapes
 from jaxft.peft.hf_prompts import refuse_unknown
 from jaxft.peft.lora import LoraSpec
 from jaxft.peft.method import AdapterError, MethodSpec, as_method, method_of
@@ -85,7 +86,8 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # PEFT's own training, or name modules whose tensors say the same); every other field must be unset.
 _LORA_FIELDS = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "bias",
                 "target_modules", "exclude_modules", "layers_pattern", "megatron_core", "qalora_group_size",
-                "runtime_config", "ensure_weight_tying", "eva_config"}
+                "runtime_config", "ensure_weight_tying", "eva_config",
+                "target_parameters", "rank_pattern", "alpha_pattern"}  # the last three: read by hf_experts
 _IA3_FIELDS = {"target_modules", "exclude_modules", "feedforward_modules", "init_ia3_weights"}
 # PEFT task_type -> the model kinds (`family.KIND`) jaxft reads it for (None: any).
 _TASK_TYPES = {None: None, "CAUSAL_LM": ("decoder",), "SEQ_2_SEQ_LM": ("encoder-decoder",),
@@ -255,7 +257,7 @@ def _parts_load(path: Path, conf: dict, cfg, source: str) -> tuple[dict, parts.P
     arrays = {PREFIX + "model." + k[len(text_prefix):] if k.startswith(text_prefix) else k: v
               for k, v in arrays.items()}  # the language model's names as LlamaForCausalLM's
     spec = _lora_spec(conf, source)
-    trainable.update(_lora_tree(arrays, spec, cfg.text, file))
+    trainable.update(_lora_tree(arrays, spec, cfg.text, file, conf, source))
     text = as_method(spec)
     spec = parts.PartsSpec(**{f: getattr(text, f) for f in text.__dataclass_fields__},
                            part_methods=(("vision", "frozen"), ("projector", "full" if saved else "frozen")))
@@ -299,7 +301,7 @@ def load(path, cfg: LlamaConfig) -> tuple[dict, LoraSpec | MethodSpec]:
                               PREFIX if peft_type in ("LORA", "IA3") else PROMPT_PREFIX)
     if peft_type == "LORA":
         spec = _lora_spec(conf, source)
-        trainable = _lora_tree(arrays, spec, cfg, file)
+        trainable = _lora_tree(arrays, spec, cfg, file, conf, source)
     elif peft_type == "IA3":
         refuse_unknown(conf, _IA3_FIELDS, source, "IA3 vectors of the linear layers")
         trainable, spec = _ia3_tree(arrays, conf.get("feedforward_modules"), cfg, file), MethodSpec("ia3")
@@ -410,6 +412,7 @@ def _head_load(arrays: dict, modules_to_save, task_type, cfg, source: str, file:
 
 def _lora_save(flat: dict, spec: LoraSpec, cfg: LlamaConfig, run: dict, prefix: str):
     modules = _modules(cfg, prefix)
+    moe, flat = hf_experts.split(flat)  # the experts and router: target_parameters
     adapted = sorted({p.rsplit("/", 1)[0] for p in flat})
     tensors = {}
     for module in adapted:
@@ -427,11 +430,24 @@ def _lora_save(flat: dict, spec: LoraSpec, cfg: LlamaConfig, run: dict, prefix: 
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {}, "lora_bias": False,
     }
+    if moe:
+        moe_tensors, fields = hf_experts.save(moe, spec, prefix)
+        tensors.update(moe_tensors)
+        config.update(fields)
+        config["target_modules"] = config["target_modules"] or None
+        # PEFT's ParamWrapper refuses dropout; jaxft applies none on the experts, and a trained adapter computes
+        # the same without it.
+        config["lora_dropout"] = 0.0
     name = "DoRA" if spec.dora else "rsLoRA" if spec.rslora else "LoRA"
     return tensors, config, f"{name} (rank {spec.rank})"
 
 
-def _lora_tree(arrays: dict, spec: LoraSpec, cfg: LlamaConfig, file: Path) -> dict:
+def _lora_tree(arrays: dict, spec: LoraSpec, cfg: LlamaConfig, file: Path, conf: dict, source: str) -> dict:
+    backbone, classes = _classes(cfg)
+    prefixes = [backbone] + sorted({c.prefix for c in classes.values()} - {backbone})
+    linear = [hf.format(i=i) for p in prefixes for m, (hf, n) in _modules(cfg, p).items()
+              if not hf_experts.is_moe_leaf(m + "/") for i in range(n)]
+    moe, arrays = hf_experts.load(arrays, conf, spec, cfg, prefixes, linear, file, source)
     names = _recognized(arrays, cfg, _LORA_TENSORS)
     adapted = {names[n][0] for n in arrays if n in names}
     wanted = {n: v for n, v in names.items()
@@ -443,7 +459,7 @@ def _lora_tree(arrays: dict, spec: LoraSpec, cfg: LlamaConfig, file: Path) -> di
         leaf, transpose = _LORA_TENSORS[suffix]
         layers.setdefault(f"{module}/{leaf}", [None] * _n_layers(cfg, module))[layer] = \
             arrays[name].T if transpose else arrays[name]
-    return _stacked(layers, file)
+    return tree.unflatten({**tree.flatten(_stacked(layers, file)), **moe})
 
 
 def _lora_spec(conf: dict, source: str) -> LoraSpec:

@@ -1,0 +1,257 @@
+"""LoRA on a mixture of experts' experts and router in HF PEFT's format (`target_parameters`), both ways, exactly.
+
+transformers 5 keeps each sparse block as `model.layers.{i}.mlp` (Mixtral's `block_sparse_moe` on disk) with
+the experts fused in two 3-D parameters, `mlp.experts.gate_up_proj` (E, 2F, D) (gate's F rows, then up's) and
+`mlp.experts.down_proj` (E, D, F), and the router's (E, D) `mlp.gate.weight` on a module that is not a Linear.
+PEFT adapts parameters named in `target_parameters` (its `ParamWrapper`), each expert with its own factors:
+
+  3-D parameter (E, out, in)   lora_A.weight (R*E, in), row e*R + k = row k of expert e's A   } delta_e =
+                               lora_B.weight (out, R*E), column k*E + e = column k of its B   }  s B_e A_e
+  router (E, D)                lora_A.weight (R, D), lora_B.weight (E, R), as on a Linear
+
+under `base_model.model.model.layers.{i}.mlp.`: `gate.`, and `experts.` for the outermost of the experts'
+wrappers. PEFT wraps the targeted parameters of one module one inside the other in the module's order, so with
+both targeted gate_up_proj's adapter is `experts.base_layer.` and down_proj's `experts.`; with one, `experts.`.
+
+jaxft holds A (L, E, in, R), B (L, E, R, out) for gate_proj, up_proj and down_proj apart, and the router's
+A (L, D, R), B (L, R, E) (`jaxft.peft.lora`). The mapping, exact both ways:
+- down_proj and the router: the same factors, laid out as above.
+- gate_proj, up_proj -> gate_up_proj: one rank-R adapter A, B = [B_gate | B_up] where gate's and up's A are
+  equal in every layer (an adapter that came from PEFT) or only one of them is adapted (the other's B zero);
+  otherwise rank 2R, A = [A_gate, A_up] stacked on the rank, B = [[B_gate, 0], [0, B_up]] block-diagonal, with
+  `rank_pattern` {"gate_up_proj": 2R} and `alpha_pattern` {"gate_up_proj": 2 alpha, rsLoRA sqrt(2) alpha}, so
+  that PEFT's scaling equals jaxft's.
+- gate_up_proj -> gate_proj, up_proj: rank R' <= R gives gate (A, B[:, :F]) and up (A, B[:, F:]), padded
+  with zero rank columns up to R; R' = 2R with a block-diagonal B splits into its two rank-R halves; any other
+  rank is an error. A parameter whose rank_pattern / alpha_pattern scaling differs from the adapter's (r,
+  lora_alpha) has the ratio folded into B.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from jaxft.peft.method import AdapterError
+
+__all__ = ["is_moe_leaf", "load", "save", "split"]
+
+PREFIX = "base_model.model."
+BLOCK = "layers.{i}.mlp"  # every MoE family's sparse block in transformers 5's in-memory model
+# PEFT parameter name -> the jaxft modules it holds, in the experts module's parameter order (the nesting order).
+EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+ROUTER = "gate.weight"
+TARGETS = {"gate_up_proj": "mlp.experts.gate_up_proj", "down_proj": "mlp.experts.down_proj",
+           ROUTER: "mlp.gate.weight"}  # what `save` writes in target_parameters
+_JAXFT = re.compile(r"layers/mlp/(experts/\w+|router)/")
+
+
+def is_moe_leaf(path: str) -> bool:
+    """True for a trainable leaf on the experts or the router (`layers/mlp/experts/...`, `layers/mlp/router/...`)."""
+    return _JAXFT.match(path) is not None
+
+
+def split(flat: dict) -> tuple[dict, dict]:
+    """(the experts' and router's leaves, the others) of a flat trainable tree."""
+    moe = {p: x for p, x in flat.items() if is_moe_leaf(p)}
+    return moe, {p: x for p, x in flat.items() if p not in moe}
+
+
+def save(flat: dict, spec, prefix: str) -> tuple[dict, dict]:
+    """(tensors, adapter_config.json fields) of the expert and router LoRA leaves `flat` (path -> float32 array,
+    the layouts of the module docstring), for the class whose backbone prefix is `prefix` ("model.")."""
+    if any(p.endswith("/magnitude") for p in flat):
+        raise AdapterError("DoRA on the experts has no PEFT form (PEFT's target_parameters refuse use_dora)")
+    get = lambda module, leaf: flat.get(f"layers/mlp/experts/{module}/{leaf}")
+    adapters: dict[str, tuple] = {}  # PEFT parameter -> (A (L, E, in, R'), B (L, E, R', out), scaling factor)
+    if get("gate_proj", "lora_a") is not None or get("up_proj", "lora_a") is not None:
+        adapters["gate_up_proj"] = _fuse([(get(m, "lora_a"), get(m, "lora_b")) for m in ("gate_proj", "up_proj")])
+    if get("down_proj", "lora_a") is not None:
+        adapters["down_proj"] = (get("down_proj", "lora_a"), get("down_proj", "lora_b"), 1)
+    tensors, fields = {}, {"target_parameters": [], "rank_pattern": {}, "alpha_pattern": {}}
+    names = _expert_names(list(adapters))
+    for param, (a, b, factor) in adapters.items():
+        for i in range(a.shape[0]):
+            lora_a, lora_b = _to_peft(a[i], b[i])
+            where = f"{PREFIX}{prefix}{BLOCK.format(i=i)}.{names[param]}"
+            tensors[f"{where}.lora_A.weight"], tensors[f"{where}.lora_B.weight"] = lora_a, lora_b
+        fields["target_parameters"].append(TARGETS[param])
+        if factor != 1:  # rank R * factor at the adapter's scaling
+            fields["rank_pattern"][param] = spec.rank * factor
+            alpha = spec.alpha * (math.sqrt(factor) if spec.rslora else factor)
+            fields["alpha_pattern"][param] = int(alpha) if float(alpha).is_integer() else alpha
+    if "layers/mlp/router/lora_a" in flat:
+        a, b = flat["layers/mlp/router/lora_a"], flat["layers/mlp/router/lora_b"]
+        for i in range(a.shape[0]):
+            where = f"{PREFIX}{prefix}{BLOCK.format(i=i)}.gate"
+            tensors[f"{where}.lora_A.weight"], tensors[f"{where}.lora_B.weight"] = a[i].T, b[i].T
+        fields["target_parameters"].append(TARGETS[ROUTER])
+    return tensors, fields
+
+
+def load(arrays: dict, conf: dict, spec, cfg, prefixes: list[str], modules: list[str], file,
+         source: str) -> tuple[dict, dict]:
+    """(flat jaxft tree of the experts' and router's factors, the other tensors) of a PEFT LoRA adapter whose
+    config (`conf`) lists `target_parameters`, for a base of `cfg` with LoRA spec `spec` (its r, lora_alpha).
+
+    prefixes: the backbone prefixes the adapter may be named under ("model.", ""); modules: the module paths
+    (every layer) PEFT's target_modules may adapt, which rank_pattern / alpha_pattern must not reach (jaxft has
+    one rank for them). Raises AdapterError naming the key or tensor, and what was expected.
+    """
+    targets = conf.get("target_parameters") or []
+    ranks, alphas = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"{source}: target_parameters={targets!r} is not a list of parameter names")
+    for field, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{source}: {field}={pattern!r} is not an object")
+        for key in pattern:
+            hit = next((m for m in modules if _pattern_matches(key, m)), None)
+            if hit is not None:
+                raise AdapterError(f"{source}: {field} key {key!r} reaches {hit}: jaxft reads one rank and alpha "
+                                   f"(r, lora_alpha) for the linear layers, per-parameter ones only on the experts "
+                                   f"and the router (target_parameters)")
+    if not targets:
+        if ranks or alphas:
+            raise AdapterError(f"{source}: rank_pattern / alpha_pattern {sorted({**ranks, **alphas})} name "
+                               f"no targeted parameter (jaxft reads them for target_parameters only)")
+        return {}, arrays
+    n_experts = getattr(cfg, "n_experts", 0)
+    if not n_experts:
+        raise AdapterError(f"{source}: target_parameters={targets} on a {cfg.model_type} model, which has no "
+                           f"experts or router (jaxft reads target_parameters on a mixture of experts)")
+    if spec.dora:
+        raise AdapterError(f"{source}: use_dora with target_parameters: DoRA on the experts is not supported")
+    prefix = next((p for p in prefixes if any(n.startswith(f"{PREFIX}{p}{BLOCK.format(i=0)}.") for n in arrays)),
+                  prefixes[0])
+    wanted = _targeted(targets, cfg.n_layers, prefix, source)
+    names = _expert_names([p for p in EXPERTS if p in wanted])
+    rest, flat = dict(arrays), {}
+    for param in wanted:
+        key = f"{prefix}{BLOCK}." + ("gate.weight" if param == ROUTER else f"experts.{param}")
+        per_layer = []
+        for i in range(cfg.n_layers):
+            rank = _pattern_value(ranks, key.format(i=i), spec.rank)
+            alpha = _pattern_value(alphas, key.format(i=i), spec.alpha)
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+                raise AdapterError(f"{source}: rank_pattern gives {key.format(i=i)} rank {rank!r}, expected a "
+                                   f"positive integer")
+            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+                raise AdapterError(f"{source}: alpha_pattern gives {key.format(i=i)} alpha {alpha!r}, expected a "
+                                   f"number")
+            where = f"{PREFIX}{prefix}{BLOCK.format(i=i)}." + ("gate" if param == ROUTER else names[param])
+            a, b = (_pop(rest, f"{where}.lora_{x}.weight", file) for x in "AB")
+            factor = alpha / (math.sqrt(rank) if spec.rslora else rank) / spec.scaling
+            per_layer.append(_read(param, a, b, rank, factor, spec.rank, cfg, f"{file}: {where}"))
+        for leaf in per_layer[0]:
+            flat[leaf] = np.stack([layer[leaf] for layer in per_layer]).astype(np.float32)
+    return flat, rest
+
+
+def _targeted(targets: list[str], n_layers: int, prefix: str, source: str) -> list[str]:
+    """The PEFT parameters (EXPERTS' names, ROUTER) `target_parameters` adapts, in nesting order; each entry
+    must name one of them in every layer, as PEFT matches (the key itself or a '.'-separated end of it)."""
+    known = {param: [f"{prefix}{BLOCK.format(i=i)}." + ("gate.weight" if param == ROUTER else f"experts.{param}")
+                     for i in range(n_layers)] for param in (*EXPERTS, ROUTER)}
+    found = set()
+    for t in targets:
+        hits = [param for param, keys in known.items() if all(k == t or k.endswith("." + t) for k in keys)
+                and (param != ROUTER or t.endswith(ROUTER))]  # not 'weight', which reaches every weight
+        if not hits:
+            raise AdapterError(f"{source}: target_parameters entry {t!r} names no expert or router parameter jaxft "
+                               f"knows in every layer (expected {', '.join(repr(v) for v in TARGETS.values())})")
+        found.update(hits)
+    return [p for p in (*EXPERTS, ROUTER) if p in found]
+
+
+def _read(param: str, a, b, rank: int, factor: float, want: int, cfg, where: str) -> dict:
+    """One layer's PEFT factors of `param` (rank `rank`, scaling `factor` x the adapter's) as jaxft leaves."""
+    e, d, f = cfg.n_experts, cfg.dim, cfg.mlp_dim
+    d_in, d_out, n = {"gate_up_proj": (d, 2 * f, e), "down_proj": (f, d, e), ROUTER: (d, e, 1)}[param]
+    expect = {"A": (rank * n, d_in), "B": (d_out, rank * n)}
+    for x, got in (("A", a), ("B", b)):
+        if got.shape != expect[x]:
+            raise AdapterError(f"{where}.lora_{x}.weight has shape {got.shape}, expected {expect[x]} (rank {rank} "
+                               f"from r / rank_pattern, {n} expert(s), in {d_in}, out {d_out}): it was made for "
+                               f"another model or rank")
+    if param == ROUTER:
+        a, b = a.T[None], b.T[None]
+    else:
+        a, b = _from_peft(a, b, e)
+    b = b * factor
+    if param == ROUTER:
+        return {f"layers/mlp/router/{k}": v[0] for k, v in _pad(a, b, want, where).items()}
+    if param == "down_proj":
+        return {f"layers/mlp/experts/down_proj/{k}": v for k, v in _pad(a, b, want, where).items()}
+    gate, up = (a, b[..., :f]), (a, b[..., f:])
+    if rank == 2 * want and not (b[:, :want, f:].any() or b[:, want:, :f].any()):
+        gate, up = (a[..., :want], b[:, :want, :f]), (a[..., want:], b[:, want:, f:])  # jaxft's own rank-2R export
+    out = {}
+    for module, (pa, pb) in (("gate_proj", gate), ("up_proj", up)):
+        out.update({f"layers/mlp/experts/{module}/{k}": v for k, v in _pad(pa, pb, want, where).items()})
+    return out
+
+
+def _pad(a, b, want: int, where: str) -> dict:
+    """{lora_a (E, in, want), lora_b (E, want, out)}: a rank below `want` padded with zero rank columns (which
+    add nothing), one above it an error."""
+    rank = a.shape[-1]
+    if rank > want:
+        raise AdapterError(f"{where}: rank {rank} (r / rank_pattern) is above the adapter's r={want}, which jaxft "
+                           f"uses for every module (a fused gate_up_proj may have 2r with a block-diagonal lora_B)")
+    pad = want - rank
+    return {"lora_a": np.pad(a, ((0, 0), (0, 0), (0, pad))), "lora_b": np.pad(b, ((0, 0), (0, pad), (0, 0)))}
+
+
+def _fuse(pairs: list) -> tuple:
+    """(A, B, rank factor) of gate_up_proj from gate's and up's (A, B) (either may be (None, None))."""
+    (ag, bg), (au, bu) = pairs
+    if ag is None or au is None:
+        a, present = (au, bu) if ag is None else (ag, bg)
+        zeros = np.zeros_like(present)
+        return a, np.concatenate([bg if bg is not None else zeros, bu if bu is not None else zeros], -1), 1
+    if np.array_equal(ag, au):
+        return ag, np.concatenate([bg, bu], -1), 1
+    r, f = ag.shape[-1], bg.shape[-1]
+    b = np.zeros((*bg.shape[:-2], 2 * r, 2 * f), np.float32)
+    b[..., :r, :f], b[..., r:, f:] = bg, bu
+    return np.concatenate([ag, au], -1), b, 2
+
+
+def _to_peft(a, b):
+    """One layer's a (E, in, R), b (E, R, out) -> PEFT's lora_A (R*E, in) expert-major, lora_B (out, R*E)
+    expert-minor."""
+    e, d_in, r = a.shape
+    return (np.ascontiguousarray(a.transpose(0, 2, 1).reshape(e * r, d_in)),
+            np.ascontiguousarray(b.transpose(2, 1, 0).reshape(b.shape[2], r * e)))
+
+
+def _from_peft(lora_a, lora_b, e: int):
+    """The inverse of `_to_peft`: (a (E, in, R), b (E, R, out))."""
+    r = lora_a.shape[0] // e
+    return (lora_a.reshape(e, r, -1).transpose(0, 2, 1),
+            lora_b.reshape(lora_b.shape[0], r, e).transpose(2, 1, 0))
+
+
+def _expert_names(params: list[str]) -> dict[str, str]:
+    """PEFT parameter -> the module path of its wrapper under the block: the first of the targeted ones is the
+    innermost (`experts.base_layer.` once per wrapper around it)."""
+    ordered = [p for p in EXPERTS if p in params]
+    return {p: "experts" + ".base_layer" * (len(ordered) - 1 - k) for k, p in enumerate(ordered)}
+
+
+def _pattern_matches(key: str, name: str) -> bool:
+    # PEFT's get_pattern_key: the key names a '.'-separated end of the module or parameter path.
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    return next((v for k, v in pattern.items() if _pattern_matches(k, name)), default)
+
+
+def _pop(arrays: dict, name: str, file) -> np.ndarray:
+    if name not in arrays:
+        raise AdapterError(f"{file}: missing tensor {name} (target_parameters adapts it)")
+    return arrays.pop(name)

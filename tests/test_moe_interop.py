@@ -1,0 +1,192 @@
+"""LoRA on a mixture of experts in HF PEFT's format (`target_parameters`, `jaxft.peft.hf_experts`), both ways:
+jaxft's export loads in `peft` over transformers' Mixtral / Qwen2-MoE with jaxft's logits; PEFT's own adapter
+imports with PEFT's logits, exports back to the same tensors and starts training; the merged export loads in
+transformers; bad adapters are refused by key. Tiny random models, float32, logits within 1e-4."""
+
+import copy
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft as hf_peft
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from jaxft import checkpoint, cli, config as config_lib, export, peft, tree
+from jaxft.models import family_of
+from jaxft.models.config import LlamaConfig
+from jaxft.peft import hf_format, lora
+from jaxft.peft import io as adapter_io
+from jaxft.peft.method import AdapterError
+
+R, ALPHA = 2, 6.0
+TOKENS = np.random.RandomState(1).randint(0, 80, (2, 7))
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+SMALL = dict(vocab_size=80, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             num_experts_per_tok=2, initializer_range=0.2)
+CLASSES = {"mixtral": transformers.MixtralForCausalLM, "qwen2_moe": transformers.Qwen2MoeForCausalLM}
+
+
+@functools.cache
+def _model(root, model_type):
+    torch.manual_seed(0)
+    if model_type == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, **SMALL)
+    else:
+        cfg = transformers.Qwen2MoeConfig(moe_intermediate_size=12, shared_expert_intermediate_size=20,
+                                          num_experts=4, norm_topk_prob=True, **SMALL)
+    CLASSES[model_type](cfg).save_pretrained(f"{root}/{model_type}")
+    return f"{root}/{model_type}", checkpoint.load(f"{root}/{model_type}", dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("moe_interop"))
+    return lambda model_type: _model(root, model_type)
+
+
+def _torch_logits(path, model_type, adapter=None):
+    model = CLASSES[model_type].from_pretrained(path, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = hf_peft.PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        return model(torch.tensor(TOKENS)).logits.numpy()
+
+
+def _jaxft_logits(loaded, trainable=None, spec=None):
+    method = spec.as_method() if spec is not None else None
+    return np.asarray(family_of(loaded.cfg).forward(loaded.cfg, loaded.params, jnp.asarray(TOKENS),
+                                                    trainable=trainable, peft=method)[0])
+
+
+def _random_adapter(loaded, spec, targets, seed=0):
+    """LoRA on `targets` with random non-zero A and B (gate's and up's A differ)."""
+    trainable = lora.init(jax.random.PRNGKey(seed), loaded.params, spec,
+                          lora.target_paths(loaded.params, targets, loaded.cfg.model_type))
+    return jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(a.size + seed), a.shape), trainable)
+
+
+@pytest.mark.parametrize("model_type,rslora", [("mixtral", False), ("mixtral", True), ("qwen2_moe", False)])
+def test_export_loads_in_peft_with_jaxfts_logits(models, tmp_path, model_type, rslora):
+    """LoRA on attention, every expert projection, the router (and Qwen2-MoE's shared expert: all-linear): gate's
+    and up's factors differ, so gate_up_proj goes out at rank 2R, block-diagonal, with rank/alpha_pattern."""
+    path, loaded = models(model_type)
+    spec = lora.LoraSpec(rank=R, alpha=ALPHA, rslora=rslora)
+    targets = r"layers/(attn/.*|mlp/.*)/w"  # with the router
+    trainable = _random_adapter(loaded, spec, targets)
+    adapter_io.save(tmp_path / "native", trainable, spec, _lora_config(targets), path)
+    assert cli.main(["export", "--adapter", str(tmp_path / "native"), "--peft", str(tmp_path / "peft")]) == 0
+    conf = json.loads((tmp_path / "peft" / hf_format.CONFIG).read_text())
+    assert sorted(conf["target_parameters"]) == sorted(EXPERTS + ["mlp.gate.weight"])
+    assert conf["rank_pattern"] == {"gate_up_proj": 2 * R}
+    want = _jaxft_logits(loaded, trainable, spec)
+    assert np.abs(want - _jaxft_logits(loaded)).max() > 0.05
+    got = _torch_logits(path, model_type, tmp_path / "peft")
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # And back: the rank-2R block-diagonal adapter splits into jaxft's own factors.
+    again, again_spec = export.load_adapter(tmp_path / "peft", loaded.cfg)
+    assert again_spec == spec
+    for p, x in tree.flatten(trainable).items():
+        np.testing.assert_allclose(np.asarray(tree.flatten(again)[p]), np.asarray(x), atol=1e-6, err_msg=p)
+
+
+def _lora_config(targets):
+    config = config_lib.base.get_config()
+    config.lora.targets = targets
+    return config
+
+
+def _peft_adapter(path, model_type, out, **extra):
+    """PEFT's own target_parameters adapter (random A and B) saved to `out`; returns its logits."""
+    model = CLASSES[model_type].from_pretrained(path, dtype=torch.float32).eval()
+    config = hf_peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                **{"target_parameters": EXPERTS, **extra})
+    torch.manual_seed(1)
+    peft_model = hf_peft.get_peft_model(copy.deepcopy(model), config).eval()
+    peft_model.save_pretrained(out)
+    with torch.no_grad():
+        return peft_model(torch.tensor(TOKENS)).logits.numpy()
+
+
+def test_peft_adapter_imports_exports_back_and_trains(models, tmp_path):
+    path, loaded = models("mixtral")
+    want = _peft_adapter(path, "mixtral", tmp_path / "peft")
+    trainable, spec = export.load_adapter(tmp_path / "peft", loaded.cfg)
+    assert spec == lora.LoraSpec(rank=R, alpha=ALPHA)
+    experts = trainable["layers"]["mlp"]["experts"]
+    assert experts["gate_proj"]["lora_a"].shape == (2, 4, 16, R)
+    got = _jaxft_logits(loaded, trainable, spec)
+    assert np.abs(got - _jaxft_logits(loaded)).max() > 0.05
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # gate and up share PEFT's A: the export is PEFT's own rank-R adapter, tensor for tensor.
+    hf_format.save(tmp_path / "back", trainable, spec, loaded.cfg, base_model=path)
+    ours, theirs = (load_file(str(tmp_path / d / hf_format.WEIGHTS)) for d in ("back", "peft"))
+    assert sorted(ours) == sorted(theirs)
+    for name, x in theirs.items():
+        np.testing.assert_allclose(ours[name], x, atol=1e-7, err_msg=name)
+    assert json.loads((tmp_path / "back" / hf_format.CONFIG).read_text())["rank_pattern"] == {}
+    # Training starts from it (peft.init_from), under jit as the trainer builds it, and its gradients flow.
+    config = _lora_config(r"layers/(attn/(q|v)_proj|mlp/experts/.*)/w")
+    config.lora.rank, config.lora.alpha, config.peft.init_from = R, ALPHA, str(tmp_path / "peft")
+    start = jax.jit(lambda k, b: peft.build(k, b, config, loaded.cfg)[0])(jax.random.PRNGKey(0), loaded.params)
+    for p, x in tree.flatten(trainable).items():
+        np.testing.assert_array_equal(np.asarray(tree.flatten(start)[p]), np.asarray(x), err_msg=p)
+    _, built = peft.build(jax.random.PRNGKey(0), loaded.params, config, loaded.cfg)
+    loss = lambda t: jnp.mean(family_of(loaded.cfg).forward(loaded.cfg, loaded.params, jnp.asarray(TOKENS),
+                                                            trainable=t, peft=built)[0] ** 2)
+    grads = jax.jit(jax.grad(loss))(start)
+    assert float(jnp.abs(grads["layers"]["mlp"]["experts"]["up_proj"]["lora_b"]).max()) > 1e-4
+
+
+def test_merged_export_loads_in_transformers(models, tmp_path):
+    path, loaded = models("qwen2_moe")
+    spec = lora.LoraSpec(rank=R, alpha=ALPHA)
+    trainable = _random_adapter(loaded, spec, "all-linear", seed=3)
+    adapter_io.save(tmp_path / "native", trainable, spec, _lora_config("all-linear"), path)
+    assert cli.main(["export", "--adapter", str(tmp_path / "native"), "--merged", str(tmp_path / "merged"),
+                     "--dtype", "float32"]) == 0
+    want = _jaxft_logits(loaded, trainable, spec)
+    assert np.abs(want - _jaxft_logits(loaded)).max() > 0.05
+    np.testing.assert_allclose(_torch_logits(str(tmp_path / "merged"), "qwen2_moe"), want, atol=1e-4, rtol=1e-4)
+
+
+def _edited(src, dst, conf=None, tensors=None):
+    """A copy of the PEFT adapter `src` with config fields and tensors replaced (None: dropped)."""
+    dst.mkdir()
+    config = {**json.loads((src / hf_format.CONFIG).read_text()), **(conf or {})}
+    (dst / hf_format.CONFIG).write_text(json.dumps(config))
+    arrays = {**load_file(str(src / hf_format.WEIGHTS)), **(tensors or {})}
+    save_file({k: v for k, v in arrays.items() if v is not None}, str(dst / hf_format.WEIGHTS))
+    return dst
+
+
+def test_bad_expert_adapters_are_refused_by_key(models, tmp_path):
+    path, loaded = models("mixtral")
+    _peft_adapter(path, "mixtral", tmp_path / "peft")
+    src = tmp_path / "peft"
+    name = "base_model.model.model.layers.1.mlp.experts.lora_A.weight"  # down_proj's (the outer wrapper)
+    cases = [
+        ({"target_parameters": ["mlp.experts.gate_proj"]}, None,
+         r"target_parameters entry 'mlp.experts.gate_proj' names no expert or router parameter jaxft knows"),
+        ({"target_parameters": ["weight"]}, None, r"target_parameters entry 'weight' names no"),
+        ({"target_parameters": ["model.layers.0.mlp.experts.down_proj"]}, None, r"in every layer"),
+        ({"rank_pattern": {"down_proj": 3}}, None,
+         rf"{name.replace('.1.', '.0.')} has shape \(8, 24\), expected \(12, 24\) \(rank 3"),
+        ({"rank_pattern": {"q_proj": 4}}, None, r"rank_pattern key 'q_proj' reaches model.layers.0.self_attn.q_proj"),
+        (None, {name: np.zeros((8, 20), np.float32)}, rf"{name} has shape \(8, 20\), expected \(8, 24\)"),
+        (None, {name: None}, rf"missing tensor {name}"),
+        ({"r": 1, "lora_alpha": 3, "rank_pattern": {"gate_up_proj": 2, "down_proj": 2}}, None,
+         r"rank 2 \(r / rank_pattern\) is above the adapter's r=1"),
+    ]
+    for k, (conf, tensors, message) in enumerate(cases):
+        bad = _edited(src, tmp_path / f"bad{k}", conf, tensors)
+        with pytest.raises(AdapterError, match=message) as e:
+            export.load_adapter(bad, loaded.cfg)
+        assert "\n" not in str(e.value)
+    llama = LlamaConfig(vocab_size=80, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, mlp_dim=24)
+    with pytest.raises(AdapterError, match=r"target_parameters=\[.*\] on a llama model, which has no experts"):
+        export.load_adapter(src, llama)

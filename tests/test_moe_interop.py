@@ -142,6 +142,37 @@ def test_peft_adapter_imports_exports_back_and_trains(models, tmp_path):
     assert float(jnp.abs(grads["layers"]["mlp"]["experts"]["up_proj"]["lora_b"]).max()) > 1e-4
 
 
+def test_transformers_4_per_expert_adapter_imports_with_peft_logits(models, tmp_path):
+    """An adapter from transformers 4's Mixtral, one LoRA per expert Linear (w1, w2, w3) and on the router
+    (`gate`): PEFT converts it to target_parameters on loading; jaxft reads each expert's factors as they are."""
+    path, loaded = models("mixtral")
+    rng = np.random.RandomState(2)
+    tensors = {}
+    for i in range(2):
+        pre = f"base_model.model.model.layers.{i}"
+        shapes = {"self_attn.q_proj": (16, 16), "block_sparse_moe.gate": (16, 4)} | {
+            f"block_sparse_moe.experts.{e}.{w}": (24, 16) if w == "w2" else (16, 24)
+            for e in range(4) for w in ("w1", "w2", "w3")}
+        for module, (d_in, d_out) in shapes.items():
+            tensors[f"{pre}.{module}.lora_A.weight"] = rng.normal(0, 0.3, (R, d_in)).astype(np.float32)
+            tensors[f"{pre}.{module}.lora_B.weight"] = rng.normal(0, 0.3, (d_out, R)).astype(np.float32)
+    out = tmp_path / "v4"
+    out.mkdir()
+    save_file(tensors, str(out / hf_format.WEIGHTS))
+    (out / hf_format.CONFIG).write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": ALPHA, "base_model_name_or_path": path,
+        "target_modules": ["q_proj", "gate", "w1", "w2", "w3"]}))
+    trainable, spec = export.load_adapter(out, loaded.cfg)
+    assert sorted(tree.flatten(trainable)) == sorted(
+        f"layers/{m}/lora_{x}" for m in ("attn/q_proj", "mlp/router", "mlp/experts/gate_proj",
+                                         "mlp/experts/up_proj", "mlp/experts/down_proj") for x in "ab")
+    w3 = tensors["base_model.model.model.layers.1.block_sparse_moe.experts.3.w3.lora_B.weight"]
+    np.testing.assert_array_equal(trainable["layers"]["mlp"]["experts"]["up_proj"]["lora_b"][1, 3], w3.T)
+    got = _jaxft_logits(loaded, trainable, spec)
+    assert np.abs(got - _jaxft_logits(loaded)).max() > 0.05
+    np.testing.assert_allclose(got, _torch_logits(path, "mixtral", out), atol=1e-4, rtol=1e-4)
+
+
 def test_merged_export_loads_in_transformers(models, tmp_path):
     path, loaded = models("qwen2_moe")
     spec = lora.LoraSpec(rank=R, alpha=ALPHA)
@@ -176,7 +207,8 @@ def test_bad_expert_adapters_are_refused_by_key(models, tmp_path):
         ({"target_parameters": ["model.layers.0.mlp.experts.down_proj"]}, None, r"in every layer"),
         ({"rank_pattern": {"down_proj": 3}}, None,
          rf"{name.replace('.1.', '.0.')} has shape \(8, 24\), expected \(12, 24\) \(rank 3"),
-        ({"rank_pattern": {"q_proj": 4}}, None, r"rank_pattern key 'q_proj' reaches model.layers.0.self_attn.q_proj"),
+        ({"rank_pattern": {"q_proj": 4}}, None,
+         r"rank_pattern=\{\"q_proj\": 4\} is not supported by jaxft: key 'q_proj' reaches model.layers.0.self_attn"),
         (None, {name: np.zeros((8, 20), np.float32)}, rf"{name} has shape \(8, 20\), expected \(8, 24\)"),
         (None, {name: None}, rf"missing tensor {name}"),
         ({"r": 1, "lora_alpha": 3, "rank_pattern": {"gate_up_proj": 2, "down_proj": 2}}, None,

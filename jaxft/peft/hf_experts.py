@@ -25,15 +25,20 @@ A (L, D, R), B (L, R, E) (`jaxft.peft.lora`). The mapping, exact both ways:
   with zero rank columns up to R; R' = 2R with a block-diagonal B splits into its two rank-R halves; any other
   rank is an error. A parameter whose rank_pattern / alpha_pattern scaling differs from the adapter's (r,
   lora_alpha) has the ratio folded into B.
+Adapters made on transformers 4, where every expert was a Linear of its own (`block_sparse_moe.experts.{e}.w1`,
+Qwen2-MoE's `mlp.experts.{e}.gate_proj`; PEFT converts them on loading), are read too: their factors are
+jaxft's, expert by expert.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import numpy as np
 
+from jaxft.models import family_of
 from jaxft.peft.method import AdapterError
 
 __all__ = ["is_moe_leaf", "load", "save", "split"]
@@ -93,12 +98,13 @@ def save(flat: dict, spec, prefix: str) -> tuple[dict, dict]:
 
 def load(arrays: dict, conf: dict, spec, cfg, prefixes: list[str], modules: list[str], file,
          source: str) -> tuple[dict, dict]:
-    """(flat jaxft tree of the experts' and router's factors, the other tensors) of a PEFT LoRA adapter whose
-    config (`conf`) lists `target_parameters`, for a base of `cfg` with LoRA spec `spec` (its r, lora_alpha).
+    """(flat jaxft tree of the experts' and router's factors, the other tensors) of a PEFT LoRA adapter (config
+    `conf`) for a base of `cfg` with LoRA spec `spec` (its r, lora_alpha): the parameters `target_parameters`
+    names, and transformers 4's one LoRA per expert module (`_per_expert`).
 
-    prefixes: the backbone prefixes the adapter may be named under ("model.", ""); modules: the module paths
-    (every layer) PEFT's target_modules may adapt, which rank_pattern / alpha_pattern must not reach (jaxft has
-    one rank for them). Raises AdapterError naming the key or tensor, and what was expected.
+    prefixes: the backbone prefixes the adapter may be named under, the TABLE's first ("model.", ""); modules:
+    the module paths (every layer) PEFT's target_modules may adapt, which rank_pattern / alpha_pattern must not
+    reach (jaxft has one rank for them). Raises AdapterError naming the key or tensor, and what was expected.
     """
     targets = conf.get("target_parameters") or []
     ranks, alphas = conf.get("rank_pattern") or {}, conf.get("alpha_pattern") or {}
@@ -110,44 +116,84 @@ def load(arrays: dict, conf: dict, spec, cfg, prefixes: list[str], modules: list
         for key in pattern:
             hit = next((m for m in modules if _pattern_matches(key, m)), None)
             if hit is not None:
-                raise AdapterError(f"{source}: {field} key {key!r} reaches {hit}: jaxft reads one rank and alpha "
-                                   f"(r, lora_alpha) for the linear layers, per-parameter ones only on the experts "
-                                   f"and the router (target_parameters)")
-    if not targets:
-        if ranks or alphas:
-            raise AdapterError(f"{source}: rank_pattern / alpha_pattern {sorted({**ranks, **alphas})} name "
-                               f"no targeted parameter (jaxft reads them for target_parameters only)")
-        return {}, arrays
-    n_experts = getattr(cfg, "n_experts", 0)
-    if not n_experts:
+                raise AdapterError(f"{source}: {field}={json.dumps(pattern)} is not supported by jaxft: key {key!r} "
+                                   f"reaches {hit}, and jaxft reads one rank and alpha (r, lora_alpha) for the "
+                                   f"linear layers, per-parameter ones only on the experts and the router")
+    if targets and not getattr(cfg, "n_experts", 0):
         raise AdapterError(f"{source}: target_parameters={targets} on a {cfg.model_type} model, which has no "
                            f"experts or router (jaxft reads target_parameters on a mixture of experts)")
-    if spec.dora:
+    if targets and spec.dora:
         raise AdapterError(f"{source}: use_dora with target_parameters: DoRA on the experts is not supported")
-    prefix = next((p for p in prefixes if any(n.startswith(f"{PREFIX}{p}{BLOCK.format(i=0)}.") for n in arrays)),
-                  prefixes[0])
-    wanted = _targeted(targets, cfg.n_layers, prefix, source)
+    if not getattr(cfg, "n_experts", 0):
+        return {}, arrays
+    prefix = next((p for p in prefixes if any(n.startswith(f"{PREFIX}{p}layers.0.") for n in arrays)), prefixes[0])
+    rest = dict(arrays)
+    flat = _per_expert(rest, cfg, spec, ranks, alphas, prefix, prefix_of_table=prefixes[0], file=file,
+                       source=source)
+    wanted = _targeted(targets, cfg.n_layers, prefix, source) if targets else []
     names = _expert_names([p for p in EXPERTS if p in wanted])
-    rest, flat = dict(arrays), {}
     for param in wanted:
         key = f"{prefix}{BLOCK}." + ("gate.weight" if param == ROUTER else f"experts.{param}")
         per_layer = []
         for i in range(cfg.n_layers):
-            rank = _pattern_value(ranks, key.format(i=i), spec.rank)
-            alpha = _pattern_value(alphas, key.format(i=i), spec.alpha)
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-                raise AdapterError(f"{source}: rank_pattern gives {key.format(i=i)} rank {rank!r}, expected a "
-                                   f"positive integer")
-            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-                raise AdapterError(f"{source}: alpha_pattern gives {key.format(i=i)} alpha {alpha!r}, expected a "
-                                   f"number")
+            rank, factor = _scaling(ranks, alphas, key.format(i=i), spec, source)
             where = f"{PREFIX}{prefix}{BLOCK.format(i=i)}." + ("gate" if param == ROUTER else names[param])
             a, b = (_pop(rest, f"{where}.lora_{x}.weight", file) for x in "AB")
-            factor = alpha / (math.sqrt(rank) if spec.rslora else rank) / spec.scaling
             per_layer.append(_read(param, a, b, rank, factor, spec.rank, cfg, f"{file}: {where}"))
         for leaf in per_layer[0]:
             flat[leaf] = np.stack([layer[leaf] for layer in per_layer]).astype(np.float32)
     return flat, rest
+
+
+def _per_expert(rest: dict, cfg, spec, ranks: dict, alphas: dict, prefix: str, prefix_of_table: str, file,
+                source: str) -> dict:
+    """The experts' factors of an adapter made on transformers 4, where each expert was its own Linear
+    (`<block>.experts.{e}.w1` for Mixtral, `.gate_proj` for Qwen2-MoE, as the family's MOE_PREFIX and
+    EXPERT_NAMES name them; PEFT converts these itself on transformers 5), popped from `rest`: per expert
+    lora_A (R, in), lora_B (out, R) -> jaxft's A (L, E, in, R), B (L, E, R, out)."""
+    family = family_of(cfg)
+    moe_prefix, per_expert = getattr(family, "MOE_PREFIX", None), getattr(family, "EXPERT_NAMES", None)
+    if not moe_prefix or not per_expert:
+        return {}
+    block = prefix + moe_prefix.removeprefix(prefix_of_table)
+    e, d, f = cfg.n_experts, cfg.dim, cfg.mlp_dim
+    flat = {}
+    for module, hf in per_expert.items():
+        stem = lambda i, x: f"{block.format(i=i)}.experts.{x}.{hf}"
+        if not any(f"{PREFIX}{stem(i, x)}.lora_A.weight" in rest for i in range(cfg.n_layers) for x in range(e)):
+            continue
+        if spec.dora:
+            raise AdapterError(f"{source}: use_dora on the experts ({stem(0, 0)}): DoRA on the experts is not "
+                               f"supported")
+        d_in, d_out = (f, d) if module == "down_proj" else (d, f)
+        layers = {"lora_a": [], "lora_b": []}
+        for i in range(cfg.n_layers):
+            experts = []
+            for x in range(e):
+                where = f"{PREFIX}{stem(i, x)}"
+                rank, factor = _scaling(ranks, alphas, stem(i, x), spec, source)
+                a, b = (_pop(rest, f"{where}.lora_{y}.weight", file) for y in "AB")
+                for y, got, want in (("A", a, (rank, d_in)), ("B", b, (d_out, rank))):
+                    if got.shape != want:
+                        raise AdapterError(f"{file}: {where}.lora_{y}.weight has shape {got.shape}, expected {want} "
+                                           f"(rank {rank} from r / rank_pattern): it was made for another model")
+                experts.append(_pad(a.T[None], b.T[None] * factor, spec.rank, f"{file}: {where}"))
+            for leaf in layers:
+                layers[leaf].append(np.concatenate([x[leaf] for x in experts]))
+        for leaf, xs in layers.items():
+            flat[f"layers/mlp/experts/{module}/{leaf}"] = np.stack(xs).astype(np.float32)
+    return flat
+
+
+def _scaling(ranks: dict, alphas: dict, key: str, spec, source: str) -> tuple[int, float]:
+    """(rank, scaling / the adapter's scaling) of the module or parameter `key` under rank_pattern /
+    alpha_pattern (PEFT's first matching key; else r, lora_alpha)."""
+    rank, alpha = _pattern_value(ranks, key, spec.rank), _pattern_value(alphas, key, spec.alpha)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise AdapterError(f"{source}: rank_pattern gives {key} rank {rank!r}, expected a positive integer")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterError(f"{source}: alpha_pattern gives {key} alpha {alpha!r}, expected a number")
+    return rank, alpha / (math.sqrt(rank) if spec.rslora else rank) / spec.scaling
 
 
 def _targeted(targets: list[str], n_layers: int, prefix: str, source: str) -> list[str]:

@@ -129,13 +129,13 @@ def test_peft_adapter_imports_exports_back_and_trains(models, tmp_path):
     for name, x in theirs.items():
         np.testing.assert_allclose(ours[name], x, atol=1e-7, err_msg=name)
     assert json.loads((tmp_path / "back" / hf_format.CONFIG).read_text())["rank_pattern"] == {}
-    # Training starts from it (peft.init_from), under jit as the trainer builds it, and its gradients flow.
+    # Training starts from it (peft.init_from, checked against the config's LoRA), and its gradients flow.
     config = _lora_config(r"layers/(attn/(q|v)_proj|mlp/experts/.*)/w")
     config.lora.rank, config.lora.alpha, config.peft.init_from = R, ALPHA, str(tmp_path / "peft")
-    start = jax.jit(lambda k, b: peft.build(k, b, config, loaded.cfg)[0])(jax.random.PRNGKey(0), loaded.params)
+    start, built = peft.build(jax.random.PRNGKey(0), loaded.params, config, loaded.cfg)
+    assert sorted(tree.flatten(start)) == sorted(tree.flatten(trainable))
     for p, x in tree.flatten(trainable).items():
         np.testing.assert_array_equal(np.asarray(tree.flatten(start)[p]), np.asarray(x), err_msg=p)
-    _, built = peft.build(jax.random.PRNGKey(0), loaded.params, config, loaded.cfg)
     loss = lambda t: jnp.mean(family_of(loaded.cfg).forward(loaded.cfg, loaded.params, jnp.asarray(TOKENS),
                                                             trainable=t, peft=built)[0] ** 2)
     grads = jax.jit(jax.grad(loss))(start)

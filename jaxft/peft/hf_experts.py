@@ -70,7 +70,7 @@ def save(flat: dict, spec, prefix: str) -> tuple[dict, dict]:
     if any(p.endswith("/magnitude") for p in flat):
         raise AdapterError("DoRA on the experts has no PEFT form (PEFT's target_parameters refuse use_dora)")
     get = lambda module, leaf: flat.get(f"layers/mlp/experts/{module}/{leaf}")
-    adapters: dict[str, tuple] = {}  # PEFT parameter -> (A (L, E, in, R'), B (L, E, R', out), scaling factor)
+    adapters: dict[str, tuple] = {}  # PEFT parameter -> (A (L, E, in, R'), B (L, E, R', out), R' / R)
     if get("gate_proj", "lora_a") is not None or get("up_proj", "lora_a") is not None:
         adapters["gate_up_proj"] = _fuse([(get(m, "lora_a"), get(m, "lora_b")) for m in ("gate_proj", "up_proj")])
     if get("down_proj", "lora_a") is not None:

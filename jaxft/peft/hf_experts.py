@@ -114,6 +114,10 @@ def load(arrays: dict, conf: dict, spec, cfg, prefixes: list[str], modules: list
         if not isinstance(pattern, dict):
             raise AdapterError(f"{source}: {field}={pattern!r} is not an object")
         for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise AdapterError(f"{source}: {field} key {key!r} is not a valid regex ({e})") from None
             hit = next((m for m in modules if _pattern_matches(key, m)), None)
             if hit is not None:
                 raise AdapterError(f"{source}: {field}={json.dumps(pattern)} is not supported by jaxft: key {key!r} "
@@ -299,5 +303,5 @@ def _pattern_value(pattern: dict, name: str, default):
 
 def _pop(arrays: dict, name: str, file) -> np.ndarray:
     if name not in arrays:
-        raise AdapterError(f"{file}: missing tensor {name} (target_parameters adapts it)")
+        raise AdapterError(f"{file}: missing tensor {name} (each layer and expert of an adapted parameter has one)")
     return arrays.pop(name)

@@ -173,6 +173,26 @@ def test_transformers_4_per_expert_adapter_imports_with_peft_logits(models, tmp_
     np.testing.assert_allclose(got, _torch_logits(path, "mixtral", out), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method,length", [("prefix", 4), ("ia3", 0)])
+def test_other_methods_export_to_peft_on_mixtral(models, tmp_path, method, length):
+    """Prefix tuning (the keys and values of every layer) and IA3 (on keys and values) go to PEFT on an MoE
+    family as on a dense one (prompt tuning, which touches no layer, too)."""
+    path, loaded = models("mixtral")
+    config = config_lib.base.get_config()
+    config.peft.method, config.train.seq_len = method, 32
+    if length:
+        config[method].length = length
+    trainable, spec = peft.build(jax.random.PRNGKey(0), loaded.params, config, loaded.cfg)
+    trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), trainable)
+    trainable = peft.finalize(spec, trainable)
+    hf_format.save(tmp_path / "peft", trainable, spec, loaded.cfg, base_model=path)
+    want = np.asarray(family_of(loaded.cfg).forward(loaded.cfg, loaded.params, jnp.asarray(TOKENS),
+                                                    trainable=trainable, peft=spec)[0])
+    assert np.abs(want - _jaxft_logits(loaded)).max() > 0.05
+    got = _torch_logits(path, "mixtral", tmp_path / "peft")[:, -TOKENS.shape[1]:]  # (PEFT's soft prompt first)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_merged_export_loads_in_transformers(models, tmp_path):
     path, loaded = models("qwen2_moe")
     spec = lora.LoraSpec(rank=R, alpha=ALPHA)

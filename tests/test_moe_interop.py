@@ -1,7 +1,7 @@
 """LoRA on a mixture of experts in HF PEFT's format (`target_parameters`, `jaxft.peft.hf_experts`), both ways:
 jaxft's export loads in `peft` over transformers' Mixtral / Qwen2-MoE with jaxft's logits; PEFT's own adapter
-imports with PEFT's logits, exports back to the same tensors and starts training; the merged export loads in
-transformers; bad adapters are refused by key. Tiny random models, float32, logits within 1e-4."""
+imports with PEFT's logits, exports back to the same tensors and is what peft.init_from resumes; the merged
+export loads in transformers; bad adapters are refused by key. Tiny random models, float32, logits within 1e-4."""
 
 import copy
 import functools

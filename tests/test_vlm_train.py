@@ -27,8 +27,11 @@ TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("vlm"))
+
+
+def make_setup(root):
     """A tiny LLaVA directory (CLIP tower, tokenizer with `<image>`, CLIP image processor) and task files."""
-    root = tmp_path_factory.mktemp("vlm")
     tok = tiny.tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image = tok.convert_tokens_to_ids("<image>")

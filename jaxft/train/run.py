@@ -28,6 +28,7 @@ from jaxft.tasks import heads
 from jaxft.train.build import (Evaluator, batch_shardings, dtype_of, load_model, put_batch,
                                stack_micro, task_model, trainable_builder)
 from jaxft.train.optim import make_optimizer
+from jaxft.train import vision_cache
 from jaxft.train.step import init_state, make_train_step
 
 
@@ -58,6 +59,7 @@ class Run:
     train_step: Callable | None = None  # jitted (state, base, batch on the mesh) -> (state, metrics); state donated
     evaluate: Evaluator | None = None  # evaluate(trainable) -> the task's metrics over eval_batches (training)
     init_trainable: Callable | None = None  # () -> the fresh trainable tree, when not training (`jaxft eval`)
+    feature_cache: Any = None  # llava.FeatureCache of vision.cache_features (its hits and misses), else None
 
     def put(self, batch: dict) -> dict:
         """A host batch of train.batch_size rows -> (A, B/A, ...) micro-batches on the mesh, as train_step takes."""
@@ -104,10 +106,11 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
         fam = family_of(cfg)
         tasks.check_kind(task_name, task, fam, str(config.model))
         base, tokenizer, model_path = random_base(config, cfg, layout, abstract), None, str(config.model)
-        train_data, eval_batches, info = None, [], {}
+        train_data, eval_batches, info, feature_cache = None, [], {}, None
         labels = _labels_of_config(config)
     else:
         model, fam = load_model(config, layout, None if features else task)  # (features: T5's encoder too)
+        feature_cache = None
         cfg, base, tokenizer, model_path = model.cfg, model.params, model.tokenizer, str(model.path)
         if features:
             train_data, eval_batches, info = task.feature_batches(config, model, cache_dir)
@@ -115,6 +118,9 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
             train_data, eval_batches, info = task.batches(config, tokenizer) if data else (None, [], {})
         if training:
             eval_batches = eval_batches[:config.train.eval_batches]
+        if data:  # vision.cache_features: a frozen tower's features in place of the pixels
+            train_data, eval_batches, feature_cache = vision_cache.cached(config, cfg, base, train_data,
+                                                                          eval_batches, dtype_of(config, "dtype"))
         labels = info.get("labels", ()) if data else _labels_of_config(config)
 
     build = trainable_builder(config, cfg, tokenizer, task, labels, key)
@@ -134,7 +140,7 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
         batch = {}
     run = Run(config=config, task_name=task_name, task=task, layout=layout, family=fam, cfg=cfg,
               model_path=model_path, tokenizer=tokenizer, base=base, trainable=trainable, spec=spec, model=m,
-              train_data=train_data, eval_batches=eval_batches, info=info, batch=batch)
+              train_data=train_data, eval_batches=eval_batches, info=info, batch=batch, feature_cache=feature_cache)
     if not training:
         run.init_trainable = lambda: build(init_key, base)[0]
     if training:

@@ -23,7 +23,7 @@ import optax
 
 from jaxft import checkpoint, config as config_lib, parallel, peft, quant, tasks
 from jaxft.checkpoint import gguf, hf
-from jaxft.models import family_of
+from jaxft.models import family_of, llava
 from jaxft.tasks import heads
 from jaxft.train.build import (Evaluator, batch_shardings, dtype_of, load_model, put_batch,
                                stack_micro, task_model, trainable_builder)
@@ -133,7 +133,7 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
         trainable, spec = None, _traced(build, init_key, base)[1]
     m = task_model(config, fam, cfg, spec, tokenizer, layout)
     if abstract or not data:
-        batch = abstract_batch(config, task_name, fam.KIND, layout)
+        batch = abstract_batch(config, task_name, fam.KIND, layout, cfg, base)
     elif training:
         batch = stack_micro(_peek(train_data), config.train.grad_accum)
     else:
@@ -217,9 +217,11 @@ BATCH_KEYS = {
 }
 
 
-def abstract_batch(config, task_name: str, kind: str, layout) -> dict:
+def abstract_batch(config, task_name: str, kind: str, layout, cfg=None, base=None) -> dict:
     """A training batch of `task_name`'s keys as ShapeDtypeStructs (A, B/A, T) or (A, B/A) with their shardings
-    (A = train.grad_accum, B = train.batch_size over every process, T = train.seq_len)."""
+    (A = train.grad_accum, B = train.batch_size over every process, T = train.seq_len). For a vision-language
+    `cfg`, one image per row as well: pixel_values (A, B/A, C, H, W) (or, with vision.cache_features, the tower's
+    image_features (A, B/A, P, D) of `base`) and image_mask (A, B/A)."""
     t = config.train
     keys = BATCH_KEYS.get(f"{task_name}/{kind}", BATCH_KEYS.get(task_name))
     if keys is None:
@@ -233,6 +235,21 @@ def abstract_batch(config, task_name: str, kind: str, layout) -> dict:
         names = parallel.MICRO_BATCH[:len(shape)]
         out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=layout.sharding(
             names, shape, f"batch[{k!r}] (train.batch_size / grad_accum rows)"))
+    if hasattr(cfg, "image_token_id"):
+        v = cfg.vision
+        pixels = jax.ShapeDtypeStruct((*rows, v.channels, v.image_size, v.image_size), jnp.float32)
+        images = {"image_mask": jax.ShapeDtypeStruct(rows, jnp.bool_)}
+        if config.vision.cache_features:
+            def features(b, px):
+                f = llava.tower_features(cfg, b, px.reshape(-1, *px.shape[2:]))
+                return f.reshape(*rows, *f.shape[1:])
+            images["image_features"] = jax.eval_shape(features, base, pixels)
+        else:
+            images["pixel_values"] = pixels
+        for k, x in images.items():
+            names = (*parallel.MICRO_BATCH[:2], *(None,) * (x.ndim - 2))
+            out[k] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=layout.sharding(
+                names, x.shape, f"batch[{k!r}] (one image per row)"))
     return out
 
 

@@ -22,9 +22,9 @@ import grain
 import numpy as np
 
 from jaxft.data import packing
-from jaxft.data.images import MAX_PIXELS, image_processor, image_token_count, open_image, pixel_shape, pixel_values
+from jaxft.data.images import MAX_PIXELS, image_processor, open_image, pixel_shape, pixel_values
 from jaxft.data.sources import DataError
-from jaxft.data.vlm import MARKER, VlmExamples, marker_id, read_vlm, tokenize_vlm
+from jaxft.data.vlm import MARKER, VlmExamples, image_expansion, marker_id, read_vlm, tokenize_vlm
 
 
 def layout(vex: VlmExamples, seq_len: int, pack: bool = True, order: np.ndarray | None = None) -> list[np.ndarray]:
@@ -35,7 +35,7 @@ def layout(vex: VlmExamples, seq_len: int, pack: bool = True, order: np.ndarray 
 
 def max_images(vex: VlmExamples, rows: list[np.ndarray], batch_size: int) -> int:
     """The most images `batch_size` rows of `rows` hold together (at least 1): a static M for every batch."""
-    per_row = sorted((sum(len(vex.images[e]) for e in row) for row in rows), reverse=True)
+    per_row = sorted((sum(vex.pixel_count(e) for e in row) for row in rows), reverse=True)
     return max(1, sum(per_row[:batch_size]))
 
 
@@ -49,11 +49,11 @@ def build_batch(vex: VlmExamples, rows: list[np.ndarray], seq_len: int, n_images
     out["image_mask"] = np.zeros(n_images, bool)
     for g in range(micro):
         paths: list[Path] = [p for row in rows[g * per:(g + 1) * per] for e in row for p in vex.images[e]]
-        if len(paths) > size:
-            raise DataError(f"a batch holds {len(paths)} images, more than its static maximum {size}")
-        out["pixel_values"][g * size:g * size + len(paths)] = pixel_values(
-            processor, [open_image(p, max_pixels) for p in paths])
-        out["image_mask"][g * size:g * size + len(paths)] = True
+        pixels = pixel_values(processor, [open_image(p, max_pixels) for p in paths])  # (Idefics3: the tiles)
+        if len(pixels) > size:
+            raise DataError(f"a batch holds {len(pixels)} images, more than its static maximum {size}")
+        out["pixel_values"][g * size:g * size + len(pixels)] = pixels
+        out["image_mask"][g * size:g * size + len(pixels)] = True
     return out
 
 
@@ -115,9 +115,6 @@ def for_training(config, tokenizer) -> tuple:
     d, t = config.data, config.train
     model = Path(str(config.model)).expanduser()
     hf = json.loads((model / "config.json").read_text())
-    if hf.get("model_type") != "llava":
-        raise DataError(f"{model}: training data for model_type {hf.get('model_type')!r} is not supported (only "
-                        f"llava: Idefics3's tiling gives each image its own token count)")
     settings = model / "preprocessor_config.json"
     if not settings.is_file():
         raise DataError(f"{settings}: not found (the model's image processor settings)")
@@ -126,8 +123,8 @@ def for_training(config, tokenizer) -> tuple:
     if marker_id(tokenizer) != image_id:
         raise DataError(f"{model}: the tokenizer's {MARKER!r} is token {marker_id(tokenizer)}, the model's image "
                         f"token is {image_id}")
-    count = image_token_count(hf["vision_config"], hf.get("vision_feature_select_strategy", "default"))
-    tokenize = dict(tokenizer=tokenizer, seq_len=t.seq_len, image_tokens=count, system_prompt=d.system_prompt)
+    tokenize = dict(tokenizer=tokenizer, seq_len=t.seq_len, image_tokens=image_expansion(hf, tokenizer, processor),
+                    system_prompt=d.system_prompt)
     train = tokenize_vlm(read_vlm(d.train), **tokenize)
     held_out = tokenize_vlm(read_vlm(d.eval), **tokenize) if d.eval else None
     if held_out is None and d.eval_fraction > 0 and len(train) > 1:
@@ -146,4 +143,5 @@ def for_training(config, tokenizer) -> tuple:
 
 def subset(vex: VlmExamples, index: np.ndarray) -> VlmExamples:
     """The examples at `index`, in that order (the skipped counts kept)."""
-    return dataclasses.replace(vex, examples=vex.examples.take(index), images=[vex.images[e] for e in index])
+    return dataclasses.replace(vex, examples=vex.examples.take(index), images=[vex.images[e] for e in index],
+                               tiles=None if vex.tiles is None else [vex.tiles[e] for e in index])

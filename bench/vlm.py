@@ -12,7 +12,7 @@ runs the trainer's own step (`jaxft.train.run.build_run` of configs/default_lora
 `model`, the run's first batch). Each side runs in a
 fresh process, one after the other.
 
-    .venv/bin/python bench/vlm.py [--steps 2] [--batch 2] [--seq 256] [--layers 12]
+    .venv/bin/python bench/vlm.py [--steps 2] [--batch 2] [--seq 256] [--layers 12] [--cache] [--jaxft-only]
 """
 
 from __future__ import annotations
@@ -40,18 +40,20 @@ CONFIG = str(Path(__file__).parents[1] / "configs" / "default_lora.py")
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
-def jaxft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path) -> dict:
-    """The trainer's step on the first batch of the run's own data (written to `out` for the other side)."""
+def jaxft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path, *extra: str) -> dict:
+    """The trainer's step on the first batch of the run's own data (written to `out` for the other side).
+    `extra` config overrides (the cache side's vision.cache_features=true)."""
     from jaxft import config as config_lib
     from jaxft.train.run import build_run
 
     config = config_lib.load(CONFIG, [f"model={model}", f"data.train={data}", f"data.eval={data}", "data.pack=false",
                                       "dtype=float32", "param_dtype=float32", "lora.rank=16", "lora.alpha=32.0",
                                       "lora.targets=all-linear", "lora.dropout=0.0", f"train.batch_size={rows}",
-                                      f"train.seq_len={seq}", "train.learning_rate=1e-4"])
-    run = build_run(config)
+                                      f"train.seq_len={seq}", "train.learning_rate=1e-4", *extra])
+    run = build_run(config)  # (with the cache: its look at the first batch ran the tower on the batch's images)
     host = next(iter(run.train_data))
-    np.savez(out, **{k: np.asarray(v) for k, v in host.items()})
+    if not extra:
+        np.savez(out, **{k: np.asarray(v) for k, v in host.items()})
     mb = run.put(host)
     state, base, step = run.state, run.base, run.train_step
     t = time.perf_counter()
@@ -62,7 +64,9 @@ def jaxft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Pa
     for _ in range(steps):
         state, m = step(state, base, mb)
         float(m["loss"])
-    return {"s": (time.perf_counter() - t) / steps, "compile_s": compile_s, "loss": first}
+    cache = run.feature_cache
+    return {"s": (time.perf_counter() - t) / steps, "compile_s": compile_s, "loss": first,
+            **({"computed": cache.misses, "reused": cache.hits} if cache is not None else {})}
 
 
 def peft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path) -> dict:
@@ -99,40 +103,9 @@ def peft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Pat
 
 
 def cache_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path) -> dict:
-    """A second epoch with a feature cache: the gradient of the loss (LoRA + projector, tower frozen; no
-    optimizer) on the batch `out`, from the pixels and from the tower's features cached in a first epoch."""
-    import jax
-
-    from jaxft import checkpoint, config as config_lib, peft
-    from jaxft.models import llava
-
-    b = dict(np.load(out))
-    loaded = checkpoint.load(model)
-    cfg, base = loaded.cfg, loaded.params
-    config = config_lib.load(CONFIG, [f"model={model}", "data.train=x.json", "lora.rank=16", "lora.alpha=32.0",
-                                      "lora.targets=all-linear", "lora.dropout=0.0"])
-    trainable, spec = peft.build(jax.random.PRNGKey(0), base, config, cfg)
-    pixels = b["pixel_values"][np.asarray(b["image_mask"], bool)]
-
-    def loss(t, **images):
-        logits = llava.forward(cfg, base, b["tokens"], trainable=t, peft=spec, **images)[0]
-        nll = -jax.numpy.take_along_axis(jax.nn.log_softmax(logits), b["targets"][..., None], -1)[..., 0]
-        return (nll * b["loss_mask"]).sum() / b["loss_mask"].sum()
-
-    grad = jax.jit(jax.value_and_grad(loss))
-    cache = llava.FeatureCache(cfg, base)
-    t = time.perf_counter()
-    features = cache(pixels)  # the first epoch fills the cache
-    fill_s = time.perf_counter() - t
-    out_times = {}
-    for name, images in (("pixels", {"pixel_values": pixels}), ("cached", {"image_features": cache(pixels)})):
-        jax.block_until_ready(grad(trainable, **images))  # compilation
-        t = time.perf_counter()
-        for _ in range(steps):
-            jax.block_until_ready(grad(trainable, **images))
-        out_times[f"{name}_s"] = (time.perf_counter() - t) / steps
-    del features
-    return {**out_times, "fill_s": fill_s, "s": out_times["cached_s"], "loss": float(grad(trainable, **images)[0])}
+    """A second epoch with vision.cache_features=true: the trainer's step (as `jaxft_side`) on the run's first
+    batch, its images' tower features read from the cache that the batch's first reading filled."""
+    return jaxft_side(model, data, rows, seq, steps, out, "vision.cache_features=true")
 
 
 def flops(hf: dict, rows: int, seq: int) -> float:
@@ -169,7 +142,10 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--layers", type=int, default=12, help="the tower's blocks (ViT-B: 12)")
     ap.add_argument("--cache", action="store_true",
-                    help="also time a second epoch's gradient with the frozen tower's features cached vs from pixels")
+                    help="also time jaxft's step in a second epoch with vision.cache_features (the tower's features "
+                         "cached) against the step from pixels")
+    ap.add_argument("--jaxft-only", action="store_true",
+                    help="skip transformers + PEFT (with --cache: the cache's effect alone, in results/vlm_cache.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -187,7 +163,7 @@ def main():
                    "load_average_start": os.getloadavg()[0], "batch": args.batch, "seq": args.seq,
                    "tower_layers": args.layers, "model_gflops_per_step": total / 1e9}
         print(f"{'side':<6} {'s/step':>8} {'GFLOP/s':>8} {'% peak':>7} {'max RSS':>8} {'compile':>8} {'loss':>7}")
-        for side in ("jaxft", "peft"):
+        for side in ("jaxft",) if args.jaxft_only else ("jaxft", "peft"):
             m = run_worker(side, str(model), str(data), args.batch, args.seq, args.steps, str(Path(tmp) / "b.npz"))
             compile_s = f"{m['compile_s']:7.1f}s" if "compile_s" in m else ""
             print(f"{side:<6} {m['s']:8.2f} {total / m['s'] / 1e9:8.1f} {100 * total / m['s'] / m['peak']:6.1f}% "
@@ -200,13 +176,18 @@ def main():
             if args.cache and side == "jaxft":
                 c = run_worker("cache", str(model), str(data), args.batch, args.seq, args.steps,
                                str(Path(tmp) / "b.npz"))
-                print(f"second epoch, loss gradient without optimizer: {c['pixels_s']:.2f} s from pixels, "
-                      f"{c['cached_s']:.2f} s from cached features (cache filled in {c['fill_s']:.2f} s)")
-                results.update({"cache_pixels_s": c["pixels_s"], "cache_cached_s": c["cached_s"],
-                                "cache_fill_s": c["fill_s"], "cache_speedup": c["pixels_s"] / c["cached_s"]})
-    results["speedup"] = results["peft_s_per_step"] / results["jaxft_s_per_step"]
+                print(f"jaxft, a second epoch with vision.cache_features: {c['s']:.2f} s/step from cached features "
+                      f"({m['s']:.2f} from pixels; {c['computed']} image(s) through the tower, {c['reused']} read "
+                      f"back), loss {c['loss']:.3f}")
+                results.update({"cache_s_per_step": c["s"], "cache_images_computed": c["computed"],
+                                "cache_max_rss_gb": c["max_rss_gb"], "cache_first_loss": c["loss"],
+                                "cache_speedup": m["s"] / c["s"]})
     results["load_average_end"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
+    if args.jaxft_only:
+        (RESULTS / "vlm_cache.json").write_text(json.dumps(results, indent=1))
+        return
+    results["speedup"] = results["peft_s_per_step"] / results["jaxft_s_per_step"]
     (RESULTS / "vlm.json").write_text(json.dumps(results, indent=1))
     keys = ("speedup", "jaxft_s_per_step", "peft_s_per_step", "jaxft_peak_fraction", "peft_peak_fraction",
             "jaxft_max_rss_gb", "peft_max_rss_gb")

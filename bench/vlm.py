@@ -40,9 +40,9 @@ CONFIG = str(Path(__file__).parents[1] / "configs" / "default_lora.py")
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
-def jaxft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path, *extra: str) -> dict:
-    """The trainer's step on the first batch of the run's own data (written to `out` for the other side).
-    `extra` config overrides (the cache side's vision.cache_features=true)."""
+def _trainer_run(model: Path, data: Path, rows: int, seq: int, *extra: str):
+    """(the run `jaxft train` builds for the benchmark's model and data, its first batch on the mesh, that batch
+    on the host); `extra` config overrides."""
     from jaxft import config as config_lib
     from jaxft.train.run import build_run
 
@@ -50,11 +50,15 @@ def jaxft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Pa
                                       "dtype=float32", "param_dtype=float32", "lora.rank=16", "lora.alpha=32.0",
                                       "lora.targets=all-linear", "lora.dropout=0.0", f"train.batch_size={rows}",
                                       f"train.seq_len={seq}", "train.learning_rate=1e-4", *extra])
-    run = build_run(config)  # (with the cache: its look at the first batch ran the tower on the batch's images)
+    run = build_run(config)
     host = next(iter(run.train_data))
-    if not extra:
-        np.savez(out, **{k: np.asarray(v) for k, v in host.items()})
-    mb = run.put(host)
+    return run, run.put(host), host
+
+
+def jaxft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path) -> dict:
+    """The trainer's step on the first batch of the run's own data (written to `out` for the other side)."""
+    run, mb, host = _trainer_run(model, data, rows, seq)
+    np.savez(out, **{k: np.asarray(v) for k, v in host.items()})
     state, base, step = run.state, run.base, run.train_step
     t = time.perf_counter()
     state, m = step(state, base, mb)
@@ -64,9 +68,7 @@ def jaxft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Pa
     for _ in range(steps):
         state, m = step(state, base, mb)
         float(m["loss"])
-    cache = run.feature_cache
-    return {"s": (time.perf_counter() - t) / steps, "compile_s": compile_s, "loss": first,
-            **({"computed": cache.misses, "reused": cache.hits} if cache is not None else {})}
+    return {"s": (time.perf_counter() - t) / steps, "compile_s": compile_s, "loss": first}
 
 
 def peft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path) -> dict:
@@ -103,9 +105,24 @@ def peft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Pat
 
 
 def cache_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path) -> dict:
-    """A second epoch with vision.cache_features=true: the trainer's step (as `jaxft_side`) on the run's first
-    batch, its images' tower features read from the cache that the batch's first reading filled."""
-    return jaxft_side(model, data, rows, seq, steps, out, "vision.cache_features=true")
+    """A second epoch with vision.cache_features=true against the same step from pixels, in one process, the
+    two steps taking turns (so that a changing load falls on both): the trainer's step on the run's first
+    batch, with the batch's tower features read from the cache (filled when the run was built) or not."""
+    runs = {"pixels": _trainer_run(model, data, rows, seq),
+            "cached": _trainer_run(model, data, rows, seq, "vision.cache_features=true")}
+    states, times, first = {}, {name: [] for name in runs}, {}
+    for name, (run, mb, _) in runs.items():
+        states[name], m = run.train_step(run.state, run.base, mb)  # compilation
+        first[name] = float(m["loss"])
+    for _ in range(steps):
+        for name, (run, mb, _) in runs.items():
+            t = time.perf_counter()
+            states[name], m = run.train_step(states[name], run.base, mb)
+            float(m["loss"])
+            times[name].append(time.perf_counter() - t)
+    cache = runs["cached"][0].feature_cache
+    return {"pixels_s": float(np.median(times["pixels"])), "s": float(np.median(times["cached"])),
+            "loss": first["cached"], "pixels_loss": first["pixels"], "computed": cache.misses, "reused": cache.hits}
 
 
 def flops(hf: dict, rows: int, seq: int) -> float:
@@ -176,12 +193,13 @@ def main():
             if args.cache and side == "jaxft":
                 c = run_worker("cache", str(model), str(data), args.batch, args.seq, args.steps,
                                str(Path(tmp) / "b.npz"))
-                print(f"jaxft, a second epoch with vision.cache_features: {c['s']:.2f} s/step from cached features "
-                      f"({m['s']:.2f} from pixels; {c['computed']} image(s) through the tower, {c['reused']} read "
-                      f"back), loss {c['loss']:.3f}")
-                results.update({"cache_s_per_step": c["s"], "cache_images_computed": c["computed"],
-                                "cache_max_rss_gb": c["max_rss_gb"], "cache_first_loss": c["loss"],
-                                "cache_speedup": m["s"] / c["s"]})
+                print(f"jaxft, a second epoch with vision.cache_features: {c['s']:.2f} s/step from cached features, "
+                      f"{c['pixels_s']:.2f} from pixels (turn about, medians of {args.steps}; {c['computed']} "
+                      f"image(s) through the tower, {c['reused']} read back), loss {c['loss']:.4f} / "
+                      f"{c['pixels_loss']:.4f}")
+                results.update({"cache_s_per_step": c["s"], "cache_pixels_s_per_step": c["pixels_s"],
+                                "cache_images_computed": c["computed"], "cache_first_loss": c["loss"],
+                                "cache_pixels_first_loss": c["pixels_loss"], "cache_speedup": c["pixels_s"] / c["s"]})
     results["load_average_end"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
     if args.jaxft_only:

@@ -122,6 +122,15 @@ def test_training_records_tokenize_as_the_processor(setup, tmp_path):
                            _real_tiles(_inputs(processor, "<image>", files[1:2]))])
     np.testing.assert_array_equal(batch["pixel_values"][:15], want)
     assert batch["image_mask"].tolist() == [True] * 15 + [False]
+    # without image splitting: each image is one tile, `<global-img>` alone (rows = cols = 0)
+    whole = dict(json.loads((root / "model" / "preprocessor_config.json").read_text()), do_image_splitting=False)
+    proc = images.image_processor(whole)
+    vex = vlm.tokenize_vlm(records, tok, 256, vlm.image_expansion(hf, tok, proc))
+    assert vex.tiles == [2, 1]
+    reference = transformers.Idefics3Processor(image_processor=proc, tokenizer=copy.deepcopy(tok), image_seq_len=4)
+    text = tok.apply_chat_template(records[0].messages, tokenize=False)
+    want = _inputs(reference, text, files[0::2])["input_ids"][0].tolist()
+    assert vex.examples.ids[:vex.examples.starts[1]].tolist() == want + [tok.eos_token_id]
 
 
 def test_trainer_on_idefics3(setup, tmp_path):

@@ -216,8 +216,10 @@ class FeatureCache:
         for i, k in enumerate(keys):
             if k not in self._store:
                 first.setdefault(k, i)
-        if first:
-            computed = np.asarray(self._features(self._base, pixel_values[list(first.values())]), np.float32)
+        if first:  # (padded to a power of two: a few compilations of the tower, not one per count of new images)
+            new = pixel_values[list(first.values())]
+            padded = np.concatenate([new, np.zeros((_bucket(len(new)) - len(new), *new.shape[1:]), new.dtype)])
+            computed = np.asarray(self._features(self._base, padded), np.float32)[:len(new)]
             self._store.update(zip(first, computed))
         self.misses += len(first)
         self.hits += len(keys) - len(first)
@@ -232,6 +234,10 @@ class FeatureCache:
         features[mask] = self(np.asarray(batch["pixel_values"])[mask])
         out["image_features"] = features
         return out
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def forward(cfg: Config, base: dict, tokens, *, pixel_values=None, image_mask=None, trainable: dict | None = None,

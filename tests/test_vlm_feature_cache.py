@@ -69,3 +69,16 @@ def test_trainer_with_cached_features_equals_pixels(tmp_path):
     with pytest.raises(ValueError, match=r"^vision.cache_features: True needs vision.method=frozen \(a 'lora' "
                                          r"tower's features change as it trains\)$"):
         train(train_config(setup, "vision.cache_features=true", "vision.method=lora"), tmp_path / "x")
+
+
+def test_cache_on_a_text_only_model_is_refused(tmp_path):
+    import tiny
+    from jaxft.train.run import build_run
+
+    model = tiny.llama_dir(tmp_path / "llama")
+    config = config_lib.load(CONFIG, [f"model={model}", f"data.train={tiny.alpaca_file(tmp_path / 'a.jsonl', 8)}",
+                                      "data.format=alpaca", "train.batch_size=2", "train.seq_len=32",
+                                      "vision.cache_features=true"])
+    with pytest.raises(ValueError, match=r"^vision.cache_features=True: model_type 'llama' is a text-only model, "
+                                         r"with no vision tower \(leave vision.cache_features at False\)$"):
+        build_run(config)

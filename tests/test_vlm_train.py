@@ -203,3 +203,16 @@ def test_abstract_run_of_a_vlm_compiles(setup, cache):
         for k, x in real.batch.items()}
     mem = abstract.train_step.lower(abstract.state, abstract.base, abstract.batch).compile().memory_analysis()
     assert mem.argument_size_in_bytes > 0
+    if not cache:  # the command: the memory plan of the same step
+        import contextlib
+        import io
+
+        from jaxft import cli
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["aot", "--topology", "cpu", "--config", CONFIG, "--model", str(setup[0]),
+                             "--config.train.grad_accum=2", "--config.train.batch_size=4",
+                             "--config.train.seq_len=128", "--config.lora.rank=4", "--config.dtype=float32",
+                             "--config.param_dtype=float32", "--config.data.pack=false"])
+        report = json.loads(out.getvalue().strip().splitlines()[-1])
+        assert code == 0 and report["argument_bytes"] == mem.argument_size_in_bytes

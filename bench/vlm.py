@@ -12,7 +12,7 @@ runs the trainer's own step (`jaxft.train.run.build_run` of configs/default_lora
 `model`, the run's first batch). Each side runs in a
 fresh process, one after the other.
 
-    .venv/bin/python bench/vlm.py [--steps 2] [--batch 2] [--seq 256] [--layers 12]
+    .venv/bin/python bench/vlm.py [--steps 2] [--batch 2] [--seq 256] [--layers 12] [--cache] [--jaxft-only]
 """
 
 from __future__ import annotations
@@ -40,19 +40,25 @@ CONFIG = str(Path(__file__).parents[1] / "configs" / "default_lora.py")
 LM_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
-def jaxft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path) -> dict:
-    """The trainer's step on the first batch of the run's own data (written to `out` for the other side)."""
+def _trainer_run(model: Path, data: Path, rows: int, seq: int, *extra: str):
+    """(the run `jaxft train` builds for the benchmark's model and data, its first batch on the mesh, that batch
+    on the host); `extra` config overrides."""
     from jaxft import config as config_lib
     from jaxft.train.run import build_run
 
     config = config_lib.load(CONFIG, [f"model={model}", f"data.train={data}", f"data.eval={data}", "data.pack=false",
                                       "dtype=float32", "param_dtype=float32", "lora.rank=16", "lora.alpha=32.0",
                                       "lora.targets=all-linear", "lora.dropout=0.0", f"train.batch_size={rows}",
-                                      f"train.seq_len={seq}", "train.learning_rate=1e-4"])
+                                      f"train.seq_len={seq}", "train.learning_rate=1e-4", *extra])
     run = build_run(config)
     host = next(iter(run.train_data))
+    return run, run.put(host), host
+
+
+def jaxft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path) -> dict:
+    """The trainer's step on the first batch of the run's own data (written to `out` for the other side)."""
+    run, mb, host = _trainer_run(model, data, rows, seq)
     np.savez(out, **{k: np.asarray(v) for k, v in host.items()})
-    mb = run.put(host)
     state, base, step = run.state, run.base, run.train_step
     t = time.perf_counter()
     state, m = step(state, base, mb)
@@ -99,40 +105,24 @@ def peft_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Pat
 
 
 def cache_side(model: Path, data: Path, rows: int, seq: int, steps: int, out: Path) -> dict:
-    """A second epoch with a feature cache: the gradient of the loss (LoRA + projector, tower frozen; no
-    optimizer) on the batch `out`, from the pixels and from the tower's features cached in a first epoch."""
-    import jax
-
-    from jaxft import checkpoint, config as config_lib, peft
-    from jaxft.models import llava
-
-    b = dict(np.load(out))
-    loaded = checkpoint.load(model)
-    cfg, base = loaded.cfg, loaded.params
-    config = config_lib.load(CONFIG, [f"model={model}", "data.train=x.json", "lora.rank=16", "lora.alpha=32.0",
-                                      "lora.targets=all-linear", "lora.dropout=0.0"])
-    trainable, spec = peft.build(jax.random.PRNGKey(0), base, config, cfg)
-    pixels = b["pixel_values"][np.asarray(b["image_mask"], bool)]
-
-    def loss(t, **images):
-        logits = llava.forward(cfg, base, b["tokens"], trainable=t, peft=spec, **images)[0]
-        nll = -jax.numpy.take_along_axis(jax.nn.log_softmax(logits), b["targets"][..., None], -1)[..., 0]
-        return (nll * b["loss_mask"]).sum() / b["loss_mask"].sum()
-
-    grad = jax.jit(jax.value_and_grad(loss))
-    cache = llava.FeatureCache(cfg, base)
-    t = time.perf_counter()
-    features = cache(pixels)  # the first epoch fills the cache
-    fill_s = time.perf_counter() - t
-    out_times = {}
-    for name, images in (("pixels", {"pixel_values": pixels}), ("cached", {"image_features": cache(pixels)})):
-        jax.block_until_ready(grad(trainable, **images))  # compilation
-        t = time.perf_counter()
-        for _ in range(steps):
-            jax.block_until_ready(grad(trainable, **images))
-        out_times[f"{name}_s"] = (time.perf_counter() - t) / steps
-    del features
-    return {**out_times, "fill_s": fill_s, "s": out_times["cached_s"], "loss": float(grad(trainable, **images)[0])}
+    """A second epoch with vision.cache_features=true against the same step from pixels, in one process, the
+    two steps taking turns (so that a changing load falls on both): the trainer's step on the run's first
+    batch, with the batch's tower features read from the cache (filled when the run was built) or not."""
+    runs = {"pixels": _trainer_run(model, data, rows, seq),
+            "cached": _trainer_run(model, data, rows, seq, "vision.cache_features=true")}
+    states, times, first = {}, {name: [] for name in runs}, {}
+    for name, (run, mb, _) in runs.items():
+        states[name], m = run.train_step(run.state, run.base, mb)  # compilation
+        first[name] = float(m["loss"])
+    for _ in range(steps):
+        for name, (run, mb, _) in runs.items():
+            t = time.perf_counter()
+            states[name], m = run.train_step(states[name], run.base, mb)
+            float(m["loss"])
+            times[name].append(time.perf_counter() - t)
+    cache = runs["cached"][0].feature_cache
+    return {"pixels_s": float(np.median(times["pixels"])), "s": float(np.median(times["cached"])),
+            "loss": first["cached"], "pixels_loss": first["pixels"], "computed": cache.misses, "reused": cache.hits}
 
 
 def flops(hf: dict, rows: int, seq: int) -> float:
@@ -169,7 +159,10 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--layers", type=int, default=12, help="the tower's blocks (ViT-B: 12)")
     ap.add_argument("--cache", action="store_true",
-                    help="also time a second epoch's gradient with the frozen tower's features cached vs from pixels")
+                    help="also time jaxft's step in a second epoch with vision.cache_features (the tower's features "
+                         "cached) against the step from pixels")
+    ap.add_argument("--jaxft-only", action="store_true",
+                    help="skip transformers + PEFT (with --cache: the cache's effect alone, in results/vlm_cache.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -187,7 +180,7 @@ def main():
                    "load_average_start": os.getloadavg()[0], "batch": args.batch, "seq": args.seq,
                    "tower_layers": args.layers, "model_gflops_per_step": total / 1e9}
         print(f"{'side':<6} {'s/step':>8} {'GFLOP/s':>8} {'% peak':>7} {'max RSS':>8} {'compile':>8} {'loss':>7}")
-        for side in ("jaxft", "peft"):
+        for side in ("jaxft",) if args.jaxft_only else ("jaxft", "peft"):
             m = run_worker(side, str(model), str(data), args.batch, args.seq, args.steps, str(Path(tmp) / "b.npz"))
             compile_s = f"{m['compile_s']:7.1f}s" if "compile_s" in m else ""
             print(f"{side:<6} {m['s']:8.2f} {total / m['s'] / 1e9:8.1f} {100 * total / m['s'] / m['peak']:6.1f}% "
@@ -200,13 +193,19 @@ def main():
             if args.cache and side == "jaxft":
                 c = run_worker("cache", str(model), str(data), args.batch, args.seq, args.steps,
                                str(Path(tmp) / "b.npz"))
-                print(f"second epoch, loss gradient without optimizer: {c['pixels_s']:.2f} s from pixels, "
-                      f"{c['cached_s']:.2f} s from cached features (cache filled in {c['fill_s']:.2f} s)")
-                results.update({"cache_pixels_s": c["pixels_s"], "cache_cached_s": c["cached_s"],
-                                "cache_fill_s": c["fill_s"], "cache_speedup": c["pixels_s"] / c["cached_s"]})
-    results["speedup"] = results["peft_s_per_step"] / results["jaxft_s_per_step"]
+                print(f"jaxft, a second epoch with vision.cache_features: {c['s']:.2f} s/step from cached features, "
+                      f"{c['pixels_s']:.2f} from pixels (turn about, medians of {args.steps}; {c['computed']} "
+                      f"image(s) through the tower, {c['reused']} read back), loss {c['loss']:.4f} / "
+                      f"{c['pixels_loss']:.4f}")
+                results.update({"cache_s_per_step": c["s"], "cache_pixels_s_per_step": c["pixels_s"],
+                                "cache_images_computed": c["computed"], "cache_first_loss": c["loss"],
+                                "cache_pixels_first_loss": c["pixels_loss"], "cache_speedup": c["pixels_s"] / c["s"]})
     results["load_average_end"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
+    if args.jaxft_only:
+        (RESULTS / "vlm_cache.json").write_text(json.dumps(results, indent=1))
+        return
+    results["speedup"] = results["peft_s_per_step"] / results["jaxft_s_per_step"]
     (RESULTS / "vlm.json").write_text(json.dumps(results, indent=1))
     keys = ("speedup", "jaxft_s_per_step", "peft_s_per_step", "jaxft_peak_fraction", "peft_peak_fraction",
             "jaxft_max_rss_gb", "peft_max_rss_gb")

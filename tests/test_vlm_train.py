@@ -27,8 +27,11 @@ TOWER = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("vlm"))
+
+
+def make_setup(root):
     """A tiny LLaVA directory (CLIP tower, tokenizer with `<image>`, CLIP image processor) and task files."""
-    root = tmp_path_factory.mktemp("vlm")
     tok = tiny.tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image = tok.convert_tokens_to_ids("<image>")
@@ -166,3 +169,50 @@ def test_merge_of_parts(setup):
     trainable, spec = peft.build(jax.random.PRNGKey(0), base, _config(setup, "peft.method=prefix"), cfg)
     with pytest.raises(PeftError, match="prefix cannot be merged"):
         peft.merge(base, trainable, spec)
+
+
+def test_grad_accum_with_images_equals_one_batch(setup, tmp_path):
+    """train.grad_accum=2 splits each batch's images with their rows: three steps give the losses and the
+    trained adapter that one batch of the same rows gives (1e-5)."""
+    extra = ("train.steps=3", "train.eval_every=3", "train.save_every=3", "data.pack=false")
+    runs = {a: train(_config(setup, *extra, f"train.grad_accum={a}"), tmp_path / str(a)) for a in (1, 2)}
+    losses = {a: [json.loads(line).get("loss") for line in (tmp_path / str(a) / "metrics.jsonl").read_text()
+                  .splitlines()] for a in runs}
+    assert len([x for x in losses[1] if x is not None]) == 3
+    np.testing.assert_allclose(np.array(losses[2], float), np.array(losses[1], float), rtol=1e-5)
+    from jaxft.peft import io as adapter_io
+    one, two = (tree.flatten(adapter_io.load(tmp_path / str(a) / "adapter")[0]) for a in (1, 2))
+    assert one.keys() == two.keys()
+    for p in one:
+        np.testing.assert_allclose(two[p], one[p], rtol=0, atol=1e-5, err_msg=p)  # after 3 Adam steps
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_abstract_run_of_a_vlm_compiles(setup, cache):
+    """`build_run(abstract=True)` (what `jaxft aot` compiles) of a LLaVA run with train.grad_accum=2: its batch
+    has the images (pixels, or the tower's features with vision.cache_features) with the shapes, dtypes and
+    shardings of the real run's batch (one image per row), and its train step compiles."""
+    from jaxft.train.run import build_run
+
+    config = _config(setup, "train.grad_accum=2", "data.pack=false", f"vision.cache_features={cache}")
+    abstract, real = build_run(config, abstract=True), build_run(config)
+    image_key = "image_features" if cache else "pixel_values"
+    assert image_key in abstract.batch and "image_mask" in abstract.batch
+    assert {k: (x.shape, x.dtype, x.sharding) for k, x in abstract.batch.items()} == {
+        k: (x.shape, x.dtype, real.put({k: x.reshape(-1, *x.shape[2:])})[k].sharding)
+        for k, x in real.batch.items()}
+    mem = abstract.train_step.lower(abstract.state, abstract.base, abstract.batch).compile().memory_analysis()
+    assert mem.argument_size_in_bytes > 0
+    if not cache:  # the command: the memory plan of the same step
+        import contextlib
+        import io
+
+        from jaxft import cli
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli.main(["aot", "--topology", "cpu", "--config", CONFIG, "--model", str(setup[0]),
+                             "--config.train.grad_accum=2", "--config.train.batch_size=4",
+                             "--config.train.seq_len=128", "--config.lora.rank=4", "--config.dtype=float32",
+                             "--config.param_dtype=float32", "--config.data.pack=false"])
+        report = json.loads(out.getvalue().strip().splitlines()[-1])
+        assert code == 0 and report["argument_bytes"] == mem.argument_size_in_bytes

@@ -114,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.vision = ml_collections.ConfigDict()
     c.vision.method = "frozen"  # the vision tower: frozen, lora or full
     c.vision.targets = "default"  # vision.method=lora: regex over the tower's paths, 'default' (q/v) or 'all-linear'
+    c.vision.cache_features = False  # vision.method=frozen: each image's tower output computed once, then reused
     c.projector = ml_collections.ConfigDict()
     c.projector.method = "full"  # the connector (LLaVA's MLP projector, Idefics3's linear map): frozen, lora or full
 

@@ -110,6 +110,11 @@ def _method(config) -> None:
         _fail("prompt.init", "text", "needs prompt.init_text (the text whose embeddings start the prompt)")
     if method == "features" and config.features.layer < -1:
         _fail("features.layer", config.features.layer, "must be a block index >= 0, or -1 for the last")
+    if config.vision.cache_features not in (True, False):
+        _fail("vision.cache_features", config.vision.cache_features, "must be true or false")
+    if config.vision.cache_features and config.vision.method != "frozen":
+        _fail("vision.cache_features", True, f"needs vision.method=frozen (a {config.vision.method!r} tower's "
+                                             "features change as it trains)")
     if config.train.l2sp and method not in ("full", "partial"):
         _fail("train.l2sp", config.train.l2sp, f"needs peft.method full or partial (method {method!r} retrains "
                                                "no pretrained weight)")

@@ -99,6 +99,14 @@ def pixel_values(processor, images: list[Image.Image]) -> np.ndarray:
     return np.asarray(processor(images=images, return_tensors="np")["pixel_values"], np.float32)
 
 
+def tile_grid(processor, image: Image.Image) -> tuple[int, int]:
+    """(rows, cols) of the tiles an Idefics3 image processor cuts `image` into ((0, 0): not cut, the whole
+    image alone), as `processor(..., return_row_col_info=True)` reports them; the image becomes rows * cols + 1
+    tiles (the last the whole image, resized)."""
+    info = processor(images=[[image]], return_row_col_info=True)
+    return int(info["rows"][0][0]), int(info["cols"][0][0])
+
+
 def pixel_shape(processor) -> tuple[int, int, int]:
     """(C, H, W) of the pixel values `processor` makes."""
     return pixel_values(processor, []).shape[1:]

@@ -14,21 +14,28 @@ start of its first user message (transformers' convention); any other disagreeme
 is an error naming the record. The conversation is then rendered and tokenized as `format="messages"` records
 are (`jaxft.data.formats`: chat template, loss on the assistant's tokens only), and each marker token (one
 token of the tokenizer) is repeated to the image's token count, as `LlavaProcessor` expands it, with no loss on
-them. Records with an image that cannot be used are skipped, counted and named in one log line each; an example
+them. For Idefics3 / SmolVLM each marker becomes what `Idefics3Processor` makes of it for that image: the
+image's tiles (`jaxft.data.images.tile_grid`) each as `<fake_token_around_image><row_i_col_j>` + its image
+tokens, then the whole image's (`<global-img>`), the text built by transformers' own processor (`Idefics3Prompt`).
+Records with an image that cannot be used are skipped, counted and named in one log line each; an example
 longer than seq_len + 1 tokens is skipped and counted (cutting it could cut an image).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import transformers
 
 from jaxft.data.formats import Examples, tokenize_records
-from jaxft.data.images import MAX_PIXELS, ImageError, image_processor, open_image, pixel_values
+from jaxft.data.images import (MAX_PIXELS, ImageError, image_processor, image_token_count, open_image,
+                               pixel_values, tile_grid)
 from jaxft.data.sources import DataError, Record
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,11 @@ class VlmExamples:
     images: list[tuple[Path, ...]]  # (E,) one tuple per example
     skipped_images: int  # records skipped for an image that could not be used
     skipped_too_long: int  # records longer than seq_len + 1 tokens once their images are expanded
+    tiles: list[int] | None = None  # (E,) pixel arrays of each example (Idefics3's tiles); None: one per image
+
+    def pixel_count(self, e: int) -> int:
+        """How many (C, H, W) pixel arrays example e's images become."""
+        return len(self.images[e]) if self.tiles is None else self.tiles[e]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -79,18 +91,19 @@ def read_vlm(path: str | Path) -> list[VlmRecord]:
     return [_record(obj, where, path) for where, obj in objects]
 
 
-def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens: int, *, system_prompt: str = "",
-                 chat_template: bool = True, max_pixels: int = MAX_PIXELS) -> VlmExamples:
+def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens: int | Callable, *,
+                 system_prompt: str = "", chat_template: bool = True, max_pixels: int = MAX_PIXELS) -> VlmExamples:
     """Checks every image (`jaxft.data.images.open_image`; records with a bad one are skipped and logged), then
-    tokenizes the rest with each marker expanded to `image_tokens` tokens (`image_token_count`). Examples longer
-    than seq_len + 1 tokens are skipped and counted (an image cannot be cut). Raises DataError when no record is
-    left, ValueError when MARKER is not one token of `tokenizer`."""
+    tokenizes the rest with each marker expanded: to `image_tokens` image tokens (an int, `image_token_count`:
+    LLaVA), or to `image_tokens(image)`'s ids (`Idefics3Prompt`: Idefics3). Examples longer than seq_len + 1
+    tokens are skipped and counted (an image cannot be cut). Raises DataError when no record is left,
+    ValueError when MARKER is not one token of `tokenizer`."""
     image_id = marker_id(tokenizer)
-    good, bad = [], 0
+    expand = (lambda image: ([image_id] * image_tokens, 1)) if isinstance(image_tokens, int) else image_tokens
+    good, bad, expansions = [], 0, []
     for r in records:
         try:
-            for p in r.images:
-                open_image(p, max_pixels)
+            expansions.append([expand(open_image(p, max_pixels)) for p in r.images])
             good.append(r)
         except ImageError as e:
             log.warning("skipped %s: %s", r.where, e)
@@ -99,20 +112,26 @@ def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens
         files = ", ".join(dict.fromkeys(r.file for r in records)) or "the data"
         raise DataError(f"{files}: no record left: all {bad} record(s) have an image that cannot be used")
     pieces = _tokenized(good, tokenizer, system_prompt, chat_template)
-    ids_out, loss_out, images, too_long = [], [], [], []
-    for r, (ids, loss) in zip(good, pieces):
+    ids_out, loss_out, images, tiles, too_long = [], [], [], [], []
+    for r, (ids, loss), expanded in zip(good, pieces, expansions):
         at = ids == image_id
         if int(at.sum()) != len(r.images):
             raise DataError(f"{r.where}: the rendered conversation holds {int(at.sum())} image token(s) for "
                             f"{len(r.images)} image(s) (does the system prompt or template hold {MARKER!r}?)")
-        repeat = np.where(at, image_tokens, 1)
-        ids, loss = np.repeat(ids, repeat), np.repeat(loss & ~at, repeat)
+        id_parts, loss_parts, start = [], [], 0  # each marker's expansion in place of it, with no loss on it
+        for j, (expansion, _) in zip(np.flatnonzero(at), expanded):
+            id_parts += [ids[start:j], np.asarray(expansion, ids.dtype)]
+            loss_parts += [loss[start:j], np.zeros(len(expansion), bool)]
+            start = j + 1
+        ids = np.concatenate([*id_parts, ids[start:]])
+        loss = np.concatenate([*loss_parts, loss[start:]]).astype(bool)
         if len(ids) > seq_len + 1:
             too_long.append(r.where)
             continue
         ids_out.append(ids.astype(np.int32))
         loss_out.append(loss)
         images.append(r.images)
+        tiles.append(sum(n for _, n in expanded))
     if too_long:
         log.warning("skipped %d record(s) longer than seq_len=%d with their image tokens, e.g. %s", len(too_long),
                     seq_len, ", ".join(too_long[:5]))
@@ -123,7 +142,38 @@ def tokenize_vlm(records: list[VlmRecord], tokenizer, seq_len: int, image_tokens
     examples = Examples(ids=np.concatenate(ids_out), loss=np.concatenate(loss_out),
                         starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                         skipped_too_long=len(too_long), skipped_empty=0)
-    return VlmExamples(examples, images, skipped_images=bad, skipped_too_long=len(too_long))
+    return VlmExamples(examples, images, skipped_images=bad, skipped_too_long=len(too_long),
+                       tiles=None if isinstance(image_tokens, int) else tiles)
+
+
+class Idefics3Prompt:
+    """`prompt(image)` -> (the token ids an image's marker becomes, its tile count), as `Idefics3Processor`
+    expands it (its own `replace_image_token`, on a copy of the tokenizer), for `tokenize_vlm` and
+    `image_prompt`. image_seq_len: the image tokens per tile (`llava.Config.image_tokens`)."""
+
+    def __init__(self, processor, tokenizer, image_seq_len: int):
+        for token in ("<fake_token_around_image>", "<global-img>"):
+            marker_id(tokenizer, token)  # one token each, as in SmolVLM's tokenizer
+        self.processor, self.tokenizer, self._ids = processor, tokenizer, {}
+        self._text = transformers.Idefics3Processor(image_processor=processor, tokenizer=copy.deepcopy(tokenizer),
+                                                    image_seq_len=image_seq_len)
+
+    def __call__(self, image) -> tuple[list[int], int]:
+        rows, cols = tile_grid(self.processor, image)
+        if (rows, cols) not in self._ids:
+            text = self._text.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
+            self._ids[rows, cols] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._ids[rows, cols], rows * cols + 1
+
+
+def image_expansion(hf: dict, tokenizer, processor) -> int | Idefics3Prompt:
+    """What each marker becomes for the model of config.json dict `hf` (`tokenize_vlm`'s `image_tokens`): LLaVA's
+    image token count, or Idefics3's `Idefics3Prompt`."""
+    if hf.get("model_type") == "idefics3":
+        v = hf["vision_config"]
+        per_tile = (v["image_size"] // v["patch_size"]) ** 2 // hf.get("scale_factor", 2) ** 2
+        return Idefics3Prompt(processor, tokenizer, per_tile)
+    return image_token_count(hf["vision_config"], hf.get("vision_feature_select_strategy", "default"))
 
 
 def image_prompt(model_dir: str | Path, cfg, tokenizer, prompt: str, paths, *, chat: bool = False,
@@ -137,15 +187,14 @@ def image_prompt(model_dir: str | Path, cfg, tokenizer, prompt: str, paths, *, c
     if not hasattr(cfg, "image_token_id"):
         raise ValueError(f"{paths[0] if paths else 'image'}: model_type {cfg.model_type!r} at {model_dir} is a "
                          f"text-only model, with no vision")
-    if cfg.model_type != "llava":
-        raise ValueError(f"{model_dir}: prompts with images for model_type {cfg.model_type!r} are not supported yet "
-                         f"(its processor tiles each image into a count of its own; only llava)")
     markers = prompt.count(MARKER)
     if markers == 0 and paths:
         prompt = MARKER * len(paths) + "\n" + prompt
     elif markers != len(paths):
         raise ValueError(f"the prompt holds {markers} {MARKER!r} marker(s) but {len(paths)} image(s) were given")
-    pixels = pixel_values(_processor(model_dir), [open_image(p, max_pixels) for p in paths])
+    processor = _processor(model_dir)
+    opened = [open_image(p, max_pixels) for p in paths]
+    pixels = pixel_values(processor, opened)
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              tokenize=False)
@@ -159,6 +208,10 @@ def image_prompt(model_dir: str | Path, cfg, tokenizer, prompt: str, paths, *, c
     if ids.count(image_id) != len(paths):
         raise ValueError(f"the rendered prompt holds {ids.count(image_id)} image token(s) for {len(paths)} image(s) "
                          f"(does the chat template hold {MARKER!r}?)")
+    if cfg.model_type == "idefics3":
+        expand = Idefics3Prompt(processor, tokenizer, cfg.image_tokens)
+        expanded = iter([expand(image)[0] for image in opened])
+        return [j for i in ids for j in (next(expanded) if i == image_id else [i])], pixels
     return [j for i in ids for j in ([i] * cfg.image_tokens if i == image_id else [i])], pixels
 
 

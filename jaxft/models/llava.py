@@ -195,14 +195,19 @@ def image_embeddings(cfg: Config, base: dict, pixel_values, *, trainable: dict |
 
 class FeatureCache:
     """A frozen tower's features per image, computed once: `cache(pixel_values (I, C, H, W))` -> (I, P',
-    D_vision) numpy, the images it has seen (by their pixel bytes) read back, the others run through the tower
-    in one call. Pass the result as `forward(..., image_features=...)` for a multi-epoch run whose tower is
-    frozen (`vision.method=frozen`): the same numbers as the pixels give, without the tower's forward pass."""
+    D_vision) numpy, the images it has seen (keyed by their preprocessed pixels: the file and the model's image
+    processor) read back, the others run through the tower in one call. Pass the result as
+    `forward(..., image_features=...)` for a multi-epoch run whose tower is frozen (`vision.method=frozen`): the
+    same numbers as the pixels give, without the tower's forward pass. `misses` counts the images the tower ran
+    on, `hits` those read back. The features are held in host memory (P' x D_vision float32 per image)."""
 
     def __init__(self, cfg: Config, base: dict, dtype=jnp.float32):
         self._features = jax.jit(lambda b, px: tower_features(cfg, b, px, dtype=dtype))
         self._base, self._store = base, {}
         self.hits = self.misses = 0
+        v = cfg.vision
+        pixels = jax.ShapeDtypeStruct((1, v.channels, v.image_size, v.image_size), jnp.float32)
+        self.shape = jax.eval_shape(lambda b, px: tower_features(cfg, b, px, dtype=dtype), base, pixels).shape[1:]
 
     def __call__(self, pixel_values) -> np.ndarray:
         pixel_values = np.ascontiguousarray(pixel_values)
@@ -211,12 +216,28 @@ class FeatureCache:
         for i, k in enumerate(keys):
             if k not in self._store:
                 first.setdefault(k, i)
-        if first:
-            computed = np.asarray(self._features(self._base, pixel_values[list(first.values())]))
+        if first:  # (padded to a power of two: a few compilations of the tower, not one per count of new images)
+            new = pixel_values[list(first.values())]
+            padded = np.concatenate([new, np.zeros((_bucket(len(new)) - len(new), *new.shape[1:]), new.dtype)])
+            computed = np.asarray(self._features(self._base, padded), np.float32)[:len(new)]
             self._store.update(zip(first, computed))
         self.misses += len(first)
         self.hits += len(keys) - len(first)
-        return np.stack([self._store[k] for k in keys])
+        return np.stack([self._store[k] for k in keys]) if keys else np.zeros((0, *self.shape), np.float32)
+
+    def batch(self, batch: dict) -> dict:
+        """A batch with `pixel_values` (M, ...) and `image_mask` (M,) (`jaxft.data.vlm_batches`) -> the same with
+        `image_features` (M, P', D_vision) in place of the pixels: the real images' features, zeros for padding."""
+        out = {k: v for k, v in batch.items() if k != "pixel_values"}
+        mask = np.asarray(batch["image_mask"], bool)
+        features = np.zeros((len(mask), *self.shape), np.float32)
+        features[mask] = self(np.asarray(batch["pixel_values"])[mask])
+        out["image_features"] = features
+        return out
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def forward(cfg: Config, base: dict, tokens, *, pixel_values=None, image_mask=None, trainable: dict | None = None,

@@ -55,7 +55,7 @@ def forward(model: Model, base: dict, trainable, batch: dict, rng=None):
     (rng given) a mixture of experts' family (one with `aux_losses`) gives (that, its router losses) instead. A batch
     with images (pixel_values, image_mask) passes them on."""
     router = rng is not None and hasattr(model.family, "aux_losses")
-    images = {k: batch[k] for k in ("pixel_values", "image_mask") if k in batch}
+    images = {k: batch[k] for k in ("pixel_values", "image_mask", "image_features") if k in batch}
     out = model.family.forward(model.cfg, base, batch["tokens"], trainable=trainable, **images,
                                positions=batch["positions"], segment_ids=batch["segment_ids"],
                                peft=model.spec, rng=rng, dtype=model.dtype, remat=model.remat,

@@ -99,7 +99,8 @@ def unroll_layers(config, dtype, backend: str | None = None) -> bool:
     return backend_lib.resolve(backend, dtype, config.quant.format != "none", config.train.layer_loop).unroll_layers
 
 
-ROW_VECTORS = ("features",)  # batch keys that hold one vector per row (B, D), not one value per position
+# batch keys whose axes after the rows are not positions: a vector per row (B, D), a batch's images (M, ...)
+ROW_VECTORS = ("features", "pixel_values", "image_features")
 
 
 def _names(ndim: int, micro: bool, key: str = "") -> tuple:
@@ -156,8 +157,9 @@ def dtype_of(config, key):
 
 
 def stack_micro(batch: dict, accum: int) -> dict:
-    """(B, ...) rows -> (A, B/A, ...) micro-batches for gradient accumulation."""
+    """(B, ...) rows -> (A, B/A, ...) micro-batches for gradient accumulation; an array of another length
+    (a batch's M images, `jaxft.data.vlm_batches`) is split into A equal parts alike."""
     b = len(next(iter(batch.values())))
     if b % accum:
         raise ValueError(f"train.batch_size={b} is not a multiple of train.grad_accum={accum}")
-    return {k: np.asarray(v).reshape(accum, b // accum, *v.shape[1:]) for k, v in batch.items()}
+    return {k: np.asarray(v).reshape(accum, len(v) // accum, *v.shape[1:]) for k, v in batch.items()}

@@ -178,6 +178,10 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
     summary = {"status": status, "step": step, "task": task_name, "eval_loss": eval_loss,
                "eval_metrics": eval_metrics, "eval_history": history,
                "adapter": str(adapter_dir) if adapter_dir else None, "data": info}
+    if run.feature_cache is not None:  # vision.cache_features: images through the tower, images read back
+        summary["feature_cache"] = {"computed": run.feature_cache.misses, "reused": run.feature_cache.hits}
+        log.info("feature cache: %(computed)d image(s) through the tower, %(reused)d read back",
+                 summary["feature_cache"])
     if main:
         _write_summary(workdir, summary)
         plots.after_run(workdir)  # WORKDIR/plots/*.png; a failure to plot is logged, never raised

@@ -23,11 +23,12 @@ import optax
 
 from jaxft import checkpoint, config as config_lib, parallel, peft, quant, tasks
 from jaxft.checkpoint import gguf, hf
-from jaxft.models import family_of
+from jaxft.models import family_of, llava
 from jaxft.tasks import heads
 from jaxft.train.build import (Evaluator, batch_shardings, dtype_of, load_model, put_batch,
                                stack_micro, task_model, trainable_builder)
 from jaxft.train.optim import make_optimizer
+from jaxft.train import vision_cache
 from jaxft.train.step import init_state, make_train_step
 
 
@@ -58,6 +59,7 @@ class Run:
     train_step: Callable | None = None  # jitted (state, base, batch on the mesh) -> (state, metrics); state donated
     evaluate: Evaluator | None = None  # evaluate(trainable) -> the task's metrics over eval_batches (training)
     init_trainable: Callable | None = None  # () -> the fresh trainable tree, when not training (`jaxft eval`)
+    feature_cache: Any = None  # llava.FeatureCache of vision.cache_features (its hits and misses), else None
 
     def put(self, batch: dict) -> dict:
         """A host batch of train.batch_size rows -> (A, B/A, ...) micro-batches on the mesh, as train_step takes."""
@@ -104,10 +106,11 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
         fam = family_of(cfg)
         tasks.check_kind(task_name, task, fam, str(config.model))
         base, tokenizer, model_path = random_base(config, cfg, layout, abstract), None, str(config.model)
-        train_data, eval_batches, info = None, [], {}
+        train_data, eval_batches, info, feature_cache = None, [], {}, None
         labels = _labels_of_config(config)
     else:
         model, fam = load_model(config, layout, None if features else task)  # (features: T5's encoder too)
+        feature_cache = None
         cfg, base, tokenizer, model_path = model.cfg, model.params, model.tokenizer, str(model.path)
         if features:
             train_data, eval_batches, info = task.feature_batches(config, model, cache_dir)
@@ -115,6 +118,9 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
             train_data, eval_batches, info = task.batches(config, tokenizer) if data else (None, [], {})
         if training:
             eval_batches = eval_batches[:config.train.eval_batches]
+        if data:  # vision.cache_features: a frozen tower's features in place of the pixels
+            train_data, eval_batches, feature_cache = vision_cache.cached(config, cfg, base, train_data,
+                                                                          eval_batches, dtype_of(config, "dtype"))
         labels = info.get("labels", ()) if data else _labels_of_config(config)
 
     build = trainable_builder(config, cfg, tokenizer, task, labels, key)
@@ -127,14 +133,14 @@ def build_run(config, *, abstract: bool = False, devices=None, model_config=None
         trainable, spec = None, _traced(build, init_key, base)[1]
     m = task_model(config, fam, cfg, spec, tokenizer, layout)
     if abstract or not data:
-        batch = abstract_batch(config, task_name, fam.KIND, layout)
+        batch = abstract_batch(config, task_name, fam.KIND, layout, cfg, base)
     elif training:
         batch = stack_micro(_peek(train_data), config.train.grad_accum)
     else:
         batch = {}
     run = Run(config=config, task_name=task_name, task=task, layout=layout, family=fam, cfg=cfg,
               model_path=model_path, tokenizer=tokenizer, base=base, trainable=trainable, spec=spec, model=m,
-              train_data=train_data, eval_batches=eval_batches, info=info, batch=batch)
+              train_data=train_data, eval_batches=eval_batches, info=info, batch=batch, feature_cache=feature_cache)
     if not training:
         run.init_trainable = lambda: build(init_key, base)[0]
     if training:
@@ -211,9 +217,11 @@ BATCH_KEYS = {
 }
 
 
-def abstract_batch(config, task_name: str, kind: str, layout) -> dict:
+def abstract_batch(config, task_name: str, kind: str, layout, cfg=None, base=None) -> dict:
     """A training batch of `task_name`'s keys as ShapeDtypeStructs (A, B/A, T) or (A, B/A) with their shardings
-    (A = train.grad_accum, B = train.batch_size over every process, T = train.seq_len)."""
+    (A = train.grad_accum, B = train.batch_size over every process, T = train.seq_len). For a vision-language
+    `cfg`, one image per row as well: pixel_values (A, B/A, C, H, W) (or, with vision.cache_features, the tower's
+    image_features (A, B/A, P, D) of `base`) and image_mask (A, B/A)."""
     t = config.train
     keys = BATCH_KEYS.get(f"{task_name}/{kind}", BATCH_KEYS.get(task_name))
     if keys is None:
@@ -227,6 +235,21 @@ def abstract_batch(config, task_name: str, kind: str, layout) -> dict:
         names = parallel.MICRO_BATCH[:len(shape)]
         out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=layout.sharding(
             names, shape, f"batch[{k!r}] (train.batch_size / grad_accum rows)"))
+    if hasattr(cfg, "image_token_id"):
+        v = cfg.vision
+        pixels = jax.ShapeDtypeStruct((*rows, v.channels, v.image_size, v.image_size), jnp.float32)
+        images = {"image_mask": jax.ShapeDtypeStruct(rows, jnp.bool_)}
+        if config.vision.cache_features:
+            def features(b, px):
+                f = llava.tower_features(cfg, b, px.reshape(-1, *px.shape[2:]))
+                return f.reshape(*rows, *f.shape[1:])
+            images["image_features"] = jax.eval_shape(features, base, pixels)
+        else:
+            images["pixel_values"] = pixels
+        for k, x in images.items():
+            names = (*parallel.MICRO_BATCH[:2], *(None,) * (x.ndim - 2))
+            out[k] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=layout.sharding(
+                names, x.shape, f"batch[{k!r}] (one image per row)"))
     return out
 
 

@@ -89,7 +89,10 @@ class Config(LlamaConfig):
         return self.vocab_size * self.dim + head + self.n_layers * (attn + mlp + 2 * self.dim) + self.dim
 
 
-def _field(hf: dict, key: str, source: str):
+def _field(hf: dict, key: str, source: str, alias: str | None = None):
+    """hf[key] (or hf[alias], the name some transformers versions save it under); ConfigError naming key."""
+    if key not in hf and alias in hf:
+        return hf[alias]
     if key not in hf:
         raise ConfigError(f"{source}: missing field {key!r}")
     return hf[key]

@@ -93,8 +93,7 @@ def _model(variant):
     return family, cfg, family.init(jax.random.PRNGKey(0), cfg)
 
 
-@pytest.mark.parametrize("variant", list(FAMILIES))
-@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("variant,dora", [("qwen3_moe", False), ("olmoe", False), ("olmoe", True)])
 def test_fresh_adapter_is_the_base_and_merge_is_exact(variant, dora):
     """LoRA / DoRA on attention and experts (`all-linear`): fresh, the logits are the base model's; trained
     (random factors and magnitudes), `lora.merge` gives plain weights with the adapted logits."""
@@ -115,8 +114,7 @@ def test_fresh_adapter_is_the_base_and_merge_is_exact(variant, dora):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", list(FAMILIES))
-@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("variant,dora", [("qwen3_moe", False), ("olmoe", False), ("qwen3_moe", True)])
 def test_adapter_on_the_experts_trains(variant, dora):
     """A few Adam steps on LoRA / DoRA of the experts alone (router and attention frozen): the loss falls."""
     family, cfg, base = _model(variant)
@@ -138,7 +136,7 @@ def test_adapter_on_the_experts_trains(variant, dora):
         return optax.apply_updates(t, updates), state, value
 
     state, losses = opt.init(trainable), []
-    for _ in range(4):
+    for _ in range(3):
         trainable, state, value = step(trainable, state)
         losses.append(float(value))
     assert losses[-1] < losses[0] - 0.01, losses

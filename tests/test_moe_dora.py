@@ -82,6 +82,7 @@ def test_expert_dora_equals_the_dense_per_expert_formula(impl):
 FAMILIES = {
     "qwen3_moe": (qwen3_moe, dict(head_dim=6, normalize=True)),
     "olmoe": (olmoe, dict(head_dim=4, normalize=False)),
+    "qwen3_moe_mixed": (qwen3_moe, dict(head_dim=6, normalize=True, dense_layers=(1,), dense_mlp_dim=20)),
 }
 TOKENS = np.random.RandomState(0).randint(0, 48, (2, 10))
 
@@ -90,16 +91,24 @@ def _model(variant):
     family, extra = FAMILIES[variant]
     cfg = family.Config(vocab_size=48, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=F, n_experts=E, top_k=K,
                         **extra)
-    return family, cfg, family.init(jax.random.PRNGKey(0), cfg)
+    params = family.init(jax.random.PRNGKey(0), cfg)
+    if variant == "qwen3_moe_mixed":  # each layer's unused MLP zero, as loaded (`qwen3_moe.checkpoint_view`)
+        mlp, dense = params["layers"]["mlp"], jnp.asarray([0.0, 1.0])  # layer 1 dense
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            mlp[name]["w"] = mlp[name]["w"] * dense[:, None, None]
+            mlp["experts"][name]["w"] = mlp["experts"][name]["w"] * (1 - dense)[:, None, None, None]
+        mlp["router"]["w"] = mlp["router"]["w"] * (1 - dense)[:, None, None]
+    return family, cfg, params
 
 
-@pytest.mark.parametrize("variant,dora", [("qwen3_moe", False), ("olmoe", False), ("olmoe", True)])
+@pytest.mark.parametrize("variant,dora", [("qwen3_moe", False), ("olmoe", False), ("olmoe", True),
+                                          ("qwen3_moe_mixed", True)])
 def test_fresh_adapter_is_the_base_and_merge_is_exact(variant, dora):
     """LoRA / DoRA on attention and experts (`all-linear`): fresh, the logits are the base model's; trained
     (random factors and magnitudes), `lora.merge` gives plain weights with the adapted logits."""
     family, cfg, base = _model(variant)
     spec = lora.LoraSpec(rank=R, alpha=5.0, dora=dora)
-    trainable = lora.init(jax.random.PRNGKey(1), base, spec, lora.target_paths(base, "all-linear", variant))
+    trainable = lora.init(jax.random.PRNGKey(1), base, spec, lora.target_paths(base, "all-linear", cfg.model_type))
     assert trainable["layers"]["mlp"]["experts"]["down_proj"]["lora_a"].shape == (2, E, F, R)
     if dora:
         assert trainable["layers"]["mlp"]["experts"]["gate_proj"]["magnitude"].shape == (2, E, F)
@@ -119,7 +128,8 @@ def test_adapter_on_the_experts_trains(variant, dora):
     """A few Adam steps on LoRA / DoRA of the experts alone (router and attention frozen): the loss falls."""
     family, cfg, base = _model(variant)
     spec = lora.LoraSpec(rank=R, alpha=5.0, dora=dora)
-    trainable = lora.init(jax.random.PRNGKey(1), base, spec, lora.target_paths(base, r"layers/mlp/experts/.*", variant))
+    paths = lora.target_paths(base, r"layers/mlp/experts/.*", cfg.model_type)
+    trainable = lora.init(jax.random.PRNGKey(1), base, spec, paths)
     assert set(trainable["layers"]) == {"mlp"} and set(trainable["layers"]["mlp"]) == {"experts"}
     tokens = jnp.asarray(TOKENS)
 

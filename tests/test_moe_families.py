@@ -1,6 +1,7 @@
-"""The mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) against transformers: tiny random models saved with
-`save_pretrained` (one tensor per expert) or as transformers 5's fused in-memory state dict, loaded by
-`jaxft.checkpoint.load`; logits, router logits and greedy generation. Float32."""
+"""The mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE with and without dense layers, OLMoE) against
+transformers: tiny random models saved with `save_pretrained` (one tensor per expert) or as transformers 5's fused
+in-memory state dict, loaded by `jaxft.checkpoint.load`; logits, router logits, greedy generation and the router's
+load-balancing loss. Float32."""
 
 import functools
 import json
@@ -29,10 +30,14 @@ VARIANTS = {  # name: (config class, model class, overrides)
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,  # head_dim 12 != 32 / 4
                   dict(intermediate_size=40, moe_intermediate_size=24, num_experts=4, norm_topk_prob=True,
                        head_dim=12)),
+    "qwen3_moe_mixed": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,  # layer 1 dense
+                        dict(num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=24, num_experts=4,
+                             mlp_only_layers=[1])),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,  # top-3 of 6, not renormalized
               dict(intermediate_size=24, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False)),
 }
-EXPERTS = {"mixtral": (4, 2), "qwen2_moe": (4, 2), "qwen3_moe": (4, 2), "olmoe": (6, 3)}  # (E, k)
+EXPERTS = {"mixtral": (4, 2), "qwen2_moe": (4, 2), "qwen3_moe": (4, 2), "qwen3_moe_mixed": (4, 2),
+           "olmoe": (6, 3)}  # (E, k)
 TOKENS = np.random.RandomState(0).randint(0, TINY["vocab_size"], (2, 9))
 
 
@@ -71,13 +76,16 @@ def test_logits_and_router_logits_equal_transformers(tmp_path, variant, layout):
         assert any(k.endswith("experts.gate_up_proj") for k in model.state_dict())
     loaded = checkpoint.load(_save(model, tmp_path / "m", layout))
     n_experts, top_k = EXPERTS[variant]
-    assert (loaded.cfg.model_type, loaded.cfg.n_experts, loaded.cfg.top_k) == (variant, n_experts, top_k)
+    assert (loaded.cfg.model_type, loaded.cfg.n_experts, loaded.cfg.top_k) == (model.config.model_type, n_experts,
+                                                                                top_k)
     with torch.no_grad():
         out = model(torch.tensor(TOKENS), output_router_logits=True)
     logits, _, router = _forward(loaded.cfg)(loaded.params, jnp.asarray(TOKENS))
     np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=1e-4)
     want_router = np.stack([r.numpy().reshape(TOKENS.shape + (n_experts,)) for r in out.router_logits])
-    np.testing.assert_allclose(np.asarray(router), want_router, atol=1e-4, rtol=1e-4)
+    sparse = [i for i in range(loaded.cfg.n_layers) if i not in getattr(loaded.cfg, "dense_layers", ())]
+    assert len(sparse) == len(want_router)  # transformers' dense layers have no router
+    np.testing.assert_allclose(np.asarray(router)[sparse], want_router, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -102,8 +110,10 @@ def test_config_round_trip_and_bad_input(tmp_path):
     hf = _model("qwen2_moe").config.to_dict()
     with pytest.raises(ConfigError, match=r"decoder_sparse_step=2, mlp_only_layers=\[\]: dense layers"):
         config_from_hf(dict(hf, decoder_sparse_step=2))
-    with pytest.raises(ConfigError, match=r"decoder_sparse_step=1, mlp_only_layers=\[1\]: dense layers"):
-        config_from_hf(dict(_model("qwen3_moe").config.to_dict(), mlp_only_layers=[1]))
+    mixed = _model("qwen3_moe").config.to_dict()
+    assert config_from_hf(dict(mixed, decoder_sparse_step=2, mlp_only_layers=[])).dense_layers == (0,)
+    with pytest.raises(ConfigError, match=r"decoder_sparse_step=1, mlp_only_layers=\[0, 1\] leave no sparse layer"):
+        config_from_hf(dict(mixed, mlp_only_layers=[0, 1]))
     with pytest.raises(ConfigError, match=r"^config.json: clip_qkv=8.0 is not supported \(expected null\)$"):
         config_from_hf(dict(_model("olmoe").config.to_dict(), clip_qkv=8.0))
     # A checkpoint with more experts than its config: the loader names the extra experts' tensors.
@@ -247,14 +257,14 @@ def test_capacity_factor_key_reaches_the_model(tmp_path):
         config_lib.validate(config, require_data=False)
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_mixed", "olmoe"])
 def test_router_losses_equal_transformers_load_balancing(tmp_path, variant):
     """`aux_losses` on a padded batch: the load-balancing loss equals transformers' `load_balancing_loss_func` (its
     model's `aux_loss` with the attention mask), weighted by the checkpoint's router_aux_loss_coef."""
     model = _model(variant)
     loaded = checkpoint.load(_save(model, tmp_path / "m", "per_expert"))
-    assert loaded.cfg.router_aux_loss_coef == model.config.router_aux_loss_coef == {"qwen3_moe": 1e-3,
-                                                                                     "olmoe": 1e-2}[variant]
+    coef = {"qwen3_moe": 1e-3, "olmoe": 1e-2}[model.config.model_type]
+    assert loaded.cfg.router_aux_loss_coef == model.config.router_aux_loss_coef == coef
     mask = np.ones(TOKENS.shape, np.int32)
     mask[0, 6:] = 0
     _, _, router = _forward(loaded.cfg)(loaded.params, jnp.asarray(TOKENS))

@@ -117,6 +117,16 @@ def _common(hf: dict, source: str, windows_as: str) -> dict:
                 max_seq_len=hf.get("max_position_embeddings", 2048))
 
 
+def _routing(hf: dict, source: str, aux_loss_coef: float) -> dict:
+    """The Config fields of a Qwen3-MoE or OLMoE config.json past `_common`: experts, top-k, norm_topk_prob,
+    attention_bias (q, k, v and o alike) and the load-balancing weight (`aux_loss_coef` where it has none)."""
+    bias = bool(hf.get("attention_bias", False))
+    return dict(n_experts=_field(hf, "num_experts", source, alias="num_local_experts"),
+                top_k=_field(hf, "num_experts_per_tok", source), normalize=bool(hf.get("norm_topk_prob", False)),
+                qkv_bias=bias, o_bias=bias,
+                router_aux_loss_coef=float(hf.get("router_aux_loss_coef", aux_loss_coef)))
+
+
 def _common_hf(cfg: Config) -> dict:
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:  # written as llama writes it
@@ -180,8 +190,11 @@ def moe_mlp(cfg: Config, hooks, p: dict, h, rngs, layout=None):
     """One block's MoE MLP: h (B, T, D) normed -> (output (B, T, D), router logits (B, T, E) float32).
 
     The router and the shared expert go through the method's `linear` hook, the experts through its
-    `grouped_linear` hook (LoRA's per-expert factors; `jaxft.models.hooks`)."""
+    `grouped_linear` hook (LoRA's per-expert factors; `jaxft.models.hooks`). A layer without experts (a dense
+    layer of Qwen3-MoE, `jaxft.models.qwen3_moe`) is llama's MLP, with router logits of zeros."""
     mlp = p["mlp"]
+    if "experts" not in mlp:
+        return llama.mlp_block(cfg, hooks, p, h, rngs, layout)[0], jnp.zeros(h.shape[:2] + (cfg.n_experts,))
     y, aux = moe.moe_block(h, mlp, top_k=cfg.top_k, normalize=cfg.normalize, capacity_factor=cfg.capacity_factor,
                            dense=lambda x, q: dense(x, q, hooks, None), expert_linear=hooks.grouped_linear)
     return hooks.block_output(mlp, y), aux["router_logits"]

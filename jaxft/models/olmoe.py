@@ -37,12 +37,8 @@ class Config(mixtral.Config):
         if common["n_heads"] * common["head_dim"] != common["dim"]:  # q_norm's width is hidden_size
             raise ConfigError(f"{source}: head_dim={common['head_dim']} times num_attention_heads="
                               f"{common['n_heads']} is not hidden_size={common['dim']}, which OLMoE's q_norm needs")
-        bias = bool(hf.get("attention_bias", False))
-        return cls(**common, mlp_dim=mixtral._field(hf, "intermediate_size", source),
-                   n_experts=mixtral._field(hf, "num_experts", source, alias="num_local_experts"),
-                   top_k=mixtral._field(hf, "num_experts_per_tok", source),
-                   normalize=bool(hf.get("norm_topk_prob", False)), qkv_bias=bias, o_bias=bias, qk_norm="all",
-                   router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)), model_type="olmoe")
+        return cls(**common, **mixtral._routing(hf, source, 0.01),
+                   mlp_dim=mixtral._field(hf, "intermediate_size", source), qk_norm="all", model_type="olmoe")
 
     def to_hf(self) -> dict[str, Any]:
         return {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", **mixtral._common_hf(self),

@@ -261,8 +261,9 @@ def merge(base: dict, trainable: dict, spec, dtype=None) -> dict:
         w = as_dense(flat[f"{module}/w"], jnp.float32)
         delta = jnp.einsum("...ir,...ro->...io", node["lora_a"], node["lora_b"]) * spec.scaling
         merged = w + delta
-        if "magnitude" in node:
-            merged = merged * (node["magnitude"] / jnp.linalg.norm(merged, axis=-2))[..., None, :]
+        if "magnitude" in node:  # (a zero column, e.g. an MLP a layer does not use (qwen3_moe), stays zero)
+            norm = jnp.linalg.norm(merged, axis=-2)
+            merged = merged * jnp.where(norm > 0, node["magnitude"] / jnp.where(norm > 0, norm, 1.0), 0.0)[..., None, :]
         original = flat[f"{module}/w"]
         out_dtype = dtype or (jnp.float32 if hasattr(original, "dequantize") else original.dtype)
         flat[f"{module}/w"] = merged.astype(out_dtype)

@@ -58,6 +58,12 @@ class Config(mixtral.Config):
                    dense_layers=dense, dense_mlp_dim=mixtral._field(hf, "intermediate_size", source) if dense else 0,
                    model_type="qwen3_moe")
 
+    @property
+    def n_params(self) -> int:
+        """Parameters of the checkpoint: the dense layers' MLP in place of their experts (fillers not counted)."""
+        sparse = 3 * self.dim * self.mlp_dim * self.n_experts + self.dim * self.n_experts
+        return super().n_params + len(self.dense_layers) * (3 * self.dim * self.dense_mlp_dim - sparse)
+
     def to_hf(self) -> dict[str, Any]:
         windows = {w for w in self.layer_windows if w}
         return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **mixtral._common_hf(self),

@@ -79,6 +79,23 @@ def test_expert_dora_equals_the_dense_per_expert_formula(impl):
                                rtol=1e-5)
 
 
+def test_expert_dora_on_nf4_experts_equals_their_dequantized_weights():
+    """QLoRA + DoRA: NF4 experts (the norm reads them dequantized) give the outputs of their dequantized weights."""
+    from jaxft import quant
+
+    p = _block_params(jax.random.PRNGKey(3))
+    q = quant.quantize_params(p, "nf4", block_size=4, include=r"experts/.*/w", dense_dtype=None)
+    assert isinstance(q["experts"]["up_proj"]["w"], quant.QuantizedWeight)
+    dequantized = jax.tree.map(lambda w: w.dequantize(jnp.float32) if isinstance(w, quant.QuantizedWeight) else w, q,
+                               is_leaf=lambda w: isinstance(w, quant.QuantizedWeight))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, D))
+    block = jax.jit(lambda p: moe.moe_block(x, p, top_k=K, normalize=True, grouped="tiled",
+                                            expert_linear=SPEC.grouped_linear)[0])
+    yq, yd, yf = block(q), block(dequantized), block(p)
+    assert np.abs(np.asarray(yf - yd)).max() > 1e-3  # the quantization is there to see
+    np.testing.assert_allclose(np.asarray(yq), np.asarray(yd), atol=1e-5, rtol=1e-5)
+
+
 FAMILIES = {
     "qwen3_moe": (qwen3_moe, dict(head_dim=6, normalize=True)),
     "olmoe": (olmoe, dict(head_dim=4, normalize=False)),

@@ -34,7 +34,10 @@ class Config(mixtral.Config):
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "Config":
         if hf.get("model_type") != "qwen2_moe":
             raise ConfigError(f"{source}: model_type {hf.get('model_type')!r} is not qwen2_moe")
-        sparse_only(hf, source)
+        step, dense_layers = hf.get("decoder_sparse_step", 1), list(hf.get("mlp_only_layers") or [])
+        if step != 1 or dense_layers:
+            raise ConfigError(f"{source}: decoder_sparse_step={step}, mlp_only_layers={dense_layers}: dense layers "
+                              f"among the sparse ones are not supported (expected 1 and [])")
         shared = mixtral._field(hf, "shared_expert_intermediate_size", source)
         return cls(**mixtral._common(hf, source, "qwen2"), mlp_dim=mixtral._field(hf, "moe_intermediate_size", source),
                    n_experts=mixtral._field(hf, "num_experts", source),
@@ -53,14 +56,6 @@ class Config(mixtral.Config):
                 "use_sliding_window": bool(windows), "sliding_window": windows.pop() if windows else None,
                 "layer_types": ["sliding_attention" if w else "full_attention" for w in self.layer_windows],
                 "output_router_logits": False}
-
-
-def sparse_only(hf: dict[str, Any], source: str) -> None:
-    """A one-line ConfigError for a Qwen-MoE config.json with dense MLP layers among the sparse ones."""
-    step, dense_layers = hf.get("decoder_sparse_step", 1), list(hf.get("mlp_only_layers") or [])
-    if step != 1 or dense_layers:
-        raise ConfigError(f"{source}: decoder_sparse_step={step}, mlp_only_layers={dense_layers}: dense layers "
-                          f"among the sparse ones are not supported (expected 1 and [])")
 
 
 def checkpoint_view(cfg: Config, present: dict[str, str], read):

@@ -1,6 +1,7 @@
-"""The mixture-of-experts families (Mixtral, Qwen2-MoE) against transformers: tiny random models saved with
-`save_pretrained` (one tensor per expert) or as transformers 5's fused in-memory state dict, loaded by
-`jaxft.checkpoint.load`; logits, router logits and greedy generation. Float32."""
+"""The mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE with and without dense layers, OLMoE) against
+transformers: tiny random models saved with `save_pretrained` (one tensor per expert) or as transformers 5's fused
+in-memory state dict, loaded by `jaxft.checkpoint.load`; logits, router logits, greedy generation and the router's
+load-balancing loss. Float32."""
 
 import functools
 import json
@@ -26,7 +27,17 @@ VARIANTS = {  # name: (config class, model class, overrides)
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
                   dict(intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=20,
                        num_experts=4, norm_topk_prob=False)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,  # head_dim 12 != 32 / 4
+                  dict(intermediate_size=40, moe_intermediate_size=24, num_experts=4, norm_topk_prob=True,
+                       head_dim=12)),
+    "qwen3_moe_mixed": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,  # layer 1 dense
+                        dict(num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=24, num_experts=4,
+                             mlp_only_layers=[1])),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,  # top-3 of 6, not renormalized
+              dict(intermediate_size=24, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False)),
 }
+EXPERTS = {"mixtral": (4, 2), "qwen2_moe": (4, 2), "qwen3_moe": (4, 2), "qwen3_moe_mixed": (4, 2),
+           "olmoe": (6, 3)}  # (E, k)
 TOKENS = np.random.RandomState(0).randint(0, TINY["vocab_size"], (2, 9))
 
 
@@ -34,7 +45,7 @@ TOKENS = np.random.RandomState(0).randint(0, TINY["vocab_size"], (2, 9))
 def _model(variant):
     config_cls, model_cls, overrides = VARIANTS[variant]
     torch.manual_seed(0)
-    model = model_cls(config_cls(**TINY, **overrides)).eval()
+    model = model_cls(config_cls(**{**TINY, **overrides})).eval()
     with torch.no_grad():  # norms away from one, so that a swapped norm shows
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -57,23 +68,27 @@ def _forward(cfg):
     return jax.jit(lambda params, tokens: family_of(cfg).forward(cfg, params, tokens, return_aux=True))
 
 
-@pytest.mark.parametrize("variant,layout", [("mixtral", "per_expert"), ("mixtral", "fused"),
-                                            ("qwen2_moe", "per_expert"), ("qwen2_moe", "fused")])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_logits_and_router_logits_equal_transformers(tmp_path, variant, layout):
     model = _model(variant)
     if layout == "fused":
         assert any(k.endswith("experts.gate_up_proj") for k in model.state_dict())
     loaded = checkpoint.load(_save(model, tmp_path / "m", layout))
-    assert (loaded.cfg.model_type, loaded.cfg.n_experts, loaded.cfg.top_k) == (variant, 4, 2)
+    n_experts, top_k = EXPERTS[variant]
+    assert (loaded.cfg.model_type, loaded.cfg.n_experts, loaded.cfg.top_k) == (model.config.model_type, n_experts,
+                                                                                top_k)
     with torch.no_grad():
         out = model(torch.tensor(TOKENS), output_router_logits=True)
     logits, _, router = _forward(loaded.cfg)(loaded.params, jnp.asarray(TOKENS))
     np.testing.assert_allclose(np.asarray(logits), out.logits.numpy(), atol=1e-4, rtol=1e-4)
-    want_router = np.stack([r.numpy().reshape(TOKENS.shape + (4,)) for r in out.router_logits])
-    np.testing.assert_allclose(np.asarray(router), want_router, atol=1e-4, rtol=1e-4)
+    want_router = np.stack([r.numpy().reshape(TOKENS.shape + (n_experts,)) for r in out.router_logits])
+    sparse = [i for i in range(loaded.cfg.n_layers) if i not in getattr(loaded.cfg, "dense_layers", ())]
+    assert len(sparse) == len(want_router)  # transformers' dense layers have no router
+    np.testing.assert_allclose(np.asarray(router)[sparse], want_router, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_generation_token_equal(tmp_path, variant):
     model = _model(variant)
     loaded = checkpoint.load(_save(model, tmp_path / "m", "per_expert"))
@@ -90,10 +105,19 @@ def test_config_round_trip_and_bad_input(tmp_path):
     for variant in VARIANTS:
         once = config_from_hf(_model(variant).config.to_dict())
         assert config_from_hf(once.to_hf()) == once
-        assert transformers.AutoConfig.for_model(**once.to_hf()).to_dict()["num_experts_per_tok"] == 2
+        assert transformers.AutoConfig.for_model(**once.to_hf()).to_dict()["num_experts_per_tok"] == \
+            EXPERTS[variant][1]
+        if variant.startswith(("qwen3_moe", "olmoe")):  # (without biases, which these have none of)
+            assert once.n_params == sum(p.numel() for p in _model(variant).parameters())
     hf = _model("qwen2_moe").config.to_dict()
     with pytest.raises(ConfigError, match=r"decoder_sparse_step=2, mlp_only_layers=\[\]: dense layers"):
         config_from_hf(dict(hf, decoder_sparse_step=2))
+    mixed = _model("qwen3_moe").config.to_dict()
+    assert config_from_hf(dict(mixed, decoder_sparse_step=2, mlp_only_layers=[])).dense_layers == (0,)
+    with pytest.raises(ConfigError, match=r"decoder_sparse_step=1, mlp_only_layers=\[0, 1\] leave no sparse layer"):
+        config_from_hf(dict(mixed, mlp_only_layers=[0, 1]))
+    with pytest.raises(ConfigError, match=r"^config.json: clip_qkv=8.0 is not supported \(expected null\)$"):
+        config_from_hf(dict(_model("olmoe").config.to_dict(), clip_qkv=8.0))
     # A checkpoint with more experts than its config: the loader names the extra experts' tensors.
     path = _save(_model("mixtral"), tmp_path / "more", "per_expert")
     hf = json.loads((path / "config.json").read_text())
@@ -190,7 +214,7 @@ def test_trainer_fine_tunes_an_upcycled_model_and_logs_the_router(tmp_path):
     assert np.abs(adapter["layers/mlp/experts/down_proj/lora_b"]).max() > 0  # trained away from its zero init
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_save_hf_writes_back_the_tensors_it_loaded(tmp_path, variant):
     """Load (fused layout) then `save_hf`: the published per-expert names, and every tensor equal to what
     transformers' save_pretrained wrote."""
@@ -233,3 +257,22 @@ def test_capacity_factor_key_reaches_the_model(tmp_path):
     with pytest.raises(ConfigFileError, match=r"^moe.capacity_factor: -1.0 must be a number >= 0, or None for "
                                               r"dropless routing"):
         config_lib.validate(config, require_data=False)
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_mixed", "olmoe"])
+def test_router_losses_equal_transformers_load_balancing(tmp_path, variant):
+    """`aux_losses` on a padded batch: the load-balancing loss equals transformers' `load_balancing_loss_func` (its
+    model's `aux_loss` with the attention mask), weighted by the checkpoint's router_aux_loss_coef."""
+    model = _model(variant)
+    loaded = checkpoint.load(_save(model, tmp_path / "m", "per_expert"))
+    coef = {"qwen3_moe": 1e-3, "olmoe": 1e-2}[model.config.model_type]
+    assert loaded.cfg.router_aux_loss_coef == model.config.router_aux_loss_coef == coef
+    mask = np.ones(TOKENS.shape, np.int32)
+    mask[0, 6:] = 0
+    _, _, router = _forward(loaded.cfg)(loaded.params, jnp.asarray(TOKENS))
+    got = family_of(loaded.cfg).aux_losses(loaded.cfg, router, jnp.asarray(mask))
+    with torch.no_grad():
+        out = model(torch.tensor(TOKENS), attention_mask=torch.tensor(mask), output_router_logits=True)
+    assert out.aux_loss.item() > EXPERTS[variant][1]  # above a uniform router's k: a real imbalance
+    np.testing.assert_allclose(float(got["load_balancing"]), out.aux_loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(float(got["loss"]), model.config.router_aux_loss_coef * out.aux_loss.item(), rtol=1e-5)

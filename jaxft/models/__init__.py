@@ -44,6 +44,8 @@ FAMILIES: dict[str, Any] = {
     "qwen2": "jaxft.models.llama",
     "mixtral": "jaxft.models.mixtral",
     "qwen2_moe": "jaxft.models.qwen2_moe",
+    "qwen3_moe": "jaxft.models.qwen3_moe",
+    "olmoe": "jaxft.models.olmoe",
     "bert": "jaxft.models.bert",
     "t5": "jaxft.models.t5",
     "llava": "jaxft.models.llava",

@@ -34,6 +34,9 @@ class LlamaConfig:
     qkv_bias: bool = False  # Qwen2, and Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias
     tie_embeddings: bool = False  # SmolLM2: the output head is the input embedding
+    # RMSNorm of queries and keys before RoPE: "head" over each head's H (Qwen3), "all" over the whole
+    # projection (OLMoE); None: none.
+    qk_norm: str | None = None
     max_seq_len: int = 2048
     model_type: str = "llama"
 

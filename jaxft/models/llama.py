@@ -6,6 +6,7 @@ Parameters are a nested dict; the L layers are stacked on a leading axis and run
   layers/attn_norm/scale       (L, D)
   layers/attn/{q,k,v}_proj/w   (L, D, N*H) | (L, D, K*H)      (+ b for Qwen2)
   layers/attn/o_proj/w         (L, N*H, D)
+  layers/attn/{q,k}_norm/scale (L, H) | (L, N*H), (L, K*H)    (with cfg.qk_norm: "head" | "all")
   layers/mlp_norm/scale        (L, D)
   layers/mlp/{gate,up}_proj/w  (L, D, F)
   layers/mlp/down_proj/w       (L, F, D)
@@ -45,6 +46,7 @@ PARAM_AXES = (
     (r"layers/mlp/(gate|up)_proj/w", ("layers", "embed", "mlp")),
     (r"layers/mlp/down_proj/w", ("layers", "mlp", "embed")),
     (r"layers/(attn|mlp)_norm/scale", ("layers", None)),
+    (r"layers/attn/(q|k)_norm/scale", ("layers", None)),
     (r"final_norm/scale", (None,)),
     (r"lm_head/w", ("embed", "vocab")),
 )
@@ -62,6 +64,8 @@ TABLE = (
     Entry("model.layers.{i}.self_attn.v_proj.bias", "layers/attn/v_proj/b", False),
     Entry("model.layers.{i}.self_attn.o_proj.weight", "layers/attn/o_proj/w", True),
     Entry("model.layers.{i}.self_attn.o_proj.bias", "layers/attn/o_proj/b", False),
+    Entry("model.layers.{i}.self_attn.q_norm.weight", "layers/attn/q_norm/scale", False),
+    Entry("model.layers.{i}.self_attn.k_norm.weight", "layers/attn/k_norm/scale", False),
     Entry("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", False),
     Entry("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/gate_proj/w", True),
     Entry("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/up_proj/w", True),
@@ -97,6 +101,10 @@ def init(key, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
     flat["layers/attn_norm/scale"] = jnp.ones((L, d), dtype)
     flat["layers/mlp_norm/scale"] = jnp.ones((L, d), dtype)
     flat["final_norm/scale"] = jnp.ones((d,), dtype)
+    if cfg.qk_norm:
+        per_head = cfg.qk_norm == "head"
+        flat["layers/attn/q_norm/scale"] = jnp.ones((L, cfg.head_dim if per_head else qd), dtype)
+        flat["layers/attn/k_norm/scale"] = jnp.ones((L, cfg.head_dim if per_head else kd), dtype)
     return unflatten(flat)
 
 
@@ -272,8 +280,13 @@ def _layer(cfg: LlamaConfig, hooks, inv_freq, q_seg, mask, index, x, p, window, 
     attn = p["attn"]
 
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps)
-    q = dense(h, attn["q_proj"], hooks, rngs[0]).reshape(b, t, cfg.n_heads, cfg.head_dim)
-    k = dense(h, attn["k_proj"], hooks, rngs[1]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q, k = dense(h, attn["q_proj"], hooks, rngs[0]), dense(h, attn["k_proj"], hooks, rngs[1])
+    if cfg.qk_norm == "all":  # OLMoE: over the whole projection
+        q, k = rms_norm(q, attn["q_norm"]["scale"], cfg.norm_eps), rms_norm(k, attn["k_norm"]["scale"], cfg.norm_eps)
+    q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm == "head":  # Qwen3: over each head's H
+        q, k = rms_norm(q, attn["q_norm"]["scale"], cfg.norm_eps), rms_norm(k, attn["k_norm"]["scale"], cfg.norm_eps)
     v = dense(h, attn["v_proj"], hooks, rngs[2]).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     q = constrain(apply_rope(q, q_pos, inv_freq), ("batch", "seq", "heads", "head_dim"), layout)
     k = constrain(apply_rope(k, q_pos, inv_freq), ("batch", "seq", "kv_heads", "head_dim"), layout)

@@ -85,11 +85,16 @@ class Config(LlamaConfig):
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.dim * self.mlp_dim * self.n_experts + self.dim * self.n_experts
         mlp += 3 * self.dim * self.shared_dim + (self.dim if self.shared_dim else 0)
+        qk = {"head": 2 * self.head_dim, "all": (self.n_heads + self.n_kv_heads) * self.head_dim}
+        attn += qk.get(self.qk_norm, 0)
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + head + self.n_layers * (attn + mlp + 2 * self.dim) + self.dim
 
 
-def _field(hf: dict, key: str, source: str):
+def _field(hf: dict, key: str, source: str, alias: str | None = None):
+    """hf[key] (or hf[alias], the name some transformers versions save it under); ConfigError naming key."""
+    if key not in hf and alias in hf:
+        return hf[alias]
     if key not in hf:
         raise ConfigError(f"{source}: missing field {key!r}")
     return hf[key]
@@ -112,6 +117,16 @@ def _common(hf: dict, source: str, windows_as: str) -> dict:
                 layer_windows=_layer_windows(hf, windows_as, n_layers),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 max_seq_len=hf.get("max_position_embeddings", 2048))
+
+
+def _routing(hf: dict, source: str, aux_loss_coef: float) -> dict:
+    """The Config fields of a Qwen3-MoE or OLMoE config.json past `_common`: experts, top-k, norm_topk_prob,
+    attention_bias (q, k, v and o alike) and the load-balancing weight (`aux_loss_coef` where it has none)."""
+    bias = bool(hf.get("attention_bias", False))
+    return dict(n_experts=_field(hf, "num_experts", source, alias="num_local_experts"),
+                top_k=_field(hf, "num_experts_per_tok", source), normalize=bool(hf.get("norm_topk_prob", False)),
+                qkv_bias=bias, o_bias=bias,
+                router_aux_loss_coef=float(hf.get("router_aux_loss_coef", aux_loss_coef)))
 
 
 def _common_hf(cfg: Config) -> dict:
@@ -177,8 +192,11 @@ def moe_mlp(cfg: Config, hooks, p: dict, h, rngs, layout=None):
     """One block's MoE MLP: h (B, T, D) normed -> (output (B, T, D), router logits (B, T, E) float32).
 
     The router and the shared expert go through the method's `linear` hook, the experts through its
-    `grouped_linear` hook (LoRA's per-expert factors; `jaxft.models.hooks`)."""
+    `grouped_linear` hook (LoRA's per-expert factors; `jaxft.models.hooks`). A layer without experts (a dense
+    layer of Qwen3-MoE, `jaxft.models.qwen3_moe`) is llama's MLP, with router logits of zeros."""
     mlp = p["mlp"]
+    if "experts" not in mlp:
+        return llama.mlp_block(cfg, hooks, p, h, rngs, layout)[0], jnp.zeros(h.shape[:2] + (cfg.n_experts,))
     y, aux = moe.moe_block(h, mlp, top_k=cfg.top_k, normalize=cfg.normalize, capacity_factor=cfg.capacity_factor,
                            dense=lambda x, q: dense(x, q, hooks, None), expert_linear=hooks.grouped_linear)
     return hooks.block_output(mlp, y), aux["router_logits"]

@@ -6,7 +6,8 @@ The model's `linear` hook (`jaxft.models.hooks`) finds them next to `w` after `j
 A mixture of experts' weight `layers/mlp/experts/*/w` (L, E, in, out) gets per-expert factors (L, E, in, R) and
 (L, E, R, out), applied inside the grouped expert products (the `grouped_linear` hook, `jaxft.models.moe`:
 no (E, in, out) delta is ever formed); `all-linear` covers them and leaves the router frozen (a regex naming
-`router` adapts it). On the experts: no dropout, no DoRA.
+`router` adapts it). DoRA there holds a magnitude per expert and output (L, E, out), applied to the grouped
+products' rows (`expert_linear`). On the experts: no dropout.
 The arithmetic follows HF PEFT, so that adapters move between the two without changing outputs.
 """
 
@@ -75,12 +76,30 @@ def grouped_linear(spec, x, p: dict, group_sizes, impl: str):
 
 
 def expert_linear(spec: LoraSpec, x, p: dict, group_sizes, impl: str):
-    """Rows x (M, in) sorted by expert -> (M, out) float32: x @ W_e (+ scaling * (x @ A_e) @ B_e where p holds
-    the expert's factors lora_a (E, in, R), lora_b (E, R, out)), as grouped products (`jaxft.models.moe`)."""
-    if "magnitude" in p:
-        raise LoraError("lora.dora is not supported on the experts of a mixture of experts")
+    """Rows x (M, in) sorted by expert (group_sizes (E,)) -> (M, out) float32: x @ W_e (+ scaling * (x @ A_e) @ B_e
+    where p holds the expert's factors lora_a (E, in, R), lora_b (E, R, out)), as grouped products
+    (`jaxft.models.moe`). With DoRA's magnitude (E, out), each row is then scaled by its expert's
+    m_e / ||W_e + s A_e B_e|| (the norm over the input axis, a constant for the gradient, as `lora_delta`)."""
     q = {k: p[k] for k in ("w", "lora_a", "lora_b") if k in p}
-    return moe_grouped_linear(x, q, group_sizes, spec.scaling if "lora_a" in q else 1.0, impl)
+    y = moe_grouped_linear(x, q, group_sizes, spec.scaling if "lora_a" in q else 1.0, impl)
+    if "magnitude" not in p:
+        return y
+    norm = jax.lax.stop_gradient(expert_weight_norm(p["w"], p["lora_a"], p["lora_b"], spec.scaling))
+    scale = p["magnitude"].astype(jnp.float32) / norm  # (E, out)
+    ends = jnp.cumsum(group_sizes)
+    expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(x.shape[0]), side="right"), ends.shape[0] - 1)
+    return y * scale[expert]  # rows past sum(group_sizes) are zeros and stay so
+
+
+def expert_weight_norm(w, a, b, scaling: float):
+    """||W_e + s A_e B_e|| over the input axis: w (E, in, out) dense or quantized, a (E, in, R), b (E, R, out)
+    -> (E, out) float32, without forming the (E, in, out) sum: per column, ||W||^2 + 2 s <W, A B> + s^2 ||A B||^2,
+    with W^T A (E, out, R) and A^T A (E, R, R) the only products kept."""
+    w = as_dense(w, jnp.float32)
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    cross = jnp.einsum("eor,ero->eo", jnp.einsum("eio,eir->eor", w, a), b)
+    ab_sq = jnp.einsum("ero,ers,eso->eo", b, jnp.einsum("eir,eis->ers", a, a), b)
+    return jnp.sqrt(jnp.maximum(jnp.sum(w * w, axis=-2) + 2 * scaling * cross + scaling ** 2 * ab_sq, 0.0))
 
 
 def adapted_linear(spec: LoraSpec | None, x, p: dict, rng=None):
@@ -125,9 +144,6 @@ def init(key, base: dict, spec: LoraSpec, paths: list[str], init_a: str = "kaimi
         raise LoraError(f"lora.init must be 'kaiming' or 'gaussian', got {init_a!r}")
     flat_base = tree.flatten(base)
     flat = {}
-    if spec.dora and any(_EXPERTS.search(p) for p in paths):
-        raise LoraError(f"lora.dora: not supported on the experts of a mixture of experts (lora.targets matches "
-                        f"{next(p for p in paths if _EXPERTS.search(p))})")
     for k, path in zip(jax.random.split(key, len(paths)), paths):
         *lead, d_in, d_out = _shape(flat_base[path])  # lead: (L,) or, for experts, (L, E)
         module = path.rsplit("/", 1)[0]
@@ -245,8 +261,9 @@ def merge(base: dict, trainable: dict, spec, dtype=None) -> dict:
         w = as_dense(flat[f"{module}/w"], jnp.float32)
         delta = jnp.einsum("...ir,...ro->...io", node["lora_a"], node["lora_b"]) * spec.scaling
         merged = w + delta
-        if "magnitude" in node:
-            merged = merged * (node["magnitude"] / jnp.linalg.norm(merged, axis=-2))[..., None, :]
+        if "magnitude" in node:  # (a zero column, e.g. an MLP a layer does not use (qwen3_moe), stays zero)
+            norm = jnp.linalg.norm(merged, axis=-2)
+            merged = merged * jnp.where(norm > 0, node["magnitude"] / jnp.where(norm > 0, norm, 1.0), 0.0)[..., None, :]
         original = flat[f"{module}/w"]
         out_dtype = dtype or (jnp.float32 if hasattr(original, "dequantize") else original.dtype)
         flat[f"{module}/w"] = merged.astype(out_dtype)

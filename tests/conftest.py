@@ -1,6 +1,8 @@
 """Shared test setup. Tests never reach a model hub: transformers reads local files only."""
 
+import gc
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported by any test module
 
@@ -23,3 +25,16 @@ def no_persistent_compilation_cache(monkeypatch):
     from jaxft import cli
 
     monkeypatch.setattr(cli, "_cache_compilations", lambda: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Frees each test module's compiled programs when it ends. XLA:CPU keeps every loaded executable mapped;
+    a whole-suite process that kept all of them segfaulted inside a compile near its end (exit 139), while the
+    same tests passed in a process of their own."""
+    yield
+    if "jax" in sys.modules:
+        import jax
+
+        jax.clear_caches()
+    gc.collect()

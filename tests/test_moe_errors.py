@@ -109,6 +109,19 @@ def test_top_k_outside_the_experts_of_a_gguf_file(tmp_path):
         load(path)
 
 
+def test_qwen2_moe_expert_count_is_num_experts(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=40, moe_intermediate_size=24,
+                                      shared_expert_intermediate_size=20, num_experts=4, num_experts_per_tok=2)
+    transformers.Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path / "q")
+    hf = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**hf, "num_experts": 6}))
+    with pytest.raises(LoadError, match=r"q/config\.json: num_experts=6, but .*model\.safetensors holds 4 experts "
+                                        r"per layer \(model\.layers\.0\.mlp\.experts\.0 to "):
+        load(tmp_path / "q")
+
+
 def test_lora_targets_matching_no_weight(tmp_path, setup, capsys):
     moe, dense, data = setup
     err = fails(capsys, tmp_path / "w", dense, data, "--config.lora.targets=.*experts.*")

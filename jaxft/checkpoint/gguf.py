@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from jaxft.checkpoint import experts as moe_checks
 from jaxft.checkpoint.assemble import LeafFn, LoadError, assemble
 from jaxft.models import family_of, mixtral
 from jaxft.models.config import ConfigError, LlamaConfig
@@ -161,8 +162,10 @@ def read_config(reader: gguf.GGUFReader, file: str) -> LlamaConfig:
                         f"llama architecture (Mixtral-style) only")
     try:
         if experts:
-            return mixtral.Config.from_hf({**hf, "model_type": "mixtral", "num_local_experts": experts,
-                                           "num_experts_per_tok": get("expert_used_count")}, source=file)
+            cfg = mixtral.Config.from_hf({**hf, "model_type": "mixtral", "num_local_experts": experts,
+                                          "num_experts_per_tok": get("expert_used_count")}, source=file)
+            moe_checks.check_routing(cfg, file, f"{arch}.expert_count", f"{arch}.expert_used_count")
+            return cfg
         return LlamaConfig.from_hf(hf, source=file)
     except ConfigError as e:
         raise LoadError(str(e)) from None

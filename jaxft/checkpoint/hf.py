@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from jaxft.checkpoint import experts
 from jaxft.checkpoint.assemble import LeafFn, LoadError, assemble, hf_names, hf_tensors
 from jaxft.models import config_from_hf, family_of
 from jaxft.models.config import ConfigError
@@ -45,11 +46,13 @@ def read_config(path: Path):
     if not isinstance(hf, dict):
         raise LoadError(f"{file}: expected a JSON object, got {type(hf).__name__}")
     try:
-        return config_from_hf(hf, source=str(file))
+        cfg = config_from_hf(hf, source=str(file))
     except ConfigError as e:
         raise LoadError(str(e)) from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # a field of the wrong form
         raise LoadError(f"{file}: {type(e).__name__}: {e}") from None
+    experts.check_routing(cfg, str(file), experts.count_key(cfg))
+    return cfg
 
 
 def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tuple[object, dict, object]:
@@ -74,6 +77,8 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
     names = getattr(family_of(cfg), "checkpoint_names", None)  # families whose tensors complete the config
     if names is not None:
         cfg, present = names(cfg, list(weight_map))
+    shapes = {name: files[shard].header.get(name, {}).get("shape", ()) for name, shard in weight_map.items()}
+    experts.check_count(cfg, str(path / "config.json"), experts.count_key(cfg), shapes, where)
     read = lambda name: files[weight_map[name]].read(name)
     view = getattr(family_of(cfg), "checkpoint_view", None)  # families storing tensors as TABLE does not name them
     if view is not None:

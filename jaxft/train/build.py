@@ -14,7 +14,7 @@ import numpy as np
 from jaxft import backend as backend_lib
 from jaxft import checkpoint, parallel, peft, quant, tasks
 from jaxft.checkpoint import hf
-from jaxft.config.checks import moe_settings
+from jaxft.config.checks import ConfigFileError, moe_settings
 from jaxft.dtypes import DTYPES
 from jaxft.models import family, family_of
 
@@ -30,6 +30,7 @@ def load_model(config, layout, task=None) -> tuple[checkpoint.Loaded, object]:
     param_dtype = dtype_of(config, "param_dtype")
     path = checkpoint.resolve(config.model)
     fam = _family_of_checkpoint(path)
+    _check_expert_axis(path, layout)
     if task is not None:
         tasks.check_kind(tasks.name_of(config), task, fam, str(path))
     leaf_fn = None
@@ -50,6 +51,18 @@ def load_model(config, layout, task=None) -> tuple[checkpoint.Loaded, object]:
 def _a_linear_weight(params) -> str:
     from jaxft.tree import flatten
     return next((p for p in flatten(params) if p.endswith("/w") and "layers/" in p), next(iter(flatten(params))))
+
+
+def _check_expert_axis(path, layout) -> None:
+    """`mesh.expert` must divide an HF directory's expert count: said by key before any weight is read (a GGUF
+    file's count is known only as it loads; its sharding error names `rules.experts` and the mesh)."""
+    split = 1 if layout is None else dict(layout.mesh.shape).get("expert", 1)
+    if split == 1 or not Path(path).is_dir():
+        return
+    n = getattr(hf.read_config(Path(path)), "n_experts", None)
+    if n is not None and n % split:
+        raise ConfigFileError(f"mesh.expert={split}: does not divide the {n} experts of {path} "
+                              f"(expected a divisor of {n})")
 
 
 def _family_of_checkpoint(path):

@@ -89,15 +89,20 @@ class QuantizedWeight:
         """-> (..., in, out) dense weight of `dtype`. Pure jnp: traced inside the caller's jit, where XLA makes it
         one pass that writes the weight (computed in float32 and cast once, as bitsandbytes does).
 
-        Built in (in, out) order from the transposed codes rather than as (out, in) and then transposed: a
-        transposed matmul operand makes XLA's CPU backend run a bf16 matmul in float32, 1.6x slower. Each byte
-        is looked up whole, both values at once, which XLA's gather does much faster than two nibbles.
+        Each byte is looked up whole, both of its values at once (XLA's gather does that much faster than two
+        nibbles), from a table of complex64 (high nibble's value + i * low nibble's): a gather of (value, value)
+        pairs ends in an axis of 2, which a TPU's (8, 128) tiles pad 64-fold (a (.., 2) float32 buffer of 3.5
+        GiB for an 8B MLP weight). Built in the codes' own (out, in) order and transposed at the end, which the
+        matmul takes for free: gathering from transposed codes made XLA copy the codes of every layer into a
+        transposed layout before the layer scan (bench/README.md, the long-context trace).
         """
         lead = self.codes.shape[:-2]
-        pairs = jnp.asarray(_PAIRS[self.format])[jnp.swapaxes(self.codes, -1, -2)]  # (..., in // 2, out, 2)
-        values = jnp.swapaxes(pairs, -1, -2).reshape(*lead, -1, self.block_size, self.out_dim)
-        scales = jnp.swapaxes(self.block_scales(), -1, -2)[..., :, None, :]  # (..., in // block_size, 1, out)
-        return (values * scales).reshape(*lead, self.in_dim, self.out_dim).astype(dtype)
+        table = jnp.asarray(_PAIRS[self.format] @ np.array([1, 1j]), jnp.complex64)  # (256,)
+        both = table[self.codes]  # (..., out, in // 2)
+        pairs = jnp.stack([jnp.real(both), jnp.imag(both)], -1)  # (..., out, in // 2, 2)
+        values = pairs.reshape(*lead, self.out_dim, -1, self.block_size)
+        w = (values * self.block_scales()[..., None]).reshape(*lead, self.out_dim, self.in_dim).astype(dtype)
+        return jnp.swapaxes(w, -1, -2)
 
 
 def quantize(w, format: str = "nf4", block_size: int = 64, double_quant: bool = True) -> QuantizedWeight:

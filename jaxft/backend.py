@@ -111,6 +111,13 @@ def compiler_options(backend: str | None = None) -> dict | None:
     return dict(resolve(backend).compiler_options) or None
 
 
+def per_platform(cpu, accelerator):
+    """fn(*args) computing `cpu(*args)` when lowered for a CPU and `accelerator(*args)` for a GPU or TPU (the same
+    values, laid out for each backend's speed or memory). The choice is made by the compile target
+    (`jax.lax.platform_dependent`), so an ahead-of-time compile for a TPU from a CPU host takes the TPU's."""
+    return lambda *args: jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)
+
+
 def decode_unrolled(policy: Policy, batch: int) -> bool:
     """Whether decoding `batch` prompts runs over split per-layer weights."""
     return policy.decode_unroll_from is not None and batch >= policy.decode_unroll_from

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.quant import quantize
+from jaxft.quant import quantize, weight
 from jaxprs import equations
 
 
-def _eqns(w):
-    return list(equations(jax.make_jaxpr(lambda w: w.dequantize(jnp.bfloat16))(w).jaxpr))
+def _eqns(w):  # the lookup GPUs and TPUs compile (`jaxft.backend.per_platform`; the CPU keeps its own)
+    return list(equations(jax.make_jaxpr(lambda w: weight._dense_accelerator(w, jnp.bfloat16))(w).jaxpr))
 
 
 def test_the_lookup_ends_in_no_axis_of_two_and_reads_the_codes_as_stored():
@@ -34,3 +34,5 @@ def test_dequantize_equals_the_table_times_the_block_scales():
     scale = np.repeat(np.asarray(w.scales), 64, axis=-1)  # (L, out, in)
     want = np.swapaxes(NF4[nibbles] * scale, -1, -2)
     np.testing.assert_array_equal(np.asarray(w.dequantize(jnp.float32)), want.astype(np.float32))
+    for dense in (weight._dense_cpu, weight._dense_accelerator):  # the CPU's layout and the accelerators'
+        np.testing.assert_array_equal(np.asarray(jax.jit(dense, static_argnums=1)(w, jnp.float32)), want)

@@ -21,6 +21,10 @@ the loss over chunks of --loss-chunk tokens (train.loss_chunk), for each --topol
     .venv/bin/python bench/long_context.py [--seqs 4096,8192,16384] [--tpu v5e:2x2] [--time]
     .venv/bin/python bench/long_context.py --steps [--topologies v5e:2x2,v5e:4x4] [--methods lora,qlora]
         [--impls xla,splash] [--seqs 16384] [--loss-chunk 2048] [--extra mesh.context=2 ...]
+    XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_module_re=.*train_step.*" .venv/bin/python bench/long_context.py \
+        --steps --layers 2 ...; .venv/bin/python bench/long_context.py --peak DIR
+        (the trace: a step of fewer layers, whose buffer assignment XLA's TPU compiler dumps within a minute or
+        two, then --peak lists the buffers live at the step's peak with their shapes and the ops that made them)
     .venv/bin/python bench/long_context.py --cpu-step --seqs 16384 --impls chunked [--loss-chunk 2048] [--n-steps 1]
         (the default model's own train step on this CPU: peak RSS and seconds; one setting a process)
 
@@ -103,9 +107,10 @@ METHODS = {"lora": "none", "qlora": "nf4"}  # name -> quant.format
 HBM_GIB = {"v5e": 15.75}
 
 
-def step_gib(topology: str, method: str, impl: str, t: int, loss_chunk: int = 0, extra=()) -> dict:
+def step_gib(topology: str, method: str, impl: str, t: int, loss_chunk: int = 0, extra=(), layers: int = 32) -> dict:
     """The 8B train step compiled for `topology` (one row of t tokens a chip, fsdp over all, the loss over
-    chunks of loss_chunk tokens, 0: full logits): GiB per device, or what it needs where it does not fit."""
+    chunks of loss_chunk tokens, 0: full logits; the 8B shapes with `layers` layers): GiB per device, or what
+    it needs where it does not fit."""
     from jaxft import config as config_lib
     from jaxft.models.config import LlamaConfig
     from jaxft.train.aot import compile_train_step, out_of_memory, topology_devices
@@ -117,7 +122,7 @@ def step_gib(topology: str, method: str, impl: str, t: int, loss_chunk: int = 0,
         f"train.loss_chunk={loss_chunk}", *extra])
     start = time.perf_counter()
     try:
-        mem = compile_train_step(config, devices, LlamaConfig(**LLAMA3_8B)).memory_analysis()
+        mem = compile_train_step(config, devices, LlamaConfig(**{**LLAMA3_8B, "n_layers": layers})).memory_analysis()
         gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                - mem.alias_size_in_bytes) / 2**30
         out = {"gib": round(gib, 2), "temp_gib": round(mem.temp_size_in_bytes / 2**30, 2),
@@ -139,9 +144,10 @@ def steps(args):
         for method in args.methods.split(","):
             for impl in args.impls.split(","):
                 for t in (int(s) for s in args.seqs.split(",")):
+                    extra = args.extra + ([f"layers={args.layers}"] if args.layers != 32 else [])  # (row key)
                     row = {"topology": topology, "method": method, "impl": impl, "seq": t,
-                           "loss_chunk": args.loss_chunk, "extra": " ".join(args.extra),
-                           **step_gib(topology, method, impl, t, args.loss_chunk, args.extra)}
+                           "loss_chunk": args.loss_chunk, "extra": " ".join(extra),
+                           **step_gib(topology, method, impl, t, args.loss_chunk, args.extra, args.layers)}
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     print("\n| topology | method | attention | T | GiB per device (or needs) | temporaries | compile s |")
@@ -162,6 +168,28 @@ def steps(args):
                                indent=2) + "\n")
     print("RESULT " + " ".join(f"{r['topology']}_{r['method']}_{r['impl']}_{r['seq']}="
                                f"{r.get('gib', 'needs_' + str(r.get('needs_gib')))}" for r in rows))
+
+
+def peak(dump: str, top: int = 16) -> None:
+    """Prints what XLA's buffer assignment of the train step dumped into `dump` (XLA_FLAGS=--xla_dump_to) holds
+    at its peak: the total, then the `top` largest buffers live there with their shapes and the op (jaxpr
+    path) that made each, from the dump's live-range file and its optimized HLO."""
+    dump = Path(dump)
+    ranges = sorted(dump.glob("*train_step*after_optimizations-live-range.txt"))
+    if not ranges:
+        raise SystemExit(f"--peak: no '*train_step*after_optimizations-live-range.txt' in {dump}")
+    text = ranges[-1].read_text()
+    hlo = ranges[-1].with_name(ranges[-1].name.replace("-live-range", "")).read_text()
+    total = re.search(r"Stack trace breakdown for peak usage: ([\d ]+) bytes", text).group(1)
+    print(f"peak (arguments included): {int(total.replace(' ', '')) / 2**30:.2f} GiB")
+    live = text.split("(peak):", 1)[1]
+    for name, index, size in re.findall(r"^    ([\w.-]+)\{([\d,]*)\}: (\d+) bytes", live, re.M)[:top]:
+        line = re.search(rf"^\s*(?:ROOT )?%?{re.escape(name)} = (.*)$", hlo, re.M)
+        line = line.group(1) if line else "?"
+        shape = line.split(" ")[0] if not line.startswith("(") else line[:line.index(")") + 1]
+        op = re.search(r'op_name="([^"]*)"', line)
+        op = op.group(1).replace("jit(train_step)/", "") if op else ""
+        print(f"{int(size) / 2**20:9.0f} MiB  {name}{{{index}}}  {shape}  {op}")
 
 
 def cpu_step(t: int, impl: str, loss_chunk: int, steps: int, extra=()) -> dict:
@@ -204,10 +232,14 @@ def main():
     p.add_argument("--impls", default="auto", help="--steps: attention.impl (auto: the target's, splash on TPU)")
     p.add_argument("--loss-chunk", type=int, default=2048, help="--steps: train.loss_chunk (0: full logits)")
     p.add_argument("--extra", nargs="*", default=[], help="--steps: more config overrides, e.g. mesh.context=2")
+    p.add_argument("--layers", type=int, default=32, help="--steps: the 8B shapes with this many layers")
+    p.add_argument("--peak", metavar="DIR", help="list what an XLA dump's train step holds at its peak")
     p.add_argument("--cpu-step", action="store_true",
                    help="the default model's train step on this CPU at --seqs with --impls (one setting a run)")
     p.add_argument("--n-steps", type=int, default=1, help="--cpu-step: steps timed after the first call")
     args = p.parse_args()
+    if args.peak:
+        return peak(args.peak)
     if args.cpu_step:
         row = cpu_step(int(args.seqs), args.impls, args.loss_chunk, args.n_steps, args.extra)
         path = RESULTS / "long_context_cpu_step.json"

@@ -39,6 +39,7 @@ class Policy:
     tied_head_table_first: bool  # decoding with a tied head: (V, D) table as the left operand of the matmul
     remat: bool = False  # training: each layer rematerialized in the backward pass (`train.remat`)
     prng_impl: str | None = None  # JAX's PRNG for dropout (`jax_default_prng_impl`); None: JAX's default
+    compiler_options: tuple = ()  # (name, value) pairs for XLA when compiling a train step (`compiler_options`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +96,26 @@ def resolve(backend: str | None = None, dtype=jnp.float32, quantized: bool = Fal
         unroll = layer_loop == "unroll"
     return Policy(backend=backend, unroll_layers=unroll, decode_unroll_from=4 if cpu else None,
                   tied_head_table_first=cpu, remat=not cpu if remat == "auto" else remat == "true",
-                  prng_impl=None if cpu else "rbg")
+                  prng_impl=None if cpu else "rbg",
+                  compiler_options=(("xla_tpu_spmd_rng_bit_generator_unsafe", True),) if backend == "tpu" else ())
 
 
 def apply_prng(policy: Policy) -> None:
     """Sets JAX's default PRNG to the policy's (`jax_default_prng_impl`), before any key of the run is made."""
     if policy.prng_impl is not None:
         jax.config.update("jax_default_prng_impl", policy.prng_impl)
+
+
+def compiler_options(backend: str | None = None) -> dict | None:
+    """The policy's XLA options for `backend`'s train step, as `jax.jit(compiler_options=...)` takes them."""
+    return dict(resolve(backend).compiler_options) or None
+
+
+def per_platform(cpu, accelerator):
+    """fn(*args) computing `cpu(*args)` when lowered for a CPU and `accelerator(*args)` for a GPU or TPU (the same
+    values, laid out for each backend's speed or memory). The choice is made by the compile target
+    (`jax.lax.platform_dependent`), so an ahead-of-time compile for a TPU from a CPU host takes the TPU's."""
+    return lambda *args: jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)
 
 
 def decode_unrolled(policy: Policy, batch: int) -> bool:

@@ -108,3 +108,11 @@ def test_generation_follows_the_policy_with_equal_tokens():
     assert backend.decode_unrolled(cpu, len(prompts)) and not backend.decode_unrolled(tpu, len(prompts))
     assert (generate(cfg, base, prompts, max_new_tokens=6, policy=cpu)
             == generate(cfg, base, prompts, max_new_tokens=6, policy=tpu))
+
+
+def test_tpu_steps_generate_each_devices_random_bits_alone():
+    """On a TPU the train step is compiled with XLA's per-shard random bits (else every chip generates the
+    uint32 bits of every row of each LoRA dropout mask: most of an 8B step's peak, bench/README.md); the
+    flag is the TPU compiler's, so no other backend gets it."""
+    assert backend.compiler_options("tpu") == {"xla_tpu_spmd_rng_bit_generator_unsafe": True}
+    assert backend.compiler_options("gpu") is None and backend.compiler_options("cpu") is None

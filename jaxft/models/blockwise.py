@@ -96,7 +96,10 @@ def _forward(q, k, v, bias, q_meta, k_meta, window, causal, scale, bq, bk):
         (m, l, acc), _ = jax.lax.scan(key_block, init, jnp.arange(s_len // bk))
         return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
-    out, lse = jax.lax.map(query_block, jnp.arange(t // bq))  # (nq, B, K, G, bq, H), (nq, B, K, G, bq)
+    # query_block checkpointed: inside a rematerialized layer scan, JAX otherwise linearized these loops and kept
+    # every block pair's scores for the backward pass (tests/test_memory_remat.py), which recomputes them anyway.
+    # (nq, B, K, G, bq, H), (nq, B, K, G, bq)
+    out, lse = jax.lax.map(jax.checkpoint(query_block), jnp.arange(t // bq))
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, n_kv, g, h)
     lse = lse.transpose(1, 2, 3, 0, 4).reshape(b, n_kv, g, t)
     return out, (q, k, v, bias, q_meta, k_meta, window, out, lse)

@@ -188,6 +188,10 @@ def _forward(axes, size, causal, scale, blocks, q, k, v, meta, window):
         return jax.lax.scan(lambda _, x: (None, fold_pair(x[0], x[1], x[2], kb, vb, k_meta)), None,
                             (acc, q5, ring.q_meta))[1], None
 
+    # Checkpointed: inside a rematerialized layer scan, JAX otherwise linearized these loops and kept every
+    # block pair's scores for the backward pass (tests/test_memory_remat.py; 115 GiB a chip for the 8B QLoRA
+    # step at 32k tokens over mesh.context=2). The custom VJP's backward recomputes them anyway.
+    @jax.checkpoint
     def fold(acc, ring_block):  # a ring block, key block by key block
         return jax.lax.scan(fold_key_block, acc, ring.cut(ring_block, ring.block_k))[0]
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft.backend import per_platform
 from jaxft.quant.codebooks import DYNAMIC, INT4, NF4, encode_dynamic, encode_nf4
 
 FORMATS = ("nf4", "int4")
@@ -87,17 +88,38 @@ class QuantizedWeight:
 
     def dequantize(self, dtype=jnp.bfloat16):
         """-> (..., in, out) dense weight of `dtype`. Pure jnp: traced inside the caller's jit, where XLA makes it
-        one pass that writes the weight (computed in float32 and cast once, as bitsandbytes does).
+        one pass that writes the weight (computed in float32 and cast once, as bitsandbytes does). Each byte is
+        looked up whole, both of its values at once, which XLA's gather does much faster than two nibbles.
 
-        Built in (in, out) order from the transposed codes rather than as (out, in) and then transposed: a
-        transposed matmul operand makes XLA's CPU backend run a bf16 matmul in float32, 1.6x slower. Each byte
-        is looked up whole, both values at once, which XLA's gather does much faster than two nibbles.
+        Two layouts of the same values, chosen by the compile target (`jaxft.backend.per_platform`):
+        - CPU: gathered as (value, value) pairs from the transposed codes, so that the weight comes out in (in,
+          out) order: a transposed matmul operand makes XLA's CPU backend run a bf16 matmul in float32, 1.6x
+          slower, and this lookup ran 1.3-2.5x faster on the CPU than the accelerators' (bench/README.md).
+        - GPU / TPU: gathered from a complex64 table (high nibble's value + i * low nibble's) in the codes' own
+          order and transposed at the end, which the matmul takes for free. A pairs gather ends in an axis of 2,
+          which a TPU's (8, 128) tiles pad 64-fold (3.5 GiB buffers for an 8B MLP weight), and gathering from
+          transposed codes made XLA copy every layer's codes into a transposed layout before the layer scan
+          (bench/README.md, the long-context trace).
         """
-        lead = self.codes.shape[:-2]
-        pairs = jnp.asarray(_PAIRS[self.format])[jnp.swapaxes(self.codes, -1, -2)]  # (..., in // 2, out, 2)
-        values = jnp.swapaxes(pairs, -1, -2).reshape(*lead, -1, self.block_size, self.out_dim)
-        scales = jnp.swapaxes(self.block_scales(), -1, -2)[..., :, None, :]  # (..., in // block_size, 1, out)
-        return (values * scales).reshape(*lead, self.in_dim, self.out_dim).astype(dtype)
+        return per_platform(partial(_dense_cpu, dtype=dtype), partial(_dense_accelerator, dtype=dtype))(self)
+
+
+def _dense_cpu(q: QuantizedWeight, dtype):
+    lead = q.codes.shape[:-2]
+    pairs = jnp.asarray(_PAIRS[q.format])[jnp.swapaxes(q.codes, -1, -2)]  # (..., in // 2, out, 2)
+    values = jnp.swapaxes(pairs, -1, -2).reshape(*lead, -1, q.block_size, q.out_dim)
+    scales = jnp.swapaxes(q.block_scales(), -1, -2)[..., :, None, :]  # (..., in // block_size, 1, out)
+    return (values * scales).reshape(*lead, q.in_dim, q.out_dim).astype(dtype)
+
+
+def _dense_accelerator(q: QuantizedWeight, dtype):
+    lead = q.codes.shape[:-2]
+    table = jnp.asarray(_PAIRS[q.format] @ np.array([1, 1j]), jnp.complex64)  # (256,)
+    both = table[q.codes]  # (..., out, in // 2)
+    pairs = jnp.stack([jnp.real(both), jnp.imag(both)], -1)  # (..., out, in // 2, 2)
+    values = pairs.reshape(*lead, q.out_dim, -1, q.block_size)
+    w = (values * q.block_scales()[..., None]).reshape(*lead, q.out_dim, q.in_dim).astype(dtype)
+    return jnp.swapaxes(w, -1, -2)
 
 
 def quantize(w, format: str = "nf4", block_size: int = 64, double_quant: bool = True) -> QuantizedWeight:

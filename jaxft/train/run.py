@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft import checkpoint, config as config_lib, parallel, peft, quant, tasks
+from jaxft import backend as backend_lib, checkpoint, config as config_lib, parallel, peft, quant, tasks
 from jaxft.checkpoint import gguf, hf
 from jaxft.models import family_of, llava
 from jaxft.tasks import heads
@@ -178,7 +178,8 @@ def _add_training(run: Run, state_key, abstract: bool) -> None:
     run.train_step = jax.jit(make_train_step(forward, run.optimizer, penalty, loss=task.loss,
                                              extra=getattr(task, "train_metrics", None)), donate_argnums=(0,),
                              in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, layout.replicated),
-                             keep_unused=True)
+                             keep_unused=True,
+                             compiler_options=backend_lib.compiler_options(layout.mesh.devices.flat[0].platform))
 
 
 def random_base(config, cfg, layout, abstract: bool = False) -> dict:

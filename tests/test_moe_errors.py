@@ -128,6 +128,10 @@ def test_lora_targets_matching_no_weight(tmp_path, setup, capsys):
     assert "lora.targets: '.*experts.*' matches no linear weight of the model (paths look like " in err
     err = fails(capsys, tmp_path / "w", moe, data, "--config.lora.targets=.*mlp/expert/.*")
     assert "lora.targets: '.*mlp/expert/.*' matches no linear weight of the model" in err
+    # A regex naming the experts that also matches attention: refused on a dense model, not applied to the rest.
+    err = fails(capsys, tmp_path / "w", dense, data, "--config.lora.targets=.*(q_proj|experts/gate_proj)/w")
+    assert err == ("jaxft train: error: lora.targets: '.*(q_proj|experts/gate_proj)/w' names experts, but this llama "
+                   "model has no experts/ weights (expected a mixture of experts, e.g. mixtral)\n")
 
 
 @pytest.mark.parametrize("key,value", [("aux_loss_coef", 0.01), ("router_z_loss_coef", 0.001),

@@ -128,6 +128,10 @@ def target_paths(base: dict, targets: str, model_type: str = "llama") -> list[st
     if not paths:
         raise LoraError(f"lora.targets: {targets!r} matches no linear weight of the model "
                         f"(paths look like 'layers/attn/q_proj/w')")
+    for part in ("experts", "router"):  # a regex naming a part the model lacks would adapt the rest silently
+        if pattern is targets and part in targets and not any(f"/{part}/" in p for p in paths):
+            raise LoraError(f"lora.targets: {targets!r} names {part}, but this {model_type} model has no "
+                            f"{part}/ weights (expected a mixture of experts, e.g. mixtral)")
     return paths
 
 

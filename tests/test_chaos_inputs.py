@@ -2,7 +2,6 @@
 (and line or field), exit code 1, and no file of the user's changed."""
 
 import errno
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -27,25 +26,14 @@ def setup(tmp_path_factory):
     return tiny.llama_dir(root / "model"), tiny.alpaca_file(root / "train.jsonl", 40)
 
 
-@pytest.fixture(autouse=True)
-def no_compilation_cache(monkeypatch):
-    """The command line turns on JAX's persistent compilation cache: not for the rest of this test process."""
-    monkeypatch.setattr(cli, "_cache_compilations", lambda: None)
-
-
-def hashes(*roots) -> dict:
-    files = [p for r in roots for p in ([Path(r)] if Path(r).is_file() else sorted(Path(r).rglob("*")))]
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
-
-
 def fails(capsys, args, *user_files) -> str:
     """Runs the command line; asserts exit code 1, one line on stderr, and `user_files` unchanged."""
-    before = hashes(*user_files)
+    before = tiny.hashes(*user_files)
     capsys.readouterr()
     assert cli.main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"jaxft {args[0]}: error: "), err
-    assert hashes(*user_files) == before
+    assert tiny.hashes(*user_files) == before
     return err
 
 

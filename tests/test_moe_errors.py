@@ -4,7 +4,6 @@ keys on a dense model. Each ends in one line on stderr naming the file or key, e
 Tiny random Mixtral / Llama models saved by transformers."""
 
 import functools
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -54,16 +53,6 @@ def setup(tmp_path_factory):
     return mixtral_dir(root / "moe"), tiny.llama_dir(root / "dense"), tiny.alpaca_file(root / "train.jsonl", 40)
 
 
-@pytest.fixture(autouse=True)
-def no_compilation_cache(monkeypatch):
-    monkeypatch.setattr(cli, "_cache_compilations", lambda: None)
-
-
-def _hashes(*roots) -> dict:
-    files = [p for r in roots for p in ([Path(r)] if Path(r).is_file() else sorted(Path(r).rglob("*")))]
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
-
-
 def train_args(workdir, model, data, *extra):
     return ["train", "--config", str(CONFIG), "--workdir", str(workdir), f"--config.model={model}",
             f"--config.data.train={data}", "--config.train.steps=1", "--config.train.seq_len=32",
@@ -72,12 +61,12 @@ def train_args(workdir, model, data, *extra):
 
 def fails(capsys, workdir, model, data, *extra) -> str:
     """`jaxft train` ends with exit code 1 and one line on stderr; nothing written, the inputs unchanged."""
-    before = _hashes(model, data)
+    before = tiny.hashes(model, data)
     capsys.readouterr()
     assert cli.main(train_args(workdir, model, data, *extra)) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("jaxft train: error: "), err
-    assert not Path(workdir).exists() and _hashes(model, data) == before
+    assert not Path(workdir).exists() and tiny.hashes(model, data) == before
     return err
 
 

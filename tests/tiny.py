@@ -1,6 +1,7 @@
 """Tiny real checkpoints for end-to-end tests: a random-weight transformers Llama and a trained BPE tokenizer
 with a ChatML template, saved side by side as a Hugging Face model directory."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -103,3 +104,9 @@ def on_simulated_devices(script: str, out: Path, devices: int = 8) -> dict:
     proc = subprocess.run([sys.executable, script, str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(Path(out).read_text())
+
+
+def hashes(*roots) -> dict:
+    """{path: sha256} of every file under `roots` (files or directories): that a failed command left them alone."""
+    files = [p for r in roots for p in ([Path(r)] if Path(r).is_file() else sorted(Path(r).rglob("*")))]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}

@@ -107,10 +107,10 @@ def adapted_linear(spec: LoraSpec | None, x, p: dict, rng=None):
     holds lora_a beside w; else the plain map.
 
     As HF PEFT computes it: the base output (bias included) and LoRA's term are each rounded to the compute
-    dtype, then added in it. The matmuls accumulate in float32 inside, but a bf16 model keeps no float32
-    (..., out) array: a float32 base output and a float32 term, both alive until their sum, were the largest
-    buffers of a long-sequence step (bench/README.md). In float32 this is the same arithmetic as before,
-    bit for bit on layers without a bias.
+    dtype, then added in it. The matmuls accumulate in float32 inside, but a bf16 model keeps no pair of
+    float32 (..., out) arrays alive until their sum (at long sequences the largest buffers of a step,
+    bench/README.md). float32 models: plain LoRA without a bias computes exactly what it did when the sum was
+    float32; with a bias or DoRA the additions are in PEFT's order, which moves results by rounding only.
     """
     if "lora_a" not in p:
         return plain_linear(x, p)
@@ -203,12 +203,12 @@ def dropout(rng, x, rate: float):
     """x with each element zeroed with probability ~`rate` and the rest scaled so that the mean is kept (torch's
     `nn.Dropout`, as PEFT's lora_dropout). x: any shape; returns x's shape and dtype.
 
-    The mask comes from 8-bit random integers (a quarter of the 32-bit bits `jax.random.bernoulli` draws, which
-    at 16k tokens a row were a 896 MiB buffer of the 8B step's MLP): an element is dropped where its bits fall
-    below k = round(rate * 256), so the real rate is k / 256 (0.05 -> 13/256 = 0.0508, 0.1 -> 26/256 = 0.1016;
-    exact where rate * 256 is an integer), and the kept elements are scaled by 256 / (256 - k), the inverse of
-    the real keep rate, so the output's expectation is x. A rate that 8 bits round to 0 or 1 (under 1/512 or
-    over 511/512) draws 16-bit integers instead, the same way.
+    The mask comes from 8-bit random integers (a quarter of the bits `jax.random.bernoulli` draws, and of the
+    buffer that holds them): an element is dropped where its integer is below k = round(rate * 256), so the
+    real rate is k / 256 (0.05 -> 13/256 = 0.0508, 0.1 -> 26/256 = 0.1016; exact where rate * 256 is an
+    integer), and the kept elements are scaled by 256 / (256 - k), the inverse of the real keep rate, so the
+    output's expectation is x. A rate that 8 bits round to 0 or 1 (under 1/512 or over 511/512) draws 16-bit
+    integers instead, the same way.
     """
     bits, k = _dropout_bits(rate)
     draws = jax.random.bits(rng, x.shape, jnp.uint8 if bits == 8 else jnp.uint16)

@@ -31,8 +31,8 @@ def test_expert_sharded_dora_step_equals_one_device(results, mesh):
     assert ref["moe_aux_loss"] > 0
     for key in ("loss", "moe_aux_loss"):
         np.testing.assert_allclose(got[key], ref[key], rtol=0, atol=1e-5, err_msg=key)
-    assert sorted(ref["grads"]) == sorted(f"layers/mlp/experts/{m}/{leaf}" for m in ("gate_proj", "up_proj", "down_proj")
-                                          for leaf in ("lora_a", "lora_b", "magnitude"))
+    projections, leaves = ("gate_proj", "up_proj", "down_proj"), ("lora_a", "lora_b", "magnitude")
+    assert sorted(ref["grads"]) == sorted(f"layers/mlp/experts/{m}/{x}" for m in projections for x in leaves)
     for path, g in ref["grads"].items():  # within 1e-5 of each leaf's largest gradient
         assert np.abs(g).max() > 1e-3, path
         np.testing.assert_allclose(got["grads"][path], g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=path)

@@ -1,8 +1,9 @@
 """LoRA on a mixture of experts' experts and router in HF PEFT's format (`target_parameters`), both ways, exactly.
 
-transformers 5 keeps each sparse block as `model.layers.{i}.mlp` (Mixtral's `block_sparse_moe` on disk) with
-the experts fused in two 3-D parameters, `mlp.experts.gate_up_proj` (E, 2F, D) (gate's F rows, then up's) and
-`mlp.experts.down_proj` (E, D, F), and the router's (E, D) `mlp.gate.weight` on a module that is not a Linear.
+transformers 5 keeps each sparse block of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE alike as `model.layers.{i}.mlp`
+(Mixtral's `block_sparse_moe` on disk) with the experts fused in two 3-D parameters, `mlp.experts.gate_up_proj`
+(E, 2F, D) (gate's F rows, then up's) and `mlp.experts.down_proj` (E, D, F), and the router's (E, D)
+`mlp.gate.weight` on a module that is not a Linear.
 PEFT adapts parameters named in `target_parameters` (its `ParamWrapper`), each expert with its own factors:
 
   3-D parameter (E, out, in)   lora_A.weight (R*E, in), row e*R + k = row k of expert e's A   } delta_e =
@@ -26,8 +27,9 @@ A (L, D, R), B (L, R, E) (`jaxft.peft.lora`). The mapping, exact both ways:
   rank is an error. A parameter whose rank_pattern / alpha_pattern scaling differs from the adapter's (r,
   lora_alpha) has the ratio folded into B.
 Adapters made on transformers 4, where every expert was a Linear of its own (`block_sparse_moe.experts.{e}.w1`,
-Qwen2-MoE's `mlp.experts.{e}.gate_proj`; PEFT converts them on loading), are read too: their factors are
-jaxft's, expert by expert.
+the others' `mlp.experts.{e}.gate_proj`; PEFT converts them on loading), are read too: their factors are
+jaxft's, expert by expert. A Qwen3-MoE's dense layers (`mlp_only_layers`) have no experts or router in
+transformers: their filler factors are not written, and read as zeros.
 """
 
 from __future__ import annotations
@@ -225,7 +227,8 @@ def _scaling(ranks: dict, alphas: dict, key: str, spec, source: str) -> tuple[in
 
 def _targeted(targets: list[str], layers: list[int], prefix: str, source: str) -> list[str]:
     """The PEFT parameters (EXPERTS' names, ROUTER) `target_parameters` adapts, in nesting order; each entry
-    must name one of them in every one of `layers` (those with experts), as PEFT matches (the key itself or a '.'-separated end of it)."""
+    must name one of them in every one of `layers` (those with experts), as PEFT matches (the key itself or a
+    '.'-separated end of it)."""
     known = {param: [f"{prefix}{BLOCK.format(i=i)}." + ("gate.weight" if param == ROUTER else f"experts.{param}")
                      for i in layers] for param in (*EXPERTS, ROUTER)}
     found = set()

@@ -10,9 +10,9 @@ What exports: in PEFT's format, the methods PEFT shares (LoRA / rsLoRA / DoRA, I
 tuning), for the transformers class of the run's task (a task head as PEFT's `modules_to_save`; see
 `jaxft.peft.hf_format`); merged, the methods whose effect base weights can hold (LoRA, IA3, full, partial), as
 the family's own class (`Config.to_hf`: ...ForCausalLM, BertForMaskedLM or BertModel, T5ForConditionalGeneration).
-Every family exports: LLaMA (Llama, Mistral, Qwen2), BERT, T5 and the mixtures of experts (Mixtral, Qwen2-MoE:
-LoRA on the experts and router as PEFT's `target_parameters`, see `jaxft.peft.hf_experts`); prefix and prompt
-tuning for decoders only.
+Every family exports: LLaMA (Llama, Mistral, Qwen2), BERT, T5 and the mixtures of experts (Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE: LoRA on the experts and router as PEFT's `target_parameters`, see `jaxft.peft.hf_experts`);
+prefix and prompt tuning for decoders only.
 """
 
 from __future__ import annotations

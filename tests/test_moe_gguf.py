@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 
 from jaxft import checkpoint
 from jaxft.checkpoint import LoadError
-from jaxft.models import mixtral
+from jaxft.models import family_of, mixtral
 
 E, K, F = 4, 2, 24
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=F, num_hidden_layers=2, num_attention_heads=4,
@@ -125,3 +125,69 @@ def test_expert_count_disagreeing_with_the_tensors_is_a_one_line_error(tiny):
     with pytest.raises(LoadError, match=r"bad\.gguf: tensor blk\.0\.ffn_gate_inp\.weight has shape \(4, 32\), "
                                         r"expected \(5, 32\) from the config$"):
         checkpoint.load(path)
+
+
+QWEN_OLMOE = {  # llama.cpp arch: (transformers config and model classes, overrides)
+    "qwen3moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,  # head_dim 12 != 32 / 4
+                 dict(num_experts=E, moe_intermediate_size=F, intermediate_size=40, norm_topk_prob=True,
+                      head_dim=12)),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,  # top-k weights not renormalized
+              dict(num_experts=E, intermediate_size=F, norm_topk_prob=False)),
+}
+
+
+def write_moe(path, model, arch):
+    """`model` (transformers 5's Qwen3-MoE or OLMoE) as llama.cpp's convert_hf_to_gguf writes it: experts stacked
+    (E, out, in), the MoE width in expert_feed_forward_length, q/k rows as they are (NeoX-style rotary)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads  # (OLMoE has no field)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3MOE if arch == "qwen3moe" else gguf.MODEL_ARCH.OLMOE, 2)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_expert_feed_forward_length(F)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_vocab_size(96)
+    w.add_expert_count(E)
+    w.add_expert_used_count(K)
+    for hf, x in model.state_dict().items():
+        x = x.numpy()
+        if hf.endswith("experts.gate_up_proj"):  # (E, 2F, D): gate rows, then up rows
+            i = hf.split(".")[2]
+            tensors = {f"blk.{i}.ffn_gate_exps.weight": x[:, :F], f"blk.{i}.ffn_up_exps.weight": x[:, F:]}
+        elif hf.endswith("experts.down_proj"):
+            tensors = {f"blk.{hf.split('.')[2]}.ffn_down_exps.weight": x}
+        else:
+            tensors = {names.get_name(hf, try_suffixes=(".weight",)): x}
+        for name, t in tensors.items():
+            w.add_tensor(name, np.ascontiguousarray(t, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", list(QWEN_OLMOE))
+def test_qwen3moe_and_olmoe_files_load_with_transformers_logits(tmp_path, arch):
+    config_cls, model_cls, overrides = QWEN_OLMOE[arch]
+    torch.manual_seed(0)
+    common = {k: v for k, v in TINY.items() if k not in ("num_local_experts", "intermediate_size")}
+    model = model_cls(config_cls(**common, **overrides)).eval()
+    with torch.no_grad():  # norms away from one, so that a swapped or skipped q/k norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    got = checkpoint.load(write_moe(tmp_path / f"{arch}.gguf", model, arch), dtype=jnp.float32)
+    assert (got.cfg.model_type, got.cfg.n_experts, got.cfg.top_k, got.cfg.mlp_dim, got.cfg.normalize) == (
+        model.config.model_type, E, K, F, model.config.norm_topk_prob)
+    ours = np.asarray(family_of(got.cfg).forward(got.cfg, got.params, jnp.asarray(TOKENS))[0])
+    with torch.no_grad():
+        np.testing.assert_allclose(ours, model(torch.tensor(TOKENS)).logits.numpy(), atol=1e-4, rtol=1e-4)

@@ -28,7 +28,9 @@ TOKENS = np.random.RandomState(1).randint(0, 80, (2, 7))
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 SMALL = dict(vocab_size=80, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              num_experts_per_tok=2, initializer_range=0.2)
-CLASSES = {"mixtral": transformers.MixtralForCausalLM, "qwen2_moe": transformers.Qwen2MoeForCausalLM}
+CLASSES = {"mixtral": transformers.MixtralForCausalLM, "qwen2_moe": transformers.Qwen2MoeForCausalLM,
+           "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM,
+           "qwen3_moe_mixed": transformers.Qwen3MoeForCausalLM}
 
 
 @functools.cache
@@ -36,10 +38,21 @@ def _model(root, model_type):
     torch.manual_seed(0)
     if model_type == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, **SMALL)
-    else:
+    elif model_type == "qwen2_moe":
         cfg = transformers.Qwen2MoeConfig(moe_intermediate_size=12, shared_expert_intermediate_size=20,
                                           num_experts=4, norm_topk_prob=True, **SMALL)
-    CLASSES[model_type](cfg).save_pretrained(f"{root}/{model_type}")
+    elif model_type.startswith("qwen3_moe"):  # head_dim 6 != 16 / 4; q/k norms per head; mixed: layer 1 dense
+        mixed = dict(num_hidden_layers=3, mlp_only_layers=[1]) if model_type == "qwen3_moe_mixed" else {}
+        cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=12, intermediate_size=20, num_experts=4,
+                                          norm_topk_prob=True, head_dim=6, **{**SMALL, **mixed})
+    else:  # olmoe: q/k norms over the whole projections, top-k weights not renormalized
+        cfg = transformers.OlmoeConfig(intermediate_size=12, num_experts=4, norm_topk_prob=False, **SMALL)
+    model = CLASSES[model_type](cfg)
+    with torch.no_grad():  # norms away from one, so that a q/k norm the adapter skips would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(f"{root}/{model_type}")
     return f"{root}/{model_type}", checkpoint.load(f"{root}/{model_type}", dtype=jnp.float32)
 
 
@@ -70,7 +83,8 @@ def _random_adapter(loaded, spec, targets, seed=0):
     return jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(a.size + seed), a.shape), trainable)
 
 
-@pytest.mark.parametrize("model_type,rslora", [("mixtral", False), ("mixtral", True), ("qwen2_moe", False)])
+@pytest.mark.parametrize("model_type,rslora", [("mixtral", False), ("mixtral", True), ("qwen2_moe", False),
+                                               ("qwen3_moe", False), ("olmoe", True)])
 def test_export_loads_in_peft_with_jaxfts_logits(models, tmp_path, model_type, rslora):
     """LoRA on attention, every expert projection, the router (and Qwen2-MoE's shared expert: all-linear): gate's
     and up's factors differ, so gate_up_proj goes out at rank 2R, block-diagonal, with rank/alpha_pattern."""
@@ -142,35 +156,91 @@ def test_peft_adapter_imports_exports_back_and_training_resumes(models, tmp_path
         peft.build(jax.random.PRNGKey(0), loaded.params, config, loaded.cfg)
 
 
-def test_transformers_4_per_expert_adapter_imports_with_peft_logits(models, tmp_path):
-    """An adapter from transformers 4's Mixtral, one LoRA per expert Linear (w1, w2, w3) and on the router
-    (`gate`): PEFT converts it to target_parameters on loading; jaxft reads each expert's factors as they are."""
-    path, loaded = models("mixtral")
-    rng = np.random.RandomState(2)
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "olmoe"])
+def test_peft_adapter_on_qwen3_moe_and_olmoe_imports_and_exports_back(models, tmp_path, model_type):
+    """PEFT's own adapter on q/v, every expert and the router of Qwen3-MoE / OLMoE (transformers 5's fused
+    experts, as on Mixtral) imports with PEFT's logits and exports back to PEFT's tensors."""
+    path, loaded = models(model_type)
+    want = _peft_adapter(path, model_type, tmp_path / "peft", target_parameters=EXPERTS + ["mlp.gate.weight"])
+    trainable, spec = export.load_adapter(tmp_path / "peft", loaded.cfg)
+    assert spec == lora.LoraSpec(rank=R, alpha=ALPHA)
+    assert sorted(tree.flatten(trainable)) == sorted(
+        f"layers/{m}/lora_{x}" for m in ("attn/q_proj", "attn/v_proj", "mlp/router", "mlp/experts/gate_proj",
+                                         "mlp/experts/up_proj", "mlp/experts/down_proj") for x in "ab")
+    got = _jaxft_logits(loaded, trainable, spec)
+    assert np.abs(got - _jaxft_logits(loaded)).max() > 0.05
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    hf_format.save(tmp_path / "back", trainable, spec, loaded.cfg, base_model=path)
+    ours, theirs = (load_file(str(tmp_path / d / hf_format.WEIGHTS)) for d in ("back", "peft"))
+    assert sorted(ours) == sorted(theirs)
+    for name, x in theirs.items():
+        np.testing.assert_allclose(ours[name], x, atol=1e-7, err_msg=name)
+
+
+def test_qwen3_moe_with_dense_layers_both_ways(models, tmp_path):
+    """A Qwen3-MoE whose layer 1 is dense: the experts' and router's factors of the sparse layers go out (the dense
+    layer's fillers do not) and come back with zeros there; LoRA on the dense MLP, which PEFT on transformers 5
+    cannot target (it turns target_modules gate_proj into the experts' gate_up_proj), is refused in one line."""
+    path, loaded = models("qwen3_moe_mixed")
+    spec = lora.LoraSpec(rank=R, alpha=ALPHA)
+    trainable = _random_adapter(loaded, spec, r"layers/(attn/(q|v)_proj|mlp/(experts/.*|router))/w")
+    hf_format.save(tmp_path / "ours", trainable, spec, loaded.cfg, base_model=path)
+    names = load_file(str(tmp_path / "ours" / hf_format.WEIGHTS))
+    assert {n.split(".")[4] for n in names if ".mlp." in n} == {"0", "2"}
+    want = _jaxft_logits(loaded, trainable, spec)
+    assert np.abs(want - _jaxft_logits(loaded)).max() > 0.05
+    np.testing.assert_allclose(_torch_logits(path, "qwen3_moe_mixed", tmp_path / "ours"), want, atol=1e-4, rtol=1e-4)
+    want = _peft_adapter(path, "qwen3_moe_mixed", tmp_path / "peft", target_parameters=EXPERTS + ["mlp.gate.weight"])
+    theirs, spec = export.load_adapter(tmp_path / "peft", loaded.cfg)
+    assert not np.asarray(theirs["layers"]["mlp"]["experts"]["down_proj"]["lora_b"][1]).any()
+    np.testing.assert_allclose(_jaxft_logits(loaded, theirs, spec), want, atol=1e-4, rtol=1e-4)
+    dense = _random_adapter(loaded, spec, r"layers/(attn/q_proj|mlp/.*)/w")
+    with pytest.raises(AdapterError, match=r"^layers/mlp/down_proj: LoRA on the MLP of the dense layers \[1\] of "
+                                           r"this qwen3_moe has no PEFT form \(PEFT on transformers 5 turns [^\n]*$"):
+        hf_format.save(tmp_path / "dense", dense, spec, loaded.cfg, base_model=path)
+
+
+def _v4_adapter(out, path, model_type, rng):
+    """A LoRA adapter as PEFT saved it on transformers 4, where each expert was a Linear of its own (Mixtral's
+    `block_sparse_moe.experts.N.w1`, the Qwen-style `mlp.experts.N.gate_proj`) and the router `gate` one too."""
+    block, names = (("block_sparse_moe", ("w1", "w2", "w3")) if model_type == "mixtral" else
+                    ("mlp", ("gate_proj", "down_proj", "up_proj")))
+    f = {"mixtral": 24, "qwen2_moe": 12, "qwen3_moe": 12, "olmoe": 12}[model_type]
+    q = 24 if model_type == "qwen3_moe" else 16  # (4 heads x head_dim 6)
     tensors = {}
     for i in range(2):
         pre = f"base_model.model.model.layers.{i}"
-        shapes = {"self_attn.q_proj": (16, 16), "block_sparse_moe.gate": (16, 4)} | {
-            f"block_sparse_moe.experts.{e}.{w}": (24, 16) if w == "w2" else (16, 24)
-            for e in range(4) for w in ("w1", "w2", "w3")}
+        shapes = {"self_attn.q_proj": (16, q), f"{block}.gate": (16, 4)} | {
+            f"{block}.experts.{e}.{w}": (f, 16) if w == names[1] else (16, f) for e in range(4) for w in names}
         for module, (d_in, d_out) in shapes.items():
             tensors[f"{pre}.{module}.lora_A.weight"] = rng.normal(0, 0.3, (R, d_in)).astype(np.float32)
             tensors[f"{pre}.{module}.lora_B.weight"] = rng.normal(0, 0.3, (d_out, R)).astype(np.float32)
-    out = tmp_path / "v4"
     out.mkdir()
     save_file(tensors, str(out / hf_format.WEIGHTS))
     (out / hf_format.CONFIG).write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": ALPHA, "base_model_name_or_path": path,
-        "target_modules": ["q_proj", "gate", "w1", "w2", "w3"]}))
+        "target_modules": ["q_proj", "gate", *names]}))
+    return tensors
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "olmoe"])
+def test_transformers_4_per_expert_adapter_imports_with_peft_logits(models, tmp_path, model_type):
+    """An adapter from transformers 4, one LoRA per expert Linear (Mixtral's w1, w2, w3, the others' gate_proj,
+    down_proj, up_proj) and on the router (`gate`): PEFT converts it to target_parameters on loading (gate and up
+    to a rank-2R block-diagonal gate_up_proj); jaxft reads each expert's factors as they are."""
+    path, loaded = models(model_type)
+    out = tmp_path / "v4"
+    tensors = _v4_adapter(out, path, model_type, np.random.RandomState(2))
     trainable, spec = export.load_adapter(out, loaded.cfg)
     assert sorted(tree.flatten(trainable)) == sorted(
         f"layers/{m}/lora_{x}" for m in ("attn/q_proj", "mlp/router", "mlp/experts/gate_proj",
                                          "mlp/experts/up_proj", "mlp/experts/down_proj") for x in "ab")
-    w3 = tensors["base_model.model.model.layers.1.block_sparse_moe.experts.3.w3.lora_B.weight"]
-    np.testing.assert_array_equal(trainable["layers"]["mlp"]["experts"]["up_proj"]["lora_b"][1, 3], w3.T)
+    up = "block_sparse_moe.experts.3.w3" if model_type == "mixtral" else "mlp.experts.3.up_proj"
+    np.testing.assert_array_equal(trainable["layers"]["mlp"]["experts"]["up_proj"]["lora_b"][1, 3],
+                                  tensors[f"base_model.model.model.layers.1.{up}.lora_B.weight"].T)
     got = _jaxft_logits(loaded, trainable, spec)
     assert np.abs(got - _jaxft_logits(loaded)).max() > 0.05
-    np.testing.assert_allclose(got, _torch_logits(path, "mixtral", out), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, _torch_logits(path, model_type, out), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method,length", [("prefix", 4), ("ia3", 0)])

@@ -6,8 +6,12 @@ permutes the rows of the query and key projections of `llama` models (its rotary
 dimensions, Hugging Face's pairs the two halves); that is undone here exactly as transformers' GGUF loader
 does it. Mixtral-style files are `llama` files with `llama.expert_count` / `llama.expert_used_count` and each
 layer's experts stacked in one tensor per projection (`blk.N.ffn_{gate,up,down}_exps.weight`: the per-expert
-Hugging Face (out, in) weights stacked to (E, out, in)); they load as the `mixtral` family. Only the types below are read: they dequantize exactly with gguf-py, and the rest (k-quants, i-quants)
-are left for a native quantized path rather than silently widened.
+Hugging Face (out, in) weights stacked to (E, out, in)); they load as the `mixtral` family. llama.cpp's `qwen3moe` and
+`olmoe` files stack their experts the same way (the expert width in `expert_feed_forward_length`, no q/k
+permutation: both use NeoX-style rotary) and load as `qwen3_moe` / `olmoe`, with the top-k weights renormalized
+as llama.cpp does (`expert_weights_norm` if written, else Qwen3-MoE yes and OLMoE no). Only the types below are
+read: they dequantize exactly with gguf-py, and the rest (k-quants, i-quants) are left for a native quantized
+path rather than silently widened.
 """
 
 from __future__ import annotations
@@ -25,15 +29,15 @@ from gguf import GGMLQuantizationType as T
 
 from jaxft.checkpoint import experts as moe_checks
 from jaxft.checkpoint.assemble import LeafFn, LoadError, assemble
-from jaxft.models import family_of, mixtral
+from jaxft.models import config_from_hf, family_of
 from jaxft.models.config import ConfigError, LlamaConfig
 
 READABLE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1)
-ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE,
+         "olmoe": gguf.MODEL_ARCH.OLMOE}
+_MOE_ARCHS = {"llama": "mixtral", "qwen3moe": "qwen3_moe", "olmoe": "olmoe"}  # llama.cpp arch -> model_type
+_ARCH_OF = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}  # model_type -> llama.cpp arch, where they differ
 _PERMUTED = ("llama",)  # the architectures whose q/k rows llama.cpp's converter permutes
-# The mixtral family's expert stacks (TABLE names, (E, in, out)) -> llama.cpp's stacked tensors (E, out, in).
-_EXPERTS = {f"{mixtral.MOE_PREFIX}.experts.{name}": f"blk.{{i}}.ffn_{gguf_name}_exps.weight"
-            for name, gguf_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))}
 _REQUIRED = object()
 
 
@@ -59,13 +63,14 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
     del reader
     tok = _tokenizer(path, metadata_end) if has_tokenizer else None
 
-    arch = "llama" if cfg.model_type == "mixtral" else cfg.model_type  # llama.cpp's name for Mixtral files
+    arch = _ARCH_OF.get(cfg.model_type, cfg.model_type)
     names = gguf.get_tensor_name_map(ARCHS[arch], cfg.n_layers)
+    experts = _experts(family_of(cfg))
     to_gguf = {}
     for entry in family_of(cfg).TABLE:
         for i in range(cfg.n_layers) if "{i}" in entry.hf else [None]:
             hf = entry.hf.format(i=i)
-            stacked = _EXPERTS.get(entry.hf, "").format(i=i)
+            stacked = experts.get(entry.hf, "").format(i=i)
             to_gguf[hf] = stacked or names.get_name(hf, try_suffixes=(".weight", ".bias")) or hf
     to_hf = {g: h for h, g in to_gguf.items()}
     present = {to_hf.get(name, name): name for name in tensors}
@@ -87,6 +92,15 @@ def load(path: Path, *, dtype=jnp.float32, leaf_fn: LeafFn | None = None) -> tup
         params = assemble(cfg, present, read, file=str(path), dtype=dtype, leaf_fn=leaf_fn,
                           label=lambda hf: to_gguf.get(hf, hf))
     return cfg, params, tok
+
+
+def _experts(family) -> dict[str, str]:
+    """A MoE family's expert stacks (TABLE names, (E, in, out)) -> llama.cpp's stacked tensors (E, out, in)."""
+    prefix = getattr(family, "MOE_PREFIX", None)
+    if prefix is None:
+        return {}
+    return {f"{prefix}.experts.{name}": f"blk.{{i}}.ffn_{gguf_name}_exps.weight"
+            for name, gguf_name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down"))}
 
 
 def open_reader(path: Path) -> gguf.GGUFReader:
@@ -157,13 +171,17 @@ def read_config(reader: gguf.GGUFReader, file: str) -> LlamaConfig:
         if isinstance(hf[key], list):  # per-layer values, which the model does not have
             raise LoadError(f"{file}: per-layer {key} {hf[key]} is not supported")
     experts = get("expert_count", 0)
-    if experts and arch != "llama":
+    if experts and arch not in _MOE_ARCHS or arch in _MOE_ARCHS and arch != "llama" and not experts:
         raise LoadError(f"{file}: {arch}.expert_count {experts}: mixture-of-experts GGUF files are read for the "
-                        f"llama architecture (Mixtral-style) only")
+                        f"architectures {', '.join(_MOE_ARCHS)} (with expert_count > 0)")
     try:
         if experts:
-            cfg = mixtral.Config.from_hf({**hf, "model_type": "mixtral", "num_local_experts": experts,
-                                          "num_experts_per_tok": get("expert_used_count")}, source=file)
+            width = get("expert_feed_forward_length", hf["intermediate_size"])  # llama.cpp's MoE width
+            cfg = config_from_hf({**hf, "model_type": _MOE_ARCHS[arch], "num_local_experts": experts,
+                                  "num_experts": experts, "num_experts_per_tok": get("expert_used_count"),
+                                  "moe_intermediate_size": width, "intermediate_size": width,
+                                  "norm_topk_prob": bool(get("expert_weights_norm", arch == "qwen3moe"))},
+                                 source=file)
             moe_checks.check_routing(cfg, file, f"{arch}.expert_count", f"{arch}.expert_used_count")
             return cfg
         return LlamaConfig.from_hf(hf, source=file)

@@ -33,7 +33,8 @@ _DECODER = ("model.", {
 })
 PEFT_CLASSES = {
     "llama": _DECODER, "mistral": _DECODER, "qwen2": _DECODER,
-    "mixtral": _DECODER, "qwen2_moe": _DECODER,  # the experts and router by target_parameters (peft.hf_experts)
+    # the experts and router by target_parameters (peft.hf_experts)
+    "mixtral": _DECODER, "qwen2_moe": _DECODER, "qwen3_moe": _DECODER, "olmoe": _DECODER,
     "bert": ("", {
         "mlm": PeftClass("BertForMaskedLM", "bert.", None, None),
         "embedding": PeftClass("BertModel", "", "FEATURE_EXTRACTION", None),

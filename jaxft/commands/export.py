@@ -12,7 +12,7 @@ from jaxft.commands import CommandError
 DESCRIPTION = """\
 Export the adapter of a training run (or any adapter) for the Hugging Face ecosystem. Paths written go to
 stdout, progress to stderr. Every model family exports: LLaMA (Llama, Mistral, Qwen2), BERT, T5, and
-Mixtral / Qwen2-MoE (LoRA on the experts and router as PEFT's target_parameters).
+Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE (LoRA on the experts and router as PEFT's target_parameters).
 
   --peft OUT    a PEFT adapter directory (adapter_config.json, adapter_model.safetensors, the tokenizer):
                 peft.PeftModel.from_pretrained(<the transformers class>.from_pretrained(BASE), OUT) loads it.

@@ -67,8 +67,9 @@ def attention(q, k, v, *, q_segments=None, k_segments=None, q_positions=None, k_
 
     q_segments / k_segments (B, T) / (B, S) int: 0 is padding (sees and is seen by nothing), equal ids see each
     other, a negative key id is seen by every non-padding query and a negative query id sees every
-    non-padding key (`segment_kind` says which of these occur); None: one example per row. q_positions / k_positions (B, T) / (B, S): positions within an example, for
-    `window` (a query sees keys less than `window` positions back; 0: no window; an int or a traced scalar).
+    non-padding key (`segment_kind` says which of these occur); None: one example per row.
+    q_positions / k_positions (B, T) / (B, S): positions within an example, for `window` (a query sees keys
+    less than `window` positions back; 0: no window; an int or a traced scalar).
     q_index / k_index (B, T) / (B, S): slots in the sequence or KV cache, for `causal`; None: 0..T-1 / 0..S-1.
     bias (N, T, S) or (B, N, T, S): added to the scaled scores (T5); with a prefix its last axis may be P + S
     (the prefix's columns first). prefix (pk, pv), each (B, P, K, H): keys and values every non-padding query

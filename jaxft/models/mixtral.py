@@ -87,6 +87,8 @@ class Config(LlamaConfig):
         mlp += 3 * self.dim * self.shared_dim + (self.dim if self.shared_dim else 0)
         qk = {"head": 2 * self.head_dim, "all": (self.n_heads + self.n_kv_heads) * self.head_dim}
         attn += qk.get(self.qk_norm, 0)
+        attn += (self.n_heads + 2 * self.n_kv_heads) * self.head_dim if self.qkv_bias else 0
+        attn += self.dim if self.o_bias else 0
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + head + self.n_layers * (attn + mlp + 2 * self.dim) + self.dim
 

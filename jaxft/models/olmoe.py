@@ -17,7 +17,8 @@ from jaxft.models import mixtral
 from jaxft.models.config import ConfigError
 from jaxft.models.mixtral import (KIND, LORA_TARGETS, PARAM_AXES, aux_losses, decode_logits, forward,  # noqa: F401
                                   init, init_cache, output_head, split_cache, split_layers)
-from jaxft.models.qwen2_moe import TABLE, checkpoint_view, export_view  # noqa: F401
+from jaxft.models.qwen2_moe import (EXPERT_NAMES, MOE_PREFIX, TABLE, checkpoint_view,  # noqa: F401
+                                    export_view)
 
 
 @dataclasses.dataclass(frozen=True)

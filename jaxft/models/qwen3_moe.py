@@ -25,6 +25,7 @@ from jaxft.models import llama, mixtral, qwen2_moe
 from jaxft.models.config import ConfigError
 from jaxft.models.mixtral import (KIND, LORA_TARGETS, decode_logits, init_cache, output_head,  # noqa: F401
                                   split_cache, split_layers)
+from jaxft.models.qwen2_moe import EXPERT_NAMES, MOE_PREFIX  # noqa: F401  (Qwen2-MoE's names: peft.hf_experts)
 
 DENSE_MLP = tuple(e for e in llama.TABLE if ".mlp." in e.hf)  # llama's rows of the dense MLP
 TABLE = qwen2_moe.TABLE + DENSE_MLP

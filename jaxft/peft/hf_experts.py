@@ -1,8 +1,9 @@
 """LoRA on a mixture of experts' experts and router in HF PEFT's format (`target_parameters`), both ways, exactly.
 
-transformers 5 keeps each sparse block as `model.layers.{i}.mlp` (Mixtral's `block_sparse_moe` on disk) with
-the experts fused in two 3-D parameters, `mlp.experts.gate_up_proj` (E, 2F, D) (gate's F rows, then up's) and
-`mlp.experts.down_proj` (E, D, F), and the router's (E, D) `mlp.gate.weight` on a module that is not a Linear.
+transformers 5 keeps each sparse block of Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE alike as `model.layers.{i}.mlp`
+(Mixtral's `block_sparse_moe` on disk) with the experts fused in two 3-D parameters, `mlp.experts.gate_up_proj`
+(E, 2F, D) (gate's F rows, then up's) and `mlp.experts.down_proj` (E, D, F), and the router's (E, D)
+`mlp.gate.weight` on a module that is not a Linear.
 PEFT adapts parameters named in `target_parameters` (its `ParamWrapper`), each expert with its own factors:
 
   3-D parameter (E, out, in)   lora_A.weight (R*E, in), row e*R + k = row k of expert e's A   } delta_e =
@@ -26,8 +27,9 @@ A (L, D, R), B (L, R, E) (`jaxft.peft.lora`). The mapping, exact both ways:
   rank is an error. A parameter whose rank_pattern / alpha_pattern scaling differs from the adapter's (r,
   lora_alpha) has the ratio folded into B.
 Adapters made on transformers 4, where every expert was a Linear of its own (`block_sparse_moe.experts.{e}.w1`,
-Qwen2-MoE's `mlp.experts.{e}.gate_proj`; PEFT converts them on loading), are read too: their factors are
-jaxft's, expert by expert.
+the others' `mlp.experts.{e}.gate_proj`; PEFT converts them on loading), are read too: their factors are
+jaxft's, expert by expert. A Qwen3-MoE's dense layers (`mlp_only_layers`) have no experts or router in
+transformers: their filler factors are not written, and read as zeros.
 """
 
 from __future__ import annotations
@@ -58,15 +60,26 @@ def is_moe_leaf(path: str) -> bool:
     return _JAXFT.match(path) is not None
 
 
-def split(flat: dict) -> tuple[dict, dict]:
-    """(the experts' and router's leaves, the others) of a flat trainable tree."""
+def split(flat: dict, cfg) -> tuple[dict, dict]:
+    """(the experts' and router's leaves, the others) of a flat trainable tree of a model of `cfg`.
+
+    Raises AdapterError for LoRA on the MLP of a Qwen3-MoE's dense layers, which has no PEFT form on
+    transformers 5: PEFT rewrites a Qwen3-MoE's (and OLMoE's) target_modules gate_proj / up_proj / down_proj
+    into the experts' target_parameters, whatever module they were meant for."""
+    dense = sorted({p.rsplit("/", 1)[0] for p in flat if re.match(r"layers/mlp/(gate|up|down)_proj/", p)})
+    if dense and getattr(cfg, "dense_layers", ()):
+        raise AdapterError(f"{dense[0]}: LoRA on the MLP of the dense layers {list(cfg.dense_layers)} of this "
+                           f"{cfg.model_type} has no PEFT form (PEFT on transformers 5 turns target_modules "
+                           f"{dense[0].rsplit('/', 1)[1]} into the experts' target_parameters); leave "
+                           f"layers/mlp/(gate|up|down)_proj out of lora.targets, or export --merged")
     moe = {p: x for p, x in flat.items() if is_moe_leaf(p)}
     return moe, {p: x for p, x in flat.items() if p not in moe}
 
 
-def save(flat: dict, spec, prefix: str) -> tuple[dict, dict]:
+def save(flat: dict, spec, cfg, prefix: str) -> tuple[dict, dict]:
     """(tensors, adapter_config.json fields) of the expert and router LoRA leaves `flat` (path -> float32 array,
-    the layouts of the module docstring), for the class whose backbone prefix is `prefix` ("model.")."""
+    the layouts of the module docstring) of a model of `cfg`, for the class whose backbone prefix is `prefix`
+    ("model."). Layers without experts (a Qwen3-MoE's dense ones) are left out: their factors are fillers."""
     if any(p.endswith("/magnitude") for p in flat):
         raise AdapterError("DoRA on the experts has no PEFT form (PEFT's target_parameters refuse use_dora)")
     get = lambda module, leaf: flat.get(f"layers/mlp/experts/{module}/{leaf}")
@@ -78,7 +91,7 @@ def save(flat: dict, spec, prefix: str) -> tuple[dict, dict]:
     tensors, fields = {}, {"target_parameters": [], "rank_pattern": {}, "alpha_pattern": {}}
     names = _expert_names(list(adapters))
     for param, (a, b, factor) in adapters.items():
-        for i in range(a.shape[0]):
+        for i in _sparse_layers(cfg):
             lora_a, lora_b = _to_peft(a[i], b[i])
             where = f"{PREFIX}{prefix}{BLOCK.format(i=i)}.{names[param]}"
             tensors[f"{where}.lora_A.weight"], tensors[f"{where}.lora_B.weight"] = lora_a, lora_b
@@ -89,7 +102,7 @@ def save(flat: dict, spec, prefix: str) -> tuple[dict, dict]:
             fields["alpha_pattern"][param] = int(alpha) if float(alpha).is_integer() else alpha
     if "layers/mlp/router/lora_a" in flat:
         a, b = flat["layers/mlp/router/lora_a"], flat["layers/mlp/router/lora_b"]
-        for i in range(a.shape[0]):
+        for i in _sparse_layers(cfg):
             where = f"{PREFIX}{prefix}{BLOCK.format(i=i)}.gate"
             tensors[f"{where}.lora_A.weight"], tensors[f"{where}.lora_B.weight"] = a[i].T, b[i].T
         fields["target_parameters"].append(TARGETS[ROUTER])
@@ -134,18 +147,17 @@ def load(arrays: dict, conf: dict, spec, cfg, prefixes: list[str], modules: list
     rest = dict(arrays)
     flat = _per_expert(rest, cfg, spec, ranks, alphas, prefix, prefix_of_table=prefixes[0], file=file,
                        source=source)
-    wanted = _targeted(targets, cfg.n_layers, prefix, source) if targets else []
+    wanted = _targeted(targets, _sparse_layers(cfg), prefix, source) if targets else []
     names = _expert_names([p for p in EXPERTS if p in wanted])
     for param in wanted:
         key = f"{prefix}{BLOCK}." + ("gate.weight" if param == ROUTER else f"experts.{param}")
-        per_layer = []
-        for i in range(cfg.n_layers):
+        per_layer = {}
+        for i in _sparse_layers(cfg):
             rank, factor = _scaling(ranks, alphas, key.format(i=i), spec, source)
             where = f"{PREFIX}{prefix}{BLOCK.format(i=i)}." + ("gate" if param == ROUTER else names[param])
             a, b = (_pop(rest, f"{where}.lora_{x}.weight", file) for x in "AB")
-            per_layer.append(_read(param, a, b, rank, factor, spec.rank, cfg, f"{file}: {where}"))
-        for leaf in per_layer[0]:
-            flat[leaf] = np.stack([layer[leaf] for layer in per_layer]).astype(np.float32)
+            per_layer[i] = _read(param, a, b, rank, factor, spec.rank, cfg, f"{file}: {where}")
+        flat.update(_stacked(per_layer, cfg))
     return flat, rest
 
 
@@ -164,14 +176,14 @@ def _per_expert(rest: dict, cfg, spec, ranks: dict, alphas: dict, prefix: str, p
     flat = {}
     for module, hf in per_expert.items():
         stem = lambda i, x: f"{block.format(i=i)}.experts.{x}.{hf}"
-        if not any(f"{PREFIX}{stem(i, x)}.lora_A.weight" in rest for i in range(cfg.n_layers) for x in range(e)):
+        if not any(f"{PREFIX}{stem(i, x)}.lora_A.weight" in rest for i in _sparse_layers(cfg) for x in range(e)):
             continue
         if spec.dora:
             raise AdapterError(f"{source}: use_dora on the experts ({stem(0, 0)}): DoRA on the experts is not "
                                f"supported")
         d_in, d_out = (f, d) if module == "down_proj" else (d, f)
-        layers = {"lora_a": [], "lora_b": []}
-        for i in range(cfg.n_layers):
+        per_layer = {}
+        for i in _sparse_layers(cfg):
             experts = []
             for x in range(e):
                 where = f"{PREFIX}{stem(i, x)}"
@@ -182,11 +194,24 @@ def _per_expert(rest: dict, cfg, spec, ranks: dict, alphas: dict, prefix: str, p
                         raise AdapterError(f"{file}: {where}.lora_{y}.weight has shape {got.shape}, expected {want} "
                                            f"(rank {rank} from r / rank_pattern): it was made for another model")
                 experts.append(_pad(a.T[None], b.T[None] * factor, spec.rank, f"{file}: {where}"))
-            for leaf in layers:
-                layers[leaf].append(np.concatenate([x[leaf] for x in experts]))
-        for leaf, xs in layers.items():
-            flat[f"layers/mlp/experts/{module}/{leaf}"] = np.stack(xs).astype(np.float32)
+            per_layer[i] = {f"layers/mlp/experts/{module}/{leaf}": np.concatenate([x[leaf] for x in experts])
+                            for leaf in ("lora_a", "lora_b")}
+        flat.update(_stacked(per_layer, cfg))
     return flat
+
+
+def _sparse_layers(cfg) -> list[int]:
+    """The layers with experts and a router: all but a Qwen3-MoE's dense ones (`dense_layers`)."""
+    dense = getattr(cfg, "dense_layers", ())  # only Qwen3-MoE's config has the field
+    return [i for i in range(cfg.n_layers) if i not in dense]
+
+
+def _stacked(per_layer: dict, cfg) -> dict:
+    """{leaf: (L, ...) float32} of {sparse layer: {leaf: array}}, zeros in the dense layers: the fillers that
+    a fresh adapter has there too (they are never read)."""
+    first = next(iter(per_layer.values()))
+    return {leaf: np.stack([per_layer[i][leaf] if i in per_layer else np.zeros_like(x)
+                            for i in range(cfg.n_layers)]).astype(np.float32) for leaf, x in first.items()}
 
 
 def _scaling(ranks: dict, alphas: dict, key: str, spec, source: str) -> tuple[int, float]:
@@ -200,11 +225,12 @@ def _scaling(ranks: dict, alphas: dict, key: str, spec, source: str) -> tuple[in
     return rank, alpha / (math.sqrt(rank) if spec.rslora else rank) / spec.scaling
 
 
-def _targeted(targets: list[str], n_layers: int, prefix: str, source: str) -> list[str]:
+def _targeted(targets: list[str], layers: list[int], prefix: str, source: str) -> list[str]:
     """The PEFT parameters (EXPERTS' names, ROUTER) `target_parameters` adapts, in nesting order; each entry
-    must name one of them in every layer, as PEFT matches (the key itself or a '.'-separated end of it)."""
+    must name one of them in every one of `layers` (those with experts), as PEFT matches (the key itself or a
+    '.'-separated end of it)."""
     known = {param: [f"{prefix}{BLOCK.format(i=i)}." + ("gate.weight" if param == ROUTER else f"experts.{param}")
-                     for i in range(n_layers)] for param in (*EXPERTS, ROUTER)}
+                     for i in layers] for param in (*EXPERTS, ROUTER)}
     found = set()
     for t in targets:
         hits = [param for param, keys in known.items() if all(k == t or k.endswith("." + t) for k in keys)

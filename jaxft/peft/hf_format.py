@@ -412,7 +412,7 @@ def _head_load(arrays: dict, modules_to_save, task_type, cfg, source: str, file:
 
 def _lora_save(flat: dict, spec: LoraSpec, cfg: LlamaConfig, run: dict, prefix: str):
     modules = _modules(cfg, prefix)
-    moe, flat = hf_experts.split(flat)  # the experts and router: target_parameters
+    moe, flat = hf_experts.split(flat, cfg)  # the experts and router: target_parameters
     adapted = sorted({p.rsplit("/", 1)[0] for p in flat})
     tensors = {}
     for module in adapted:
@@ -431,7 +431,7 @@ def _lora_save(flat: dict, spec: LoraSpec, cfg: LlamaConfig, run: dict, prefix: 
         "alpha_pattern": {}, "lora_bias": False,
     }
     if moe:
-        moe_tensors, fields = hf_experts.save(moe, spec, prefix)
+        moe_tensors, fields = hf_experts.save(moe, spec, cfg, prefix)
         tensors.update(moe_tensors)
         config.update(fields)
         config["target_modules"] = config["target_modules"] or None

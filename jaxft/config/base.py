@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     # and for a quantized base (unrolled, XLA:CPU keeps dequantized weights alive: QLoRA would save no memory)
     c.train.loss_chunk = 0  # causal LM / seq2seq: the cross-entropy over chunks of N tokens, the output head inside
     # each chunk and recomputed in the backward pass, only rows with a target (jaxft.models.loss); 0: full logits
+    c.train.mlp_chunk = 0  # LLaMA-family dense MLPs over chunks of N tokens of a row (strided, each chunk's
+    # intermediates recomputed in the backward pass): less memory at long T for ~1/3 more MLP forward; 0: off
     c.train.eval_every = 50  # evaluate every N steps (and at step 0 and at the end); 0: only start and end
     c.train.eval_batches = 8  # at most this many evaluation batches
     c.train.early_stopping_patience = 0  # stop after this many evaluations without improvement; 0: never

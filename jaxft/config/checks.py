@@ -91,6 +91,10 @@ def _train(t) -> None:
             _fail(f"train.{key}", t[key], "must be in [0, 1)")
     if isinstance(t.loss_chunk, bool) or not isinstance(t.loss_chunk, int) or t.loss_chunk < 0:
         _fail("train.loss_chunk", t.loss_chunk, "must be an integer >= 0 (0: the full logits)")
+    if isinstance(t.mlp_chunk, bool) or not isinstance(t.mlp_chunk, int) or t.mlp_chunk < 0:
+        _fail("train.mlp_chunk", t.mlp_chunk, "must be an integer >= 0 (0: the whole row at once)")
+    if t.mlp_chunk and t.seq_len % t.mlp_chunk:
+        _fail("train.mlp_chunk", t.mlp_chunk, f"does not divide train.seq_len={t.seq_len}")
     if t.batch_size % t.grad_accum:
         _fail("train.batch_size", t.batch_size, f"is not a multiple of train.grad_accum={t.grad_accum}")
 

@@ -269,6 +269,27 @@ def mlp_block(cfg: LlamaConfig, hooks, p: dict, h, rngs, layout=None):
     return hooks.block_output(mlp, dense(gate, mlp["down_proj"], hooks, rngs[2])), None
 
 
+def chunked_mlp(cfg: LlamaConfig, hooks, p: dict, h, rngs, layout=None, chunk: int = 0):
+    """`mlp_block` over chunks of `chunk` tokens of each row (h (B, T, D) -> (B, T, D), None), one chunk at a
+    time under its own checkpoint: the (B, T, F) intermediates (and float32 partial products) of a long row
+    become (B, chunk, F), for recomputing each chunk's MLP once more in the backward pass (the tiled MLP of
+    long-sequence training, e.g. Arctic's ALST). Equal to `mlp_block` (the MLP is per token); dropout draws
+    each chunk's mask from the layer's key folded with the chunk's index. Chunk i holds the positions i, i + n,
+    i + 2n, ... (n = T / chunk), so a row split over devices along T (`mesh.context`) stays split in every chunk."""
+    b, t, d = h.shape
+    n = t // chunk
+    hs = jnp.moveaxis(h.reshape(b, chunk, n, d), 2, 0)  # (n, B, chunk, D)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        hc, i = xs
+        keys = [None if k is None else jax.random.fold_in(k, i) for k in rngs]
+        return carry, mlp_block(cfg, hooks, p, hc, keys, layout)[0]
+
+    _, out = jax.lax.scan(body, None, (hs, jnp.arange(n)))
+    return jnp.moveaxis(out, 0, 2).reshape(b, t, d), None
+
+
 def _layer(cfg: LlamaConfig, hooks, inv_freq, q_seg, mask, index, x, p, window, rng, kv, *, layout=None,
            mlp=mlp_block):
     """One transformer block: x (B, T, D) -> (x, ((k, v) cache of this layer or None, the MLP's side output)).
@@ -303,5 +324,9 @@ def _layer(cfg: LlamaConfig, hooks, inv_freq, q_seg, mask, index, x, p, window, 
     x = x + hooks.block_output(attn, dense(o, attn["o_proj"], hooks, rngs[3]))
 
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps)
-    out, aux = mlp(cfg, hooks, p, h, rngs[4:], layout)
+    chunk = getattr(layout, "mlp_chunk", 0)
+    if mlp is mlp_block and chunk and chunk < t and t % chunk == 0 and kv is None:  # (training's long rows)
+        out, aux = chunked_mlp(cfg, hooks, p, h, rngs[4:], layout, chunk)
+    else:
+        out, aux = mlp(cfg, hooks, p, h, rngs[4:], layout)
     return constrain(x + out, ("batch", "seq", "embed"), layout), (kv, aux)

@@ -71,7 +71,8 @@ def from_config(config, devices=None) -> Layout:
     mesh = make_mesh({a: config.mesh[a] for a in MESH_AXES}, devices)
     platform = mesh.devices.flat[0].platform  # the target's (a TPU topology's when `jaxft aot` compiles for one)
     apply_prng(resolve(platform))
-    return Layout(mesh, rules_from_config(config.rules), attention_of(config, platform))
+    return Layout(mesh, rules_from_config(config.rules), attention_of(config, platform),
+                  mlp_chunk=config.train.get("mlp_chunk", 0))
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

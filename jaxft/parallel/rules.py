@@ -46,11 +46,13 @@ class Layout:
 
     rules: ((logical axis, (mesh axis, ...)), ...) for every name of LOGICAL_AXES; () means replicated.
     attention: how the model's attention layers compute on this mesh (`jaxft.backend.Attention`).
+    mlp_chunk: tokens of a row per chunk of the dense MLP (`train.mlp_chunk`; 0: the whole row at once).
     """
 
     mesh: Mesh
     rules: tuple[tuple[str, tuple[str, ...]], ...]
     attention: Attention = Attention()
+    mlp_chunk: int = 0
 
     def __post_init__(self):
         for name, axes in self.rules:

@@ -33,7 +33,7 @@ def _flat(config, prefix=""):
 
 def test_the_base_declares_every_key_with_a_comment():
     keys = set(_flat(config_lib.base.get_config()))
-    assert len(keys) == 119 and {"attention.impl", "guard.enabled", "guard.patience", "guard.loss_factor",
+    assert len(keys) == 120 and {"attention.impl", "guard.enabled", "guard.patience", "guard.loss_factor",
                                  "eval.metrics", "data.pair_field", "head.pool", "demo.train_examples"} <= keys
     source = (ROOT / "jaxft" / "config" / "base.py").read_text()
     assigned = re.findall(r"^    c\.(\w+(?:\.\w+)?) = (?!ml_collections\.ConfigDict)(.*)$", source, re.M)

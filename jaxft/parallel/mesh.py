@@ -72,7 +72,7 @@ def from_config(config, devices=None) -> Layout:
     platform = mesh.devices.flat[0].platform  # the target's (a TPU topology's when `jaxft aot` compiles for one)
     apply_prng(resolve(platform))
     return Layout(mesh, rules_from_config(config.rules), attention_of(config, platform),
-                  mlp_chunk=config.train.get("mlp_chunk", 0))
+                  mlp_chunk=config.train.mlp_chunk)
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

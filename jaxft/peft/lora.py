@@ -103,15 +103,22 @@ def expert_weight_norm(w, a, b, scaling: float):
 
 
 def adapted_linear(spec: LoraSpec | None, x, p: dict, rng=None):
-    """y = x @ w + LoRA's delta (+ b) in x's dtype, where `p` holds lora_a beside w; else the plain map."""
+    """x (..., in) -> (..., out) in x's dtype: the base layer's output x @ w (+ b) plus LoRA's term, where `p`
+    holds lora_a beside w; else the plain map.
+
+    As HF PEFT computes it: the base output (bias included) and LoRA's term are each rounded to the compute
+    dtype, then added in it. The matmuls accumulate in float32 inside, but a bf16 model keeps no pair of
+    float32 (..., out) arrays alive until their sum (at long sequences the largest buffers of a step,
+    bench/README.md). float32 models: plain LoRA without a bias computes exactly what it did when the sum was
+    float32; with a bias or DoRA the additions are in PEFT's order, which moves results by rounding only.
+    """
     if "lora_a" not in p:
         return plain_linear(x, p)
     dtype = x.dtype
     w = as_dense(p["w"], dtype)
-    y = lora_delta(x, w, einsum("...i,io->...o", x, w), p, spec, rng)
-    if "b" in p:
-        y = y + p["b"].astype(jnp.float32)
-    return y.astype(dtype)
+    xw = einsum("...i,io->...o", x, w)  # float32
+    base = xw + p["b"].astype(jnp.float32) if "b" in p else xw
+    return base.astype(dtype) + lora_delta(x, w, xw, p, spec, rng).astype(dtype)
 
 
 def target_paths(base: dict, targets: str, model_type: str = "llama") -> list[str]:
@@ -165,18 +172,18 @@ def init(key, base: dict, spec: LoraSpec, paths: list[str], init_a: str = "kaimi
 
 
 def lora_delta(x, w, y, p: dict, spec: LoraSpec, rng):
-    """Adds the adapter's contribution to the base output y = x @ w (float32, before the bias).
+    """The adapter's contribution to add to the base output (float32; `adapted_linear` rounds it to x's dtype).
 
-    x: (..., in), w: (in, out) dense in the compute dtype, p: lora_a (in, R), lora_b (R, out), magnitude (out,).
-    With `rows` in p, several adapters are stacked and each batch row picks one (see `jaxft.multi`).
+    x: (..., in), w: (in, out) dense in the compute dtype, y = x @ w (..., out) float32 (before the bias), p:
+    lora_a (in, R), lora_b (R, out), magnitude (out,). With `rows` in p, several adapters are stacked and each
+    batch row picks one (see `jaxft.multi`).
     """
     if "rows" in p:
         return _per_row(x, y, p)
     if spec is None:
         raise LoraError("the trainable tree holds LoRA weights but no LoraSpec was passed to the model")
     if spec.dropout > 0 and rng is not None:
-        keep = jax.random.bernoulli(rng, 1.0 - spec.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+        x = dropout(rng, x, spec.dropout)
         base_term = einsum("...i,io->...o", x, w)
     else:
         base_term = y
@@ -184,12 +191,36 @@ def lora_delta(x, w, y, p: dict, spec: LoraSpec, rng):
     h = einsum("...i,ir->...r", x, a).astype(x.dtype)
     lora_out = einsum("...r,ro->...o", h, b) * spec.scaling
     if "magnitude" not in p:
-        return y + lora_out
+        return lora_out
     # DoRA: m * (W + s BA) / ||W + s BA||, the norm treated as a constant (DoRA paper, section 4.3; as PEFT).
     merged = w.astype(jnp.float32) + spec.scaling * (p["lora_a"] @ p["lora_b"]).astype(jnp.float32)
     norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=0))
     scale = p["magnitude"].astype(jnp.float32) / norm
-    return y + (scale - 1.0) * base_term + scale * lora_out
+    return (scale - 1.0) * base_term + scale * lora_out
+
+
+def dropout(rng, x, rate: float):
+    """x with each element zeroed with probability ~`rate` and the rest scaled so that the mean is kept (torch's
+    `nn.Dropout`, as PEFT's lora_dropout). x: any shape; returns x's shape and dtype.
+
+    The mask comes from 8-bit random integers (a quarter of the bits `jax.random.bernoulli` draws, and of the
+    buffer that holds them): an element is dropped where its integer is below k = round(rate * 256), so the
+    real rate is k / 256 (0.05 -> 13/256 = 0.0508, 0.1 -> 26/256 = 0.1016; exact where rate * 256 is an
+    integer), and the kept elements are scaled by 256 / (256 - k), the inverse of the real keep rate, so the
+    output's expectation is x. A rate that 8 bits round to 0 or 1 (under 1/512 or over 511/512) draws 16-bit
+    integers instead, the same way.
+    """
+    bits, k = _dropout_bits(rate)
+    draws = jax.random.bits(rng, x.shape, jnp.uint8 if bits == 8 else jnp.uint16)
+    return jnp.where(draws >= k, x * (2 ** bits / (2 ** bits - k)), 0).astype(x.dtype)
+
+
+def _dropout_bits(rate: float) -> tuple[int, int]:
+    """(width of the random integers, k): an element is dropped where its integer is below k, see `dropout`."""
+    k = round(rate * 256)
+    if 0 < k < 256:
+        return 8, k
+    return 16, min(max(round(rate * 2 ** 16), 1), 2 ** 16 - 1)
 
 
 def _per_row(x, y, p: dict):
@@ -205,10 +236,10 @@ def _per_row(x, y, p: dict):
     h = jnp.einsum("b...i,bir->b...r", x, a, preferred_element_type=jnp.float32).astype(x.dtype)
     lora_out = jnp.einsum("b...r,bro->b...o", h, b, preferred_element_type=jnp.float32)
     if "dora_scale" not in p:
-        return y + lora_out
+        return lora_out
     scale = jnp.take(p["dora_scale"], rows, axis=0, mode="fill", fill_value=1).astype(jnp.float32)  # (B, out)
     scale = scale.reshape(scale.shape[:1] + (1,) * (x.ndim - 2) + scale.shape[1:])
-    return y + (scale - 1.0) * y + scale * lora_out
+    return (scale - 1.0) * y + scale * lora_out
 
 
 def build(key, base: dict, config, cfg, tokenizer=None):

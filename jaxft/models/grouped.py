@@ -8,16 +8,18 @@ the group's LoRA factors applied in the same pass.
 Two implementations behind one seam, chosen by backend (`impl_for`):
   ragged_dot  `jax.lax.ragged_dot`: XLA's grouped GEMM on GPU and TPU (LoRA: two more ragged products of rank
               R). On CPU, JAX lowers it to a dense product over a masked (G, M, in) copy of x: G times the FLOPs.
-  tiled       a loop over tiles of `block` consecutive rows inside one group: the ceil(size / block) tiles of a
-              group own its rows in order, its last (or only) tile ends at the group's last row and reads rows
-              before it (or past it) that it computes and drops. Each tile is one (block, in) x (in, out) product
+  tiled       a loop over tiles of `block` consecutive rows, each for one group: the ceil(size / block) tiles of a
+              group own its rows in order, a full block each but the last, which owns the rest and still reads
+              `block` rows, ending at the group's end (rows of other groups, computed and dropped). Each tile is one (block, in) x (in, out) product
               plus, with LoRA, its two rank-R products, so a LoRA projection is one loop, not three. Tiles run:
               sum over groups of ceil(size / block) <= ceil(M / block) + G, so at most (1 + G * block / M)
               times the FLOPs of the grouped product (about half that excess on average).
-              Its backward pass is written out (`custom_vjp`): one loop gives dx (against the transposed
-              weights, made once per call) and the LoRA factors' gradients; a second one dw, which XLA drops
-              when w is frozen (a quantized w always is: no dw). A quantized w is dequantized one group at a time,
-              once per group (a group's tiles are consecutive), so the dense (G, in, out) copy never exists.
+              Its backward pass is written out (`custom_vjp`), transposed (dx^T = w[g] dy^T) so that no weight
+              is transposed: one loop gives dx and the LoRA factors' gradients, a second one dw, which XLA drops
+              when w is frozen (a quantized w always is: no dw). A quantized w is dequantized one group at a
+              time, once per group (a group's tiles are consecutive), so the dense (G, in, out) copy never exists.
+              XLA:CPU specifics it is written around (bench/moe_grouped.py measures them): bf16 operands are
+              sliced through a uint16 view (`_view`), and every matmul takes untransposed operands.
 """
 
 from __future__ import annotations
@@ -96,12 +98,6 @@ def _group(view, g, of, dtype):
     return _unview(jax.lax.dynamic_index_in_dim(view, g, keepdims=False), of).astype(dtype)
 
 
-def _dequantized(w, g, dtype, transpose: bool):
-    """Group g of a QuantizedWeight, dense (in, out), or (out, in) with transpose."""
-    wg = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, keepdims=False), w).dequantize(dtype)
-    return wg.T if transpose else wg
-
-
 def _tile_loop(block, m: int, group_sizes, body, init):
     """Runs body(tile, carry) over the tiles in use of m (>= block) rows, tile = (group, start, owned-row mask
     (block,)), from init."""
@@ -114,20 +110,21 @@ def _tile_loop(block, m: int, group_sizes, body, init):
     return jax.lax.fori_loop(0, n, step, init)
 
 
-def _weights(w, dtype, transpose: bool):
-    """getter(g, cache) -> (w[g] as dtype, (in, out) or transposed, cache'), and the cache's initial value.
-    Dense: sliced from a `_view` of w (transposed once here). Quantized: dequantized when the group changes."""
+def _weights(w, dtype):
+    """getter(g, cache) -> (w[g] (in, out) as dtype, cache'), and the cache's initial value. Dense: sliced from
+    a `_view` of w. Quantized: dequantized when the group changes (a group's tiles are consecutive)."""
     if not hasattr(w, "dequantize"):
-        view = _view(jnp.swapaxes(w, -1, -2) if transpose else w)
+        view = _view(w)
         return (lambda g, cache: (_group(view, g, w.dtype, dtype), cache)), ()
-    shape = (w.shape[-1], w.shape[-2]) if transpose else w.shape[-2:]
 
     def get(g, cache):
         cached_g, cached = cache
-        wg = jax.lax.cond(g == cached_g, lambda: cached, lambda: _dequantized(w, g, dtype, transpose))
+        dequantize = lambda: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, keepdims=False),
+                                          w).dequantize(dtype)
+        wg = jax.lax.cond(g == cached_g, lambda: cached, dequantize)
         return wg, (g, wg)
 
-    return get, (jnp.int32(-1), jnp.zeros(shape, dtype))
+    return get, (jnp.int32(-1), jnp.zeros(w.shape[-2:], dtype))
 
 
 def _padded(x, block):
@@ -139,7 +136,7 @@ def _padded(x, block):
 def _tiled(block, scale, x, w, a, b, group_sizes):
     dtype, m = x.dtype, x.shape[0]
     xv = _view(_padded(x, block))
-    weight, cache = _weights(w, dtype, transpose=False)
+    weight, cache = _weights(w, dtype)
     av, bv = (None, None) if a is None else (_view(a), _view(b))
 
     def body(tile, carry):
@@ -163,57 +160,58 @@ def _tiled_fwd(block, scale, x, w, a, b, group_sizes):
 
 
 def _tiled_bwd(block, scale, saved, dy):
-    """dx = dy w[g]^T (+ (s dy b[g]^T) a[g]^T), da[g] = x^T (s dy b[g]^T), db[g] = (x a[g])^T (s dy), dw[g] =
-    x^T dy over the rows of group g, each operand in the forward pass's dtype (s dy rounded as a whole)."""
+    """The gradients over the rows of each group g, transposed (dx^T = w[g] dy^T, ...) so that every matmul
+    takes w, a and b as they are (a transposed operand makes XLA:CPU run a bf16 matmul in float32, and a
+    transposed copy of w costs more than dy^T): dx = dy w[g]^T + (s dy b[g]^T) a[g]^T, da[g] = x^T (s dy b[g]^T),
+    db[g] = s (x a[g])^T dy, dw[g] = x^T dy; operands in the forward pass's dtype, accumulated in float32."""
     x, w, a, b, group_sizes = saved
     dtype, m = x.dtype, x.shape[0]
     xp = _padded(x, block)
-    xv, xtv = _view(xp), _view(xp.T)  # x^T (in, M): the factors' gradients as untransposed matmuls
-    dyp = _padded(dy, block)
-    dyv = _view(dyp.astype(dtype))
-    weight_t, cache = _weights(w, dtype, transpose=True)
+    mp = xp.shape[0]
+    xv = _view(xp)
+    dytv = _view(_padded(dy, block).astype(dtype).T)  # (out, M)
+    weight, cache = _weights(w, dtype)
     lora = a is not None
     if lora:
-        dsv = _view((scale * dyp).astype(dtype))
         av, bv = _view(a), _view(b)
-        atv, btv = _view(jnp.swapaxes(a, -1, -2)), _view(jnp.swapaxes(b, -1, -2))
 
     def body(tile, carry):
-        dx, da, db, cache = carry
+        dxt, dat, dbt, cache = carry  # dx^T (in, M), da^T (G, R, in), db^T (G, out, R)
         g, start, own = tile
-        wt, cache = weight_t(g, cache)
-        dxt = jnp.dot(_rows(dyv, start, block, dtype), wt, preferred_element_type=jnp.float32)
+        wg, cache = weight(g, cache)
+        dy_t = _rows(dytv, start, block, dtype, axis=1)  # (out, block)
+        dx_t = jnp.dot(wg, dy_t, preferred_element_type=jnp.float32)  # (in, block)
         if lora:
-            ds = _rows(dsv, start, block, dtype)
-            dh = jnp.dot(ds, _group(btv, g, b.dtype, dtype), preferred_element_type=jnp.float32)
-            dh = jnp.where(own[:, None], dh, 0.0).astype(dtype)  # (block, R), other rows dropped
-            dxt = dxt + jnp.dot(dh, _group(atv, g, a.dtype, dtype), preferred_element_type=jnp.float32)
-            xt_t = _rows(xtv, start, block, dtype, axis=1)  # (in, block)
-            ht = jnp.dot(_group(atv, g, a.dtype, dtype), xt_t, preferred_element_type=jnp.float32)
-            ht = jnp.where(own[None, :], ht, 0.0).astype(dtype)  # (R, block): x a[g] transposed
-            da = da.at[g].add(jnp.dot(xt_t, dh, preferred_element_type=jnp.float32))
-            db = db.at[g].add(jnp.dot(ht, ds, preferred_element_type=jnp.float32))
-        old = jax.lax.dynamic_slice_in_dim(dx, start, block)
-        return jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(own[:, None], dxt, old), start, 0), da, db, cache
+            ag = _group(av, g, a.dtype, dtype)
+            dh_t = scale * jnp.dot(_group(bv, g, b.dtype, dtype), dy_t, preferred_element_type=jnp.float32)
+            dh_t = jnp.where(own[None, :], dh_t, 0.0).astype(dtype)  # (R, block), other rows dropped
+            dx_t = dx_t + jnp.dot(ag, dh_t, preferred_element_type=jnp.float32)
+            xt = _rows(xv, start, block, dtype)
+            h = jnp.where(own[:, None], jnp.dot(xt, ag, preferred_element_type=jnp.float32), 0.0).astype(dtype)
+            dat = dat.at[g].add(jnp.dot(dh_t, xt, preferred_element_type=jnp.float32))
+            dbt = dbt.at[g].add(scale * jnp.dot(dy_t, h, preferred_element_type=jnp.float32))
+        old = jax.lax.dynamic_slice_in_dim(dxt, start, block, 1)
+        return jax.lax.dynamic_update_slice_in_dim(dxt, jnp.where(own[None, :], dx_t, old), start, 1), dat, dbt, cache
 
-    zeros = lambda v: None if v is None else jnp.zeros(v.shape, jnp.float32)
-    init = (jnp.zeros(xp.shape, jnp.float32), zeros(a), zeros(b), cache)
-    dx, da, db, _ = _tile_loop(block, xp.shape[0], group_sizes, body, init)
-    da, db = (None, None) if not lora else (da.astype(a.dtype), db.astype(b.dtype))
+    zeros_t = lambda v: None if v is None else jnp.zeros(jnp.swapaxes(v, -1, -2).shape, jnp.float32)
+    init = (jnp.zeros((x.shape[1], mp), jnp.float32), zeros_t(a), zeros_t(b), cache)
+    dxt, dat, dbt, _ = _tile_loop(block, mp, group_sizes, body, init)
+    untranspose = lambda v, like: jnp.swapaxes(v, -1, -2).astype(like.dtype)
+    da, db = (None, None) if not lora else (untranspose(dat, a), untranspose(dbt, b))
+    dx = dxt[:, :m].T.astype(dtype)
     no_sizes = np.zeros(group_sizes.shape, jax.dtypes.float0)
-    dx = dx[:m].astype(dtype)
     if hasattr(w, "dequantize"):  # frozen 4-bit codes and scales: no gradient (zeros of each leaf's kind)
         dw = jax.tree.map(lambda v: np.zeros(v.shape, jax.dtypes.float0) if not jnp.issubdtype(v.dtype, jnp.floating)
                           else jnp.zeros_like(v), w)
         return dx, dw, da, db, no_sizes
 
-    def dw_body(tile, dw):  # a loop of its own, which XLA drops where w is frozen (LoRA)
+    def dw_body(tile, dwt):  # a loop of its own, which XLA drops where w is frozen (LoRA)
         g, start, own = tile
-        xt_t = jnp.where(own[None, :], _rows(xtv, start, block, dtype, axis=1), 0).astype(dtype)
-        return dw.at[g].add(jnp.dot(xt_t, _rows(dyv, start, block, dtype), preferred_element_type=jnp.float32))
+        xt = jnp.where(own[:, None], _rows(xv, start, block, dtype), 0).astype(dtype)
+        return dwt.at[g].add(jnp.dot(_rows(dytv, start, block, dtype, axis=1), xt, preferred_element_type=jnp.float32))
 
-    dw = _tile_loop(block, xp.shape[0], group_sizes, dw_body, jnp.zeros(w.shape, jnp.float32))
-    return dx, dw.astype(w.dtype), da, db, no_sizes
+    dwt = _tile_loop(block, mp, group_sizes, dw_body, zeros_t(w))
+    return dx, untranspose(dwt, w), da, db, no_sizes
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)

@@ -96,14 +96,15 @@ def test_bfloat16_rows_equal_ragged_dot():
 
 @pytest.mark.parametrize("sizes,block", [([10, 0, 17, 3, 9], 8), ([128, 0, 129, 1, 255], 128), ([0, 0], 16)])
 def test_tiles_partition_each_group(sizes, block):
-    sizes = np.asarray(sizes, np.int32)
-    m = max(int(sizes.sum()) + 5, block)
-    n, group, start, lo, hi = map(np.asarray, jax.jit(_schedule, static_argnums=(1, 2))(jnp.asarray(sizes), m, block))
-    assert n == sum(-(-s // block) for s in sizes) <= -(-m // block) + len(sizes)
+    m = max(sum(sizes) + 5, block)
+    count, tile = _schedule(jnp.asarray(sizes, jnp.int32), m, block)
+    assert [int(c) for c in count] == [-(-s // block) for s in sizes] and sum(count) <= -(-m // block) + len(sizes)
     owner = np.full(m, -1)
-    for t in range(n):
-        assert 0 <= start[t] <= lo[t] < hi[t] <= start[t] + block <= m
-        assert (owner[lo[t]:hi[t]] == -1).all()
-        owner[lo[t]:hi[t]] = group[t]
+    for g in range(len(sizes)):
+        for j in range(int(count[g])):
+            start, lo, hi = map(int, tile(g, j))
+            assert 0 <= start <= lo < hi <= start + block <= m
+            assert (owner[lo:hi] == -1).all()
+            owner[lo:hi] = g
     np.testing.assert_array_equal(owner, np.concatenate([np.repeat(np.arange(len(sizes)), sizes),
-                                                         np.full(m - sizes.sum(), -1)]))
+                                                         np.full(m - sum(sizes), -1)]))

@@ -61,19 +61,17 @@ def grouped_matmul(x, w, group_sizes, impl: str = "ragged_dot", block: int = BLO
 
 
 def _schedule(group_sizes, m: int, block: int):
-    """The tiles, as arrays over T = ceil(M / block) + G slots of which the first `n` are used: tile t of group
-    group[t] reads rows start[t] .. start[t] + block - 1 (0 <= start <= M - block: x has at least block rows)
-    and owns rows lo[t] .. hi[t] - 1, its part of the group's rows. Returns (n, group, start, lo, hi)."""
-    n_groups = group_sizes.shape[0]
-    n_slots = -(-m // block) + n_groups
+    """Group g's tiles: ceil(size / block) of them, tile j (0-based) reading rows start .. start + block - 1
+    (0 <= start <= m - block: x has at least block rows) and owning rows lo .. hi - 1 of the group's.
+    Returns count (G,) and tile(g, j) -> (start, lo, hi)."""
     ends = jnp.cumsum(group_sizes)
-    count = -(-group_sizes // block)  # 0 for an empty group
-    tile_end = jnp.cumsum(count)
-    t = jnp.arange(n_slots, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), n_groups - 1).astype(jnp.int32)
-    lo = ends[group] - group_sizes[group] + (t - tile_end[group] + count[group]) * block
-    hi = jnp.minimum(lo + block, ends[group])
-    return tile_end[-1], group, jnp.clip(hi - block, 0, m - block), lo, hi
+
+    def tile(g, j):
+        lo = ends[g] - group_sizes[g] + j * block
+        hi = jnp.minimum(lo + block, ends[g])
+        return jnp.clip(hi - block, 0, m - block), lo, hi
+
+    return -(-group_sizes // block), tile
 
 
 def _view(a):
@@ -98,33 +96,38 @@ def _group(view, g, of, dtype):
     return _unview(jax.lax.dynamic_index_in_dim(view, g, keepdims=False), of).astype(dtype)
 
 
-def _tile_loop(block, m: int, group_sizes, body, init):
-    """Runs body(tile, carry) over the tiles in use of m (>= block) rows, tile = (group, start, owned-row mask
-    (block,)), from init."""
-    n, group, start, lo, hi = _schedule(group_sizes, m, block)
+def _tile_loop(block, m: int, group_sizes, operands, body, init):
+    """Runs body(tile, ops, carry) over the tiles of m (>= block) rows from init, group by group: ops =
+    operands(g) (the group's weights, sliced or dequantized once per group), tile = (g, start, owned-row mask
+    (block,))."""
+    count, tile = _schedule(group_sizes, m, block)
 
-    def step(t, carry):
-        rows = start[t] + jnp.arange(block)
-        return body((group[t], start[t], (rows >= lo[t]) & (rows < hi[t])), carry)
+    def group(g, carry):
+        ops = operands(g)
 
-    return jax.lax.fori_loop(0, n, step, init)
+        def step(j, carry):
+            start, lo, hi = tile(g, j)
+            rows = start + jnp.arange(block)
+            return body((g, start, (rows >= lo) & (rows < hi)), ops, carry)
+
+        return jax.lax.fori_loop(0, count[g], step, carry)
+
+    return jax.lax.fori_loop(0, group_sizes.shape[0], group, init)
 
 
-def _weights(w, dtype):
-    """getter(g, cache) -> (w[g] (in, out) as dtype, cache'), and the cache's initial value. Dense: sliced from
-    a `_view` of w. Quantized: dequantized when the group changes (a group's tiles are consecutive)."""
-    if not hasattr(w, "dequantize"):
+def _operands(dtype, w, a=None, b=None):
+    """operands(g) -> (w[g], a[g], b[g]) as dtype (a and b None without LoRA): dense ones sliced from a `_view`,
+    a quantized w dequantized."""
+    if hasattr(w, "dequantize"):
+        get_w = lambda g: jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, g, keepdims=False),
+                                       w).dequantize(dtype)
+    else:
         view = _view(w)
-        return (lambda g, cache: (_group(view, g, w.dtype, dtype), cache)), ()
-
-    def get(g, cache):
-        cached_g, cached = cache
-        dequantize = lambda: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, keepdims=False),
-                                          w).dequantize(dtype)
-        wg = jax.lax.cond(g == cached_g, lambda: cached, dequantize)
-        return wg, (g, wg)
-
-    return get, (jnp.int32(-1), jnp.zeros(w.shape[-2:], dtype))
+        get_w = lambda g: _group(view, g, w.dtype, dtype)
+    if a is None:
+        return lambda g: (get_w(g), None, None)
+    av, bv = _view(a), _view(b)
+    return lambda g: (get_w(g), _group(av, g, a.dtype, dtype), _group(bv, g, b.dtype, dtype))
 
 
 def _padded(x, block):
@@ -136,23 +139,20 @@ def _padded(x, block):
 def _tiled(block, scale, x, w, a, b, group_sizes):
     dtype, m = x.dtype, x.shape[0]
     xv = _view(_padded(x, block))
-    weight, cache = _weights(w, dtype)
-    av, bv = (None, None) if a is None else (_view(a), _view(b))
 
-    def body(tile, carry):
-        y, cache = carry
+    def body(tile, ops, y):
         g, start, own = tile
+        wg, ag, bg = ops
         xt = _rows(xv, start, block, dtype)
-        wg, cache = weight(g, cache)
         yt = jnp.dot(xt, wg, preferred_element_type=jnp.float32)
-        if a is not None:
-            h = jnp.dot(xt, _group(av, g, a.dtype, dtype), preferred_element_type=jnp.float32).astype(dtype)
-            yt = yt + scale * jnp.dot(h, _group(bv, g, b.dtype, dtype), preferred_element_type=jnp.float32)
+        if ag is not None:
+            h = jnp.dot(xt, ag, preferred_element_type=jnp.float32).astype(dtype)
+            yt = yt + scale * jnp.dot(h, bg, preferred_element_type=jnp.float32)
         old = jax.lax.dynamic_slice_in_dim(y, start, block)
-        return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(own[:, None], yt, old), start, 0), cache
+        return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(own[:, None], yt, old), start, 0)
 
     y = jnp.zeros((max(m, block), w.shape[-1]), jnp.float32)
-    return _tile_loop(block, y.shape[0], group_sizes, body, (y, cache))[0][:m]
+    return _tile_loop(block, y.shape[0], group_sizes, _operands(dtype, w, a, b), body, y)[:m]
 
 
 def _tiled_fwd(block, scale, x, w, a, b, group_sizes):
@@ -170,20 +170,15 @@ def _tiled_bwd(block, scale, saved, dy):
     mp = xp.shape[0]
     xv = _view(xp)
     dytv = _view(_padded(dy, block).astype(dtype).T)  # (out, M)
-    weight, cache = _weights(w, dtype)
-    lora = a is not None
-    if lora:
-        av, bv = _view(a), _view(b)
 
-    def body(tile, carry):
-        dxt, dat, dbt, cache = carry  # dx^T (in, M), da^T (G, R, in), db^T (G, out, R)
+    def body(tile, ops, carry):
+        dxt, dat, dbt = carry  # dx^T (in, M), da^T (G, R, in), db^T (G, out, R)
         g, start, own = tile
-        wg, cache = weight(g, cache)
+        wg, ag, bg = ops
         dy_t = _rows(dytv, start, block, dtype, axis=1)  # (out, block)
         dx_t = jnp.dot(wg, dy_t, preferred_element_type=jnp.float32)  # (in, block)
-        if lora:
-            ag = _group(av, g, a.dtype, dtype)
-            dh_t = scale * jnp.dot(_group(bv, g, b.dtype, dtype), dy_t, preferred_element_type=jnp.float32)
+        if ag is not None:
+            dh_t = scale * jnp.dot(bg, dy_t, preferred_element_type=jnp.float32)
             dh_t = jnp.where(own[None, :], dh_t, 0.0).astype(dtype)  # (R, block), other rows dropped
             dx_t = dx_t + jnp.dot(ag, dh_t, preferred_element_type=jnp.float32)
             xt = _rows(xv, start, block, dtype)
@@ -191,13 +186,13 @@ def _tiled_bwd(block, scale, saved, dy):
             dat = dat.at[g].add(jnp.dot(dh_t, xt, preferred_element_type=jnp.float32))
             dbt = dbt.at[g].add(scale * jnp.dot(dy_t, h, preferred_element_type=jnp.float32))
         old = jax.lax.dynamic_slice_in_dim(dxt, start, block, 1)
-        return jax.lax.dynamic_update_slice_in_dim(dxt, jnp.where(own[None, :], dx_t, old), start, 1), dat, dbt, cache
+        return jax.lax.dynamic_update_slice_in_dim(dxt, jnp.where(own[None, :], dx_t, old), start, 1), dat, dbt
 
     zeros_t = lambda v: None if v is None else jnp.zeros(jnp.swapaxes(v, -1, -2).shape, jnp.float32)
-    init = (jnp.zeros((x.shape[1], mp), jnp.float32), zeros_t(a), zeros_t(b), cache)
-    dxt, dat, dbt, _ = _tile_loop(block, mp, group_sizes, body, init)
+    init = (jnp.zeros((x.shape[1], mp), jnp.float32), zeros_t(a), zeros_t(b))
+    dxt, dat, dbt = _tile_loop(block, mp, group_sizes, _operands(dtype, w, a, b), body, init)
     untranspose = lambda v, like: jnp.swapaxes(v, -1, -2).astype(like.dtype)
-    da, db = (None, None) if not lora else (untranspose(dat, a), untranspose(dbt, b))
+    da, db = (None, None) if a is None else (untranspose(dat, a), untranspose(dbt, b))
     dx = dxt[:, :m].T.astype(dtype)
     no_sizes = np.zeros(group_sizes.shape, jax.dtypes.float0)
     if hasattr(w, "dequantize"):  # frozen 4-bit codes and scales: no gradient (zeros of each leaf's kind)
@@ -205,12 +200,12 @@ def _tiled_bwd(block, scale, saved, dy):
                           else jnp.zeros_like(v), w)
         return dx, dw, da, db, no_sizes
 
-    def dw_body(tile, dwt):  # a loop of its own, which XLA drops where w is frozen (LoRA)
+    def dw_body(tile, ops, dwt):  # a loop of its own, which XLA drops where w is frozen (LoRA)
         g, start, own = tile
         xt = jnp.where(own[:, None], _rows(xv, start, block, dtype), 0).astype(dtype)
         return dwt.at[g].add(jnp.dot(_rows(dytv, start, block, dtype, axis=1), xt, preferred_element_type=jnp.float32))
 
-    dwt = _tile_loop(block, mp, group_sizes, dw_body, zeros_t(w))
+    dwt = _tile_loop(block, mp, group_sizes, lambda g: None, dw_body, zeros_t(w))
     return dx, untranspose(dwt, w), da, db, no_sizes
 
 

@@ -55,7 +55,7 @@ def grouped_matmul(x, w, group_sizes, impl: str = "ragged_dot", block: int = BLO
         return y
     if impl != "tiled":
         raise ValueError(f"grouped matmul implementation {impl!r}: expected one of {', '.join(IMPLS)}")
-    block = min(block, -(-x.shape[0] // 8) * 8)
+    block = max(8, min(block, -(-x.shape[0] // 8) * 8))  # at most the rows rounded up to 8 (no rows: 8)
     a, b, scale = (None, None, 0.0) if lora is None else lora
     return _tiled(block, float(scale), x, w, a, b, group_sizes.astype(jnp.int32))
 

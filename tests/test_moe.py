@@ -254,9 +254,10 @@ def test_grouped_flops_are_top_k_over_experts_of_dense():
     full["shared_gate"] = {"w": jnp.ones((D, 1))}
     counted = flops(lambda x: moe.moe_block(x, full, top_k=k, normalize=True, grouped="ragged_dot")[0])
     assert counted == moe.block_flops(n, D, f, e, k, rank=4, shared_dim=20)["grouped"]
-    # Tiled: ceil(m / 64) + e - 1 tiles of 64 rows (the docstring's bound; it pays off where m >> 64 * e).
+    # Tiled: a loop over the e experts, each a loop over its tiles of min(m, 128) rows, here 64 (the count takes
+    # that inner body once); it runs ceil(rows / 128) tiles per expert (tests/test_grouped_fused.py counts them).
     tiled = flops(lambda x: moe.moe_block(x, p, top_k=k, normalize=True, grouped="tiled")[0])
-    assert tiled == router + 3 * 2 * (1 + e - 1) * 64 * D * f + combine
+    assert tiled == router + e * 3 * 2 * 64 * D * f + combine
 
 
 def test_tiled_grouped_matmul_equals_ragged_dot():

@@ -105,18 +105,14 @@ def grouped_linear(x, p: dict, group_sizes, lora_scale: float = 1.0, impl: str =
 
 
 def _grouped(x, p, group_sizes, lora_scale, impl):
-    dtype = x.dtype
-    y = grouped_matmul(x, p["w"], group_sizes, impl)
-    if "lora_a" in p:
-        h = grouped_matmul(x, p["lora_a"].astype(dtype), group_sizes, impl)
-        y = y + lora_scale * grouped_matmul(h.astype(dtype), p["lora_b"].astype(dtype), group_sizes, impl)
-    return y
+    lora = (p["lora_a"], p["lora_b"], lora_scale) if "lora_a" in p else None
+    return grouped_matmul(x, p["w"], group_sizes, impl, lora=lora)
 
 
 # Rematerialized, as `jaxft.models.layers.dense` does for a quantized weight: the backward pass dequantizes the
 # (E, in, out) weight again instead of keeping its dense copy between the passes. (The tiled product
 # dequantizes one expert at a time in both passes by itself.)
-_grouped_quantized = jax.checkpoint(_grouped, static_argnums=(4,))
+_grouped_quantized = jax.checkpoint(_grouped, static_argnums=(3, 4))
 
 
 def experts_mlp(x, p: dict, group_sizes, lora_scale: float = 1.0, act: Callable = jax.nn.silu,

@@ -178,7 +178,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rules = ml_collections.ConfigDict()  # logical axis -> comma-separated mesh axes ('' = not split)
     c.rules.batch = "data,fsdp"  # B, rows of a batch
     c.rules.seq = "context"  # T, positions of a row
-    c.rules.embed = "fsdp"  # D, the residual width (params; activations take it only where batch did not)
+    c.rules.embed = "fsdp,context"  # D, the residual width (params; activations: where batch / seq did not take it)
     c.rules.heads = "tensor"  # N*H, query heads
     c.rules.kv_heads = "tensor"  # K*H, key/value heads
     c.rules.head_dim = ""  # H, within one head

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import time
@@ -218,7 +219,9 @@ def cpu_step(t: int, impl: str, loss_chunk: int, steps: int, extra=()) -> dict:
         times.append(round(time.perf_counter() - start, 1))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
     return {"seq": t, "impl": impl, "loss_chunk": loss_chunk, "extra": " ".join(extra), "peak_rss_gib": round(rss, 2),
-            "first_call_s": times[0], "step_s": times[1:], "loss": round(loss, 3), "dtype": config.dtype}
+            "first_call_s": times[0], "step_s": times[1:], "loss": round(loss, 3), "dtype": config.dtype,
+            "remat": run.model.remat, "layers": "unrolled" if run.model.unroll else "scanned",  # (the policy's)
+            "load_avg": round(os.getloadavg()[0], 1)}
 
 
 def main():

@@ -24,6 +24,8 @@ LAYER_LOOPS = ("auto", "scan", "unroll")
 REMAT = ("auto", "true", "false")
 BACKENDS = ("cpu", "gpu", "tpu")
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
+# train.remat=auto on the CPU: layers rematerialized from this many tokens of a micro-batch per device (`resolve`)
+CPU_REMAT_TOKENS = 4096
 
 
 class PolicyError(ValueError):
@@ -62,19 +64,24 @@ def attention_of(config, backend: str | None = None) -> Attention:
 
 
 def resolve(backend: str | None = None, dtype=jnp.float32, quantized: bool = False,
-            layer_loop: str = "auto", remat="auto") -> Policy:
+            layer_loop: str = "auto", remat="auto", tokens: int = 0) -> Policy:
     """The policy for `backend` (default: JAX's default backend) computing in `dtype`, with a quantized base or
-    not; `layer_loop` is `train.layer_loop` and `remat` `train.remat` (`auto` leaves each to the policy).
+    not; `layer_loop` is `train.layer_loop` and `remat` `train.remat` (`auto` leaves each to the policy);
+    `tokens`: the tokens of one micro-batch a device holds (rows x seq_len over the devices that split them;
+    `jaxft.train.build.tokens_per_device`), 0 where unknown or not training.
 
     CPU (XLA:CPU, measured on 2-core x86 machines):
     - bfloat16 layers unrolled: XLA:CPU converts every bf16 array a scan slices (frozen weights, saved
       residuals) to float32 outside the loop and back inside it each step; float32 runs faster scanned; a
-      quantized base stays scanned (unrolled, the dequantized weights stay alive across the step).
+      quantized base stays scanned (unrolled, the dequantized weights stay alive across the step), and so do
+      rematerialized layers (unrolled, XLA:CPU's scheduler keeps much of what remat drops in a scan).
     - decoding from 4 prompts on reads per-layer weight buffers instead of slicing the stack each step (costs a
       second copy of the layer weights while generating);
     - the tied output head at decode puts the (V, D) table on the left of the matmul.
-    - remat off: the default model's step fits in memory without it, and remat recomputes every layer's
-      forward pass (bench/README.md, QLoRA: 2469 -> 1969 MB peak for bf16 LoRA at 4 x 128).
+    - remat from CPU_REMAT_TOKENS tokens a device on: without it the backward pass keeps every layer's
+      activations, which grow with the tokens (the default model's step keeps several GiB from 4k tokens on,
+      tens at 16k; bench/README.md, long sequences); below, off: a short step fits without it, and remat
+      recomputes every layer's forward pass.
     GPU / TPU: the layer scan (short compiles, no copies), decoding over the stacked weights, the head's
     operands in their natural order; remat on (Llama-3-8B shapes, bf16 LoRA on a v5e 2x2 slice: 512 tokens a
     row fit without it, 6,144 with it; issue 17); dropout from the `rbg` PRNG (the 8B step with lora.dropout
@@ -90,13 +97,13 @@ def resolve(backend: str | None = None, dtype=jnp.float32, quantized: bool = Fal
     if remat not in REMAT:
         raise PolicyError(f"train.remat: {remat!r} is not one of {', '.join(REMAT)}")
     cpu = backend == "cpu"
+    remat = (not cpu or tokens >= CPU_REMAT_TOKENS) if remat == "auto" else remat == "true"
     if layer_loop == "auto":
-        unroll = cpu and jnp.dtype(dtype) == jnp.bfloat16 and not quantized
+        unroll = cpu and jnp.dtype(dtype) == jnp.bfloat16 and not quantized and not remat
     else:
         unroll = layer_loop == "unroll"
     return Policy(backend=backend, unroll_layers=unroll, decode_unroll_from=4 if cpu else None,
-                  tied_head_table_first=cpu, remat=not cpu if remat == "auto" else remat == "true",
-                  prng_impl=None if cpu else "rbg",
+                  tied_head_table_first=cpu, remat=remat, prng_impl=None if cpu else "rbg",
                   compiler_options=(("xla_tpu_spmd_rng_bit_generator_unsafe", True),) if backend == "tpu" else ())
 
 

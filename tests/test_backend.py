@@ -26,7 +26,8 @@ def test_cpu_unrolls_bf16_only_without_a_quantized_base():
 
 def test_accelerators_rematerialize_and_draw_dropout_from_rbg_the_cpu_neither():
     """train.remat=auto: on for GPU / TPU (an 8B LoRA step fits 512 tokens a row without it on a v5e 2x2, 6,144
-    with it), off on the CPU; an explicit value wins. Dropout bits from rbg on accelerators (compile time)."""
+    with it), off on the CPU for short steps (long ones: tests/test_backend_remat.py); an explicit value wins.
+    Dropout bits from rbg on accelerators (compile time)."""
     for name in ("gpu", "tpu"):
         p = backend.resolve(name, jnp.bfloat16)
         assert p.remat and p.prng_impl == "rbg"

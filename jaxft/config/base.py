@@ -56,10 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999  # AdamW beta2
     c.train.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables
     c.train.remat = "auto"  # true: rematerialize each layer in the backward pass (less memory, more compute);
-    # false; auto: the backend policy's choice (jaxft.backend: on for GPU / TPU, off on the CPU)
+    # false; auto: the backend policy's choice (jaxft.backend: on for GPU / TPU; on the CPU from 4,096 tokens
+    # of a micro-batch per device, off below)
     c.train.layer_loop = "auto"  # scan (one compiled layer), unroll (straight-line layers: slower compile), or
     # auto: unroll for bfloat16 on CPU (XLA:CPU's scan converts bf16 slices to f32 every step), scan elsewhere
     # and for a quantized base (unrolled, XLA:CPU keeps dequantized weights alive: QLoRA would save no memory)
+    # or rematerialized layers (unrolled, XLA:CPU keeps much of what remat drops)
     c.train.loss_chunk = 0  # causal LM / seq2seq: the cross-entropy over chunks of N tokens, the output head inside
     # each chunk and recomputed in the backward pass, only rows with a target (jaxft.models.loss); 0: full logits
     c.train.mlp_chunk = 0  # LLaMA-family dense MLPs over chunks of N tokens of a row (strided, each chunk's

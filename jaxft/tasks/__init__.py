@@ -91,7 +91,7 @@ class Model:
     dtype: Any = jnp.float32  # compute dtype
     layout: Any = None  # a jaxft.parallel.Layout constraining activations, or None
     remat: bool = False  # rematerialize each layer in the backward pass
-    unroll: bool = False  # run the layers as straight-line code instead of a scan (`jaxft.train.build.unroll_layers`)
+    unroll: bool = False  # run the layers as straight-line code instead of a scan (`jaxft.train.build.policy_of`)
     pad_id: int = 0  # the tokenizer's padding id (what padded rows hold)
     pool: str = "default"  # head.pool: how a sentence vector is read off the hidden states (jaxft.tasks.heads)
     loss_chunk: int = 0  # train.loss_chunk: token rows per chunk of the cross-entropy (0: the full logits)

@@ -99,17 +99,29 @@ def task_model(config, fam, cfg, spec, tokenizer, layout) -> tasks.Model:
     pad = 0 if tokenizer is None else (tokenizer.pad_token_id or 0)
     dtype = dtype_of(config, "dtype")
     cfg = moe_settings(config, cfg, str(config.model))  # the router losses' weights (mixtures of experts)
+    policy = policy_of(config, dtype, layout)
+    return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype, layout=layout, remat=policy.remat,
+                       unroll=policy.unroll_layers, pad_id=pad, pool=pool, loss_chunk=config.train.loss_chunk)
+
+
+def policy_of(config, dtype, layout) -> backend_lib.Policy:
+    """The backend policy of a run (`jaxft.backend.resolve`) computing in `dtype` on `layout`'s devices (None:
+    JAX's default backend, one device): train.layer_loop and train.remat, `auto` left to the policy."""
     platform = None if layout is None else layout.mesh.devices.flat[0].platform  # (the compile target's)
-    remat = backend_lib.resolve(platform, dtype, remat=config.train.remat).remat
-    return tasks.Model(family=fam, cfg=cfg, spec=spec, dtype=dtype, layout=layout, remat=remat,
-                       unroll=unroll_layers(config, dtype, platform), pad_id=pad, pool=pool,
-                       loss_chunk=config.train.loss_chunk)
+    return backend_lib.resolve(platform, dtype, config.quant.format != "none", config.train.layer_loop,
+                               config.train.remat, tokens_per_device(config, layout))
 
 
-def unroll_layers(config, dtype, backend: str | None = None) -> bool:
-    """Whether the model's layers run unrolled: train.layer_loop, with `auto` left to the backend policy
-    (`jaxft.backend.resolve`) for `backend` (default: JAX's) computing in `dtype`."""
-    return backend_lib.resolve(backend, dtype, config.quant.format != "none", config.train.layer_loop).unroll_layers
+def tokens_per_device(config, layout) -> int:
+    """Tokens of one training micro-batch on each device: train.batch_size / train.grad_accum rows of
+    train.seq_len, over the mesh axes that split rows and positions (`layout` None: one device)."""
+    t = config.train
+    split = 1
+    if layout is not None:
+        for part in layout.spec(("batch", "seq")):
+            for axis in (part,) if isinstance(part, str) else part or ():
+                split *= layout.mesh.shape[axis]
+    return t.batch_size // t.grad_accum * t.seq_len // split
 
 
 # batch keys whose axes after the rows are not positions: a vector per row (B, D), a batch's images (M, ...)

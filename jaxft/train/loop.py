@@ -25,7 +25,7 @@ from jaxft.train import workdir as workdir_lib
 from jaxft.train.checkpoints import CheckpointError, Checkpoints
 from jaxft.train.guard import Guard, all_finite
 from jaxft.train.metrics import MetricsWriter, read_rows
-from jaxft.train.build import TASK_FILE
+from jaxft.train.build import TASK_FILE, tokens_per_device
 from jaxft.train.run import build_run
 
 log = logging.getLogger("jaxft.train")
@@ -56,8 +56,10 @@ def train(config, workdir: str | Path, resume: bool = False, overwrite: bool = F
             "quant": {"format": config.quant.format, "block_size": config.quant.block_size}}
     if task_name != "causal_lm":  # (checkpoints of runs from before tasks have no such entry)
         meta["task"] = {"name": task_name, "labels": info.get("labels")}
-    log.info("layers: %s (train.layer_loop=%s, %s compute on %s%s)", "unrolled" if m.unroll else "scanned",
-             config.train.layer_loop, config.dtype, jax.default_backend(),
+    log.info("layers: %s, %s (train.layer_loop=%s, train.remat=%s; %s compute on %s, %d tokens a device%s)",
+             "unrolled" if m.unroll else "scanned", "rematerialized" if m.remat else "not rematerialized",
+             config.train.layer_loop, config.train.remat, config.dtype, jax.default_backend(),
+             tokens_per_device(config, run.layout),
              "" if config.quant.format == "none" else f", {config.quant.format} base")
 
     # Only now that model, data and method are known to work does the run write into the workdir.

@@ -38,7 +38,7 @@ def test_expert_sharded_dora_step_equals_one_device(results, mesh):
         np.testing.assert_allclose(got["grads"][path], g, rtol=1e-5, atol=1e-5 * np.abs(g).max(), err_msg=path)
     # down_proj's magnitudes (L, E, D): split over `expert` as the experts' weights are (and D over fsdp), so
     # that each device holds 1/(expert x fsdp) of them.
-    assert got["magnitude_spec"] == [None, "expert", "fsdp"]
+    assert got["magnitude_spec"] == [None, "expert", ["fsdp", "context"]]  # (L, E, D); context is 1 here
     assert got["magnitude_bytes_per_device"] * mesh[4] * mesh[1] == ref["magnitude_bytes_per_device"]
 
 

@@ -34,7 +34,8 @@ def test_expert_sharded_equals_one_device(results, mesh):
     d, f, c, t, e = mesh
     # Each device stores 1/e of the experts (and 1/f of their width D, 1/t of F, as fsdp and tensor split them).
     assert got["expert_bytes_per_device"] * e * f * t == ref["expert_bytes_per_device"]
-    assert got["spec"] == [None, "expert", "tensor", "fsdp"]  # down_proj (L, E, F, D), as the rules say
+    # down_proj (L, E, F, D), as the rules say (embed: fsdp and context, the latter of size 1 here)
+    assert got["spec"] == [None, "expert", "tensor", ["fsdp", "context"]]
 
 
 def test_an_expert_axis_that_does_not_divide_the_experts_is_one_line(results):

@@ -137,11 +137,7 @@ def test_peft_adapter_imports_exports_back_and_training_resumes(models, tmp_path
     assert np.abs(got - _jaxft_logits(loaded)).max() > 0.05
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     # gate and up share PEFT's A: the export is PEFT's own rank-R adapter, tensor for tensor.
-    hf_format.save(tmp_path / "back", trainable, spec, loaded.cfg, base_model=path)
-    ours, theirs = (load_file(str(tmp_path / d / hf_format.WEIGHTS)) for d in ("back", "peft"))
-    assert sorted(ours) == sorted(theirs)
-    for name, x in theirs.items():
-        np.testing.assert_allclose(ours[name], x, atol=1e-7, err_msg=name)
+    _exports_back_to_pefts_tensors(tmp_path, trainable, spec, loaded.cfg, path)
     assert json.loads((tmp_path / "back" / hf_format.CONFIG).read_text())["rank_pattern"] == {}
     # Training starts from it: peft.init_from accepts it for a config that trains the same modules at the same
     # rank and alpha, and returns it as it is (the step on such a tree: tests/test_moe_lora.py).
@@ -170,11 +166,7 @@ def test_peft_adapter_on_qwen3_moe_and_olmoe_imports_and_exports_back(models, tm
     got = _jaxft_logits(loaded, trainable, spec)
     assert np.abs(got - _jaxft_logits(loaded)).max() > 0.05
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    hf_format.save(tmp_path / "back", trainable, spec, loaded.cfg, base_model=path)
-    ours, theirs = (load_file(str(tmp_path / d / hf_format.WEIGHTS)) for d in ("back", "peft"))
-    assert sorted(ours) == sorted(theirs)
-    for name, x in theirs.items():
-        np.testing.assert_allclose(ours[name], x, atol=1e-7, err_msg=name)
+    _exports_back_to_pefts_tensors(tmp_path, trainable, spec, loaded.cfg, path)
 
 
 def test_qwen3_moe_with_dense_layers_both_ways(models, tmp_path):
@@ -312,3 +304,12 @@ def test_bad_expert_adapters_are_refused_by_key(models, tmp_path):
     llama = LlamaConfig(vocab_size=80, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, mlp_dim=24)
     with pytest.raises(AdapterError, match=r"target_parameters=\[.*\] on a llama model, which has no experts"):
         export.load_adapter(src, llama)
+
+
+def _exports_back_to_pefts_tensors(tmp_path, trainable, spec, cfg, path):
+    """jaxft's PEFT export of an adapter imported from tmp_path/peft is PEFT's file, tensor for tensor."""
+    hf_format.save(tmp_path / "back", trainable, spec, cfg, base_model=path)
+    ours, theirs = (load_file(str(tmp_path / d / hf_format.WEIGHTS)) for d in ("back", "peft"))
+    assert sorted(ours) == sorted(theirs)
+    for name, x in theirs.items():
+        np.testing.assert_allclose(ours[name], x, atol=1e-7, err_msg=name)

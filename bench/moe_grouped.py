@@ -5,8 +5,9 @@ block (forward and backward, gradients w.r.t. the LoRA factors and the block's i
 with LoRA on as many rows (the cost of routing and grouping).
 
 Sizes of the default model upcycled (D 576, F 1536), 8 experts, top-2, LoRA r=16, batch 4 x 256 tokens.
-`--before COMMIT` also times jaxft/models/grouped.py as it was at COMMIT (read with `git show`; moe.py then
-makes its three separate grouped products per LoRA projection, as before this file fused them), in the same run.
+`--before COMMIT` also times jaxft/models/grouped.py as it was at COMMIT (read with `git show`; where its
+`grouped_matmul` takes no `lora`, a LoRA projection is three separate grouped products, as before that file fused
+them), in the same run.
 Each program is compiled first, then the programs run in turn `--repeats` times; the best run counts (wall
 seconds, and the process's CPU seconds: on a shared machine the latter moves less with the load). Prints a table
 and one `RESULT key=value ...` line, and writes the same figures to bench/results/moe_grouped.json.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -96,11 +98,13 @@ def main():
     for block in (64, 256):
         impls[f"tiled_block{block}"] = (partial(grouped.grouped_matmul, block=block), "tiled")
     if args.before:
-        impls["before"] = (unfused(load_before(args.before).grouped_matmul), "tiled")
+        before = load_before(args.before).grouped_matmul
+        fused = "lora" in inspect.signature(before).parameters
+        impls["before"] = (before if fused else unfused(before), "tiled")
     for name, (matmul, impl) in impls.items():
         def projection(x, w, a, b, matmul=matmul, impl=impl):  # forward and backward: x, A and B's gradients
             y, pull = jax.vjp(lambda x, a, b: matmul(x, w, sizes, impl, lora=(a, b, 2.0)), x, a, b)
-            return jnp.sum(y), pull(dy.astype(jnp.float32))
+            return jnp.sum(y), pull(dy.astype(y.dtype))
         programs[f"{name}_matmul"] = (jax.jit(lambda x, w, m=matmul, i=impl: m(x, w, sizes, i)), (x, w))
         programs[f"{name}_lora_projection"] = (jax.jit(projection), (x, w, a, b))
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxft.models.grouped import _schedule, grouped_matmul
+from jaxft.models.grouped import _schedule, grouped_matmul, small_block
 from jaxft.peft.lora import LoraSpec, expert_linear
 from jaxft.quant import as_dense, quantize
 
@@ -94,17 +94,25 @@ def test_bfloat16_rows_equal_ragged_dot():
         np.testing.assert_allclose(np.asarray(g, np.float32), v, atol=2e-2 * np.abs(v).max(), rtol=2e-2)
 
 
-@pytest.mark.parametrize("sizes,block", [([10, 0, 17, 3, 9], 8), ([128, 0, 129, 1, 255], 128), ([0, 0], 16)])
+@pytest.mark.parametrize("sizes,block", [([10, 0, 17, 3, 9], 8), ([128, 0, 129, 1, 255, 97], 128), ([0, 0], 16),
+                                         ([7, 16, 23], 16)])
 def test_tiles_partition_each_group(sizes, block):
+    """Full tiles, then small ones, own each group's rows exactly once, and read fewer than small_block(block)
+    rows beyond those a group owns."""
     m = max(sum(sizes) + 5, block)
-    count, tile = _schedule(jnp.asarray(sizes, jnp.int32), m, block)
-    assert [int(c) for c in count] == [-(-s // block) for s in sizes] and sum(count) <= -(-m // block) + len(sizes)
-    owner = np.full(m, -1)
+    full, small, full_tile, small_tile = _schedule(jnp.asarray(sizes, jnp.int32), m, block)
+    s = small_block(block)
+    owner, read = np.full(m, -1), 0
     for g in range(len(sizes)):
-        for j in range(int(count[g])):
-            start, lo, hi = map(int, tile(g, j))
-            assert 0 <= start <= lo < hi <= start + block <= m
+        assert int(full[g]) == sizes[g] // block and int(small[g]) == -(-(sizes[g] % block) // s)
+        tiles = [(int(full_tile(g, j)), int(full_tile(g, j)), int(full_tile(g, j)) + block, block)
+                 for j in range(int(full[g]))]
+        tiles += [tuple(map(int, small_tile(g, k))) + (s,) for k in range(int(small[g]))]
+        for start, lo, hi, n in tiles:
+            assert 0 <= start <= lo < hi <= start + n <= m
             assert (owner[lo:hi] == -1).all()
             owner[lo:hi] = g
+            read += n
     np.testing.assert_array_equal(owner, np.concatenate([np.repeat(np.arange(len(sizes)), sizes),
                                                          np.full(m - sum(sizes), -1)]))
+    assert read <= sum(sizes) + len(sizes) * (s - 1)

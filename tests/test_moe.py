@@ -254,10 +254,11 @@ def test_grouped_flops_are_top_k_over_experts_of_dense():
     full["shared_gate"] = {"w": jnp.ones((D, 1))}
     counted = flops(lambda x: moe.moe_block(x, full, top_k=k, normalize=True, grouped="ragged_dot")[0])
     assert counted == moe.block_flops(n, D, f, e, k, rank=4, shared_dim=20)["grouped"]
-    # Tiled: a loop over the e experts, each a loop over its tiles of min(m, 128) rows, here 64 (the count takes
-    # that inner body once); it runs ceil(rows / 128) tiles per expert (tests/test_grouped_fused.py counts them).
+    # Tiled: a loop over the e experts, each a loop over its full tiles of min(m, 128) rows, here 64, then one over
+    # small tiles of 64 / 4 = 16 rows (the count takes each inner body once; tests/test_grouped_fused.py counts
+    # the tiles that run).
     tiled = flops(lambda x: moe.moe_block(x, p, top_k=k, normalize=True, grouped="tiled")[0])
-    assert tiled == router + e * 3 * 2 * 64 * D * f + combine
+    assert tiled == router + e * 3 * 2 * (64 + 16) * D * f + combine
 
 
 def test_tiled_grouped_matmul_equals_ragged_dot():

@@ -192,18 +192,19 @@ def test_qwen3_moe_with_dense_layers_both_ways(models, tmp_path):
         hf_format.save(tmp_path / "dense", dense, spec, loaded.cfg, base_model=path)
 
 
-def _v4_adapter(out, path, model_type, rng):
+def _v4_adapter(out, path, model_type, rng, dense_layers=()):
     """A LoRA adapter as PEFT saved it on transformers 4, where each expert was a Linear of its own (Mixtral's
-    `block_sparse_moe.experts.N.w1`, the Qwen-style `mlp.experts.N.gate_proj`) and the router `gate` one too."""
+    `block_sparse_moe.experts.N.w1`, the Qwen-style `mlp.experts.N.gate_proj`) and the router `gate` one too;
+    `dense_layers` (a Qwen3-MoE's mlp_only_layers) get LoRA on attention only."""
     block, names = (("block_sparse_moe", ("w1", "w2", "w3")) if model_type == "mixtral" else
                     ("mlp", ("gate_proj", "down_proj", "up_proj")))
     f = {"mixtral": 24, "qwen2_moe": 12, "qwen3_moe": 12, "olmoe": 12}[model_type]
     q = 24 if model_type == "qwen3_moe" else 16  # (4 heads x head_dim 6)
     tensors = {}
-    for i in range(2):
+    for i in range(2 + len(dense_layers)):
         pre = f"base_model.model.model.layers.{i}"
-        shapes = {"self_attn.q_proj": (16, q), f"{block}.gate": (16, 4)} | {
-            f"{block}.experts.{e}.{w}": (f, 16) if w == names[1] else (16, f) for e in range(4) for w in names}
+        shapes = {"self_attn.q_proj": (16, q)} | ({} if i in dense_layers else {f"{block}.gate": (16, 4)} | {
+            f"{block}.experts.{e}.{w}": (f, 16) if w == names[1] else (16, f) for e in range(4) for w in names})
         for module, (d_in, d_out) in shapes.items():
             tensors[f"{pre}.{module}.lora_A.weight"] = rng.normal(0, 0.3, (R, d_in)).astype(np.float32)
             tensors[f"{pre}.{module}.lora_B.weight"] = rng.normal(0, 0.3, (d_out, R)).astype(np.float32)
@@ -233,6 +234,23 @@ def test_transformers_4_per_expert_adapter_imports_with_peft_logits(models, tmp_
     got = _jaxft_logits(loaded, trainable, spec)
     assert np.abs(got - _jaxft_logits(loaded)).max() > 0.05
     np.testing.assert_allclose(got, _torch_logits(path, model_type, out), atol=1e-4, rtol=1e-4)
+
+
+def test_transformers_4_per_expert_adapter_on_qwen3_moe_with_dense_layers(models, tmp_path):
+    """The same for a Qwen3-MoE whose layer 1 is dense: routers and experts adapted on layers 0 and 2 only; jaxft
+    fills layer 1's expert and router factors with zeros and gives PEFT's logits."""
+    path, loaded = models("qwen3_moe_mixed")
+    out = tmp_path / "v4"
+    tensors = _v4_adapter(out, path, "qwen3_moe", np.random.RandomState(3), dense_layers=(1,))
+    trainable, spec = export.load_adapter(out, loaded.cfg)
+    mlp = trainable["layers"]["mlp"]
+    assert not np.asarray(mlp["router"]["lora_b"][1]).any()
+    assert not np.asarray(mlp["experts"]["gate_proj"]["lora_a"][1]).any()
+    np.testing.assert_array_equal(mlp["router"]["lora_a"][2],
+                                  tensors["base_model.model.model.layers.2.mlp.gate.lora_A.weight"].T)
+    got = _jaxft_logits(loaded, trainable, spec)
+    assert np.abs(got - _jaxft_logits(loaded)).max() > 0.05
+    np.testing.assert_allclose(got, _torch_logits(path, "qwen3_moe_mixed", out), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method,length", [("prefix", 4), ("ia3", 0)])

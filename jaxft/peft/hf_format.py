@@ -450,8 +450,11 @@ def _lora_tree(arrays: dict, spec: LoraSpec, cfg: LlamaConfig, file: Path, conf:
     moe, arrays = hf_experts.load(arrays, conf, spec, cfg, prefixes, linear, file, source)
     names = _recognized(arrays, cfg, _LORA_TENSORS)
     adapted = {names[n][0] for n in arrays if n in names}
+    # a router adapted as a Linear (transformers 4's `gate`): a Qwen3-MoE's dense layers have none (filler zeros)
+    no_router = set(getattr(cfg, "dense_layers", ()))
     wanted = {n: v for n, v in names.items()
-              if v[0] in adapted and (spec.dora or _LORA_TENSORS[v[2]][0] != "magnitude")}
+              if v[0] in adapted and (spec.dora or _LORA_TENSORS[v[2]][0] != "magnitude")
+              and not (v[1] in no_router and hf_experts.is_moe_leaf(v[0] + "/"))}
     _refuse_strays(arrays, wanted, file, f"LoRA{'/DoRA' if spec.dora else ''} tensors of the linear layers, every "
                                          f"layer of each adapted module")
     layers: dict[str, list] = {}
@@ -459,6 +462,9 @@ def _lora_tree(arrays: dict, spec: LoraSpec, cfg: LlamaConfig, file: Path, conf:
         leaf, transpose = _LORA_TENSORS[suffix]
         layers.setdefault(f"{module}/{leaf}", [None] * _n_layers(cfg, module))[layer] = \
             arrays[name].T if transpose else arrays[name]
+    for xs in layers.values():  # the fillers: zeros shaped as the adapted layers' factors
+        like = next(x for x in xs if x is not None)
+        xs[:] = [np.zeros_like(like) if x is None else x for x in xs]
     return tree.unflatten({**tree.flatten(_stacked(layers, file)), **moe})
 
 
